@@ -1,0 +1,289 @@
+"""Operator commands: heads, policy, audit tail, explain, bench. They talk to a running deployment."""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from pathlib import Path
+from typing import Annotated, cast
+
+import orjson
+import typer
+from rich.table import Table
+
+from router_worker.cli import ConfigOpt, _run, _settings, console, err
+from router_worker.core.model import HeadStatus
+from router_worker.runtime import Runtime, runtime
+from router_worker.state.heads import HeadRecord, HeadRegistry, now_ms
+from router_worker.state.keys import Keys
+from router_worker.state.policy_store import PolicyError, PolicyStore, load_policy_file
+
+heads_app = typer.Typer(help="List, register, drain and remove heads.", no_args_is_help=True)
+policy_app = typer.Typer(help="Show, set and validate the routing policy.", no_args_is_help=True)
+audit_app = typer.Typer(help="Follow the audit channel.", no_args_is_help=True)
+
+OPERATOR = "cli"
+
+
+def _registry(rt: Runtime) -> HeadRegistry:
+    return HeadRegistry(rt.redis, Keys(rt.settings.redis_prefix), rt.settings.head_ttl_ms)
+
+
+@heads_app.command("ls")
+def heads_ls(config: ConfigOpt = None, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """List every registered head with its state."""
+
+    async def main() -> None:
+        async with runtime(_settings(config), allow_embedded=False) as rt:
+            heads, _, inflight = await _registry(rt).snapshot()
+        now = now_ms()
+        if as_json:
+            console.print_json(orjson.dumps([
+                {"head_id": h.head_id, "model_id": h.model_id, "region": h.region, "partition": h.partition,
+                 "status": h.status.value, "alive": h.expires_at_ms >= now, "inflight": inflight.get(h.head_id, 0),
+                 "capacity": h.capacity, "latency_ms": h.latency_ms, "backend": h.backend}
+                for h in heads
+            ]).decode())  # fmt: skip
+            return
+        table = Table(title=f"{len(heads)} heads")
+        for col in (
+            "head",
+            "model",
+            "region",
+            "part",
+            "status",
+            "alive",
+            "in-flight",
+            "latency ms",
+            "backend",
+        ):
+            table.add_column(col)
+        for h in heads:
+            table.add_row(h.head_id, h.model_id, h.region, str(h.partition), h.status.value,
+                          "yes" if h.expires_at_ms >= now else "[red]expired[/]",
+                          f"{inflight.get(h.head_id, 0)}/{h.capacity}", f"{h.latency_ms:.1f}", h.backend)  # fmt: skip
+        console.print(table)
+
+    _run(main)
+
+
+@heads_app.command("register")
+def heads_register(
+    head_id: Annotated[str, typer.Argument()],
+    model: Annotated[str, typer.Option("--model")],
+    region: Annotated[str, typer.Option()] = "default",
+    partition: Annotated[int, typer.Option()] = 0,
+    capacity: Annotated[int, typer.Option()] = 8,
+    backend: Annotated[str, typer.Option()] = "cpu",
+    config: ConfigOpt = None,
+) -> None:
+    """Register a head by hand (for a server that does not use the worker SDK; it must heartbeat)."""
+
+    async def main() -> None:
+        async with runtime(_settings(config), allow_embedded=False) as rt:
+            rec = HeadRecord(head_id, model, region, capacity, partition, backend=backend)
+            await _registry(rt).register(rec)
+            await rt.audit().emit(
+                "head_registered", OPERATOR, head_id=head_id, model_id=model, actor=OPERATOR
+            )
+        console.print(f"registered {head_id}")
+
+    _run(main)
+
+
+def _admin_op(config: Path | None, head_id: str, op: str) -> None:
+    async def main() -> bool:
+        async with runtime(_settings(config), allow_embedded=False) as rt:
+            reg = _registry(rt)
+            if op == "drain":
+                ok = await reg.set_status(head_id, HeadStatus.DRAINING, OPERATOR)
+                event = "head_drained"
+            else:
+                ok = await reg.remove(head_id, OPERATOR)
+                event = "head_removed"
+            if ok:
+                await rt.audit().emit(event, OPERATOR, head_id=head_id, actor=OPERATOR)
+            return ok
+
+    if not _run(main):
+        err.print(f"[red]error:[/] no head {head_id}")
+        raise typer.Exit(1)
+    console.print(f"{op}: {head_id}")
+
+
+@heads_app.command("drain")
+def heads_drain(head_id: str, config: ConfigOpt = None) -> None:
+    """Stop sending new jobs to a head; it finishes what it has."""
+    _admin_op(config, head_id, "drain")
+
+
+@heads_app.command("remove")
+def heads_remove(head_id: str, config: ConfigOpt = None) -> None:
+    """Remove a head: routers stop routing to it at once."""
+    _admin_op(config, head_id, "remove")
+
+
+@policy_app.command("show")
+def policy_show(config: ConfigOpt = None) -> None:
+    """Print the policy in force (JSON)."""
+
+    async def main() -> None:
+        async with runtime(_settings(config), allow_embedded=False) as rt:
+            p = await PolicyStore(rt.redis, Keys(rt.settings.redis_prefix)).get()
+        console.print_json(p.model_dump_json())
+
+    _run(main)
+
+
+@policy_app.command("validate")
+def policy_validate(file: Path) -> None:
+    """Check a policy file (JSON or YAML) without storing it."""
+    try:
+        load_policy_file(file)
+    except (PolicyError, OSError) as exc:
+        err.print(f"[red]invalid:[/] {exc}")
+        raise typer.Exit(1) from exc
+    console.print(f"{file}: valid")
+
+
+@policy_app.command("set")
+def policy_set(
+    file: Path,
+    expect_version: Annotated[
+        int | None, typer.Option(help="Refuse unless this is the current version.")
+    ] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Validate a policy file and make it the policy of every router (they reload it at once)."""
+    try:
+        policy = load_policy_file(file)
+    except (PolicyError, OSError) as exc:
+        err.print(f"[red]refused:[/] {exc}")
+        raise typer.Exit(1) from exc
+
+    async def main() -> int:
+        async with runtime(_settings(config), allow_embedded=False) as rt:
+            store = PolicyStore(rt.redis, Keys(rt.settings.redis_prefix))
+            stored = await store.set(policy, expect_version, actor=OPERATOR)
+            await rt.audit().emit("policy_changed", OPERATOR, actor=OPERATOR, version=stored.version,
+                                  strategy=stored.default_strategy)  # fmt: skip
+            return stored.version
+
+    try:
+        version = _run(main)
+    except PolicyError as exc:
+        err.print(f"[red]refused:[/] {exc}")
+        raise typer.Exit(1) from exc
+    console.print(f"policy version {version} in force")
+
+
+@audit_app.command("tail")
+def audit_tail(
+    count: Annotated[
+        int, typer.Option("--count", "-n", help="Stop after N records (0: follow forever).")
+    ] = 0,
+    event: Annotated[str | None, typer.Option(help="Only this event type.")] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Print audit records from the Redis channel as they are published (one JSON object a line)."""
+
+    async def main() -> None:
+        async with runtime(_settings(config), allow_embedded=False) as rt:
+            pubsub = rt.redis.pubsub(ignore_subscribe_messages=True)
+            await pubsub.subscribe(rt.settings.audit_channel)
+            seen = 0
+            async for msg in pubsub.listen():
+                data = msg["data"]
+                if event and orjson.loads(data).get("event") != event:
+                    continue
+                print(data, flush=True)
+                seen += 1
+                if count and seen >= count:
+                    break
+            await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    _run(main)
+
+
+def explain(
+    model: Annotated[str, typer.Option("--model")],
+    region: Annotated[str | None, typer.Option()] = None,
+    session: Annotated[str | None, typer.Option()] = None,
+    strategy: Annotated[str | None, typer.Option()] = None,
+    prefix: Annotated[str | None, typer.Option("--prefix-hash")] = None,
+    metadata: Annotated[
+        str | None, typer.Option(help="Criteria as JSON, e.g. '{\"min_context\": 8192}'")
+    ] = None,
+    tokens: Annotated[int | None, typer.Option("--tokens")] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Dry-run one decision against the live heads and policy; print candidates, exclusions, scores, pick."""
+    from router_worker.core.engine import HeadIndex, decide
+    from router_worker.core.model import RouterMemory
+    from schemas.envelope import EnvelopeError, validate
+
+    try:
+        job = validate({"job_id": "explain", "model_type": model, "region": region, "session_id": session,
+                        "strategy": strategy, "prefix_hash": prefix, "estimated_tokens": tokens,
+                        "metadata": json.loads(metadata) if metadata else None})  # fmt: skip
+    except (EnvelopeError, json.JSONDecodeError) as exc:
+        err.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(2) from exc
+
+    async def main() -> None:
+        async with runtime(_settings(config), allow_embedded=False) as rt:
+            keys = Keys(rt.settings.redis_prefix)
+            heads, profiles, inflight = await _registry(rt).snapshot()
+            policy = await PolicyStore(rt.redis, keys).get()
+            pins = cast(dict[str, str], await rt.redis.hgetall(keys.affinity))
+        memory = RouterMemory(pending=inflight)
+        for sess, val in pins.items():
+            head_id, _, exp = val.partition("|")
+            memory.affinity[sess] = (head_id, int(exp or 0))
+        index = HeadIndex.build(heads, profiles)
+        d = decide(job, index, policy, memory, now_ms(), random.Random(), explain=True)
+        table = Table(title=f"candidates for {model} (policy v{policy.version})")
+        for col in ("head", "model", "region", "status", "load", "latency ms", "cache", "quota", "verdict"):
+            table.add_column(col)
+        why = dict(d.excluded)
+        for h in index.heads.values():
+            verdict = ("[green]PICK[/]" if d.head and h.head_id == d.head.head_id
+                       else f"[red]excluded: {why[h.head_id]}[/]" if h.head_id in why
+                       else "eligible" if h.serves(model) else "other model")  # fmt: skip
+            table.add_row(h.head_id, h.model_id, h.region, h.status.value, f"{memory.load(h):.2f}",
+                          f"{h.latency_ms:.1f}", f"{h.cache_hit_rate:.2f}", f"{h.quota_used:.2f}", verdict)  # fmt: skip
+        console.print(table)
+        console.print(f"outcome: [bold]{d.outcome.value}[/]  strategy: {d.strategy}  fallback: {d.fallback}")
+        console.print(f"reason: {d.reason}")
+        if d.head:
+            console.print(f"scores: {d.scores.as_dict()}")
+
+    _run(main)
+
+
+def bench(
+    what: Annotated[str, typer.Argument(help="decisions")] = "decisions",
+    heads: Annotated[str, typer.Option(help="Head counts, comma-separated.")] = "10,100,1000",
+    iterations: Annotated[int, typer.Option(help="Decisions timed per strategy and size.")] = 2000,
+    strategy: Annotated[list[str] | None, typer.Option(help="Only these strategies.")] = None,
+) -> None:
+    """Time routing decisions per strategy, against a trivial first-candidate baseline from the same run."""
+    from router_worker.bench import bench_decisions, render
+
+    if what != "decisions":
+        err.print(f"[red]error:[/] unknown benchmark {what!r} (known: decisions)")
+        raise typer.Exit(2)
+    sizes = [int(x) for x in heads.split(",") if x.strip()]
+    t0 = time.perf_counter()
+    rows = bench_decisions(sizes, iterations, strategy)
+    console.print(render(rows))
+    console.print(f"measured in {time.perf_counter() - t0:.1f}s; ratios are median / baseline median")
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(heads_app, name="heads")
+    app.add_typer(policy_app, name="policy")
+    app.add_typer(audit_app, name="audit")
+    app.command("explain")(explain)
+    app.command("bench")(bench)

@@ -1,0 +1,303 @@
+"""The routing engine: filter, pick a strategy, apply it, fall back. Pure: plain data in, a Decision out.
+
+Order of work for one job:
+1. resolve the strategy (policy rule or default; the job's override if the policy allows it; an A/B test
+   chooses a variant model or strategy, consistently per session or job);
+2. for the model, then each fallback model: the *static* candidate set (serves the model, healthy status,
+   meets the job's capability criteria, nearest region tier for ``geo_preferred``), cached per head
+   snapshot and policy version;
+3. the *dynamic* filters (heartbeat not expired, load under ``max_load_threshold``, quota under the limit);
+4. the strategy picks among what is left; nothing left anywhere is an explicit no-candidate decision.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from router_worker.core.adaptive import Profile
+from router_worker.core.model import Decision, Head, HeadStatus, Outcome, RouterMemory
+from router_worker.core.policy import STRATEGIES, Policy
+from router_worker.core.strategies import STRATEGY_FUNCTIONS, Candidates, Context, unit_interval
+from schemas.envelope import Job
+
+_FALLBACK_STRATEGY = "least_loaded"
+
+
+@dataclass(slots=True)
+class HeadIndex:
+    """An immutable snapshot of every head, indexed by the model names they serve, with its own cache.
+
+    A new snapshot (a head joined, left, changed status) replaces the index and so drops its cache: the
+    decision cache of seed 000 can never serve a set that includes a removed or inactive head.
+    """
+
+    heads: dict[str, Head]
+    by_model: dict[str, Candidates]
+    profiles: Mapping[str, Profile] = field(default_factory=dict)
+    cache: dict[tuple[object, ...], tuple[Candidates, tuple[tuple[str, str], ...], bool]] = field(
+        default_factory=dict
+    )
+    hits: int = 0
+    misses: int = 0
+
+    @classmethod
+    def build(cls, heads: Iterable[Head], profiles: Mapping[str, Profile] | None = None) -> HeadIndex:
+        ordered = sorted(heads, key=lambda h: h.head_id)
+        by_model: dict[str, list[Head]] = {}
+        for h in ordered:
+            by_model.setdefault(h.model_id, []).append(h)
+            for fam in h.families:
+                if fam != h.model_id:
+                    by_model.setdefault(fam, []).append(h)
+        return cls(
+            heads={h.head_id: h for h in ordered},
+            by_model={k: tuple(v) for k, v in by_model.items()},
+            profiles=profiles or {},
+        )
+
+
+EMPTY_INDEX = HeadIndex.build(())
+
+
+# --- capability criteria (model_specific) -------------------------------------------------------------------
+
+
+def capability_miss(head: Head, meta: Mapping[str, object]) -> str | None:
+    """Why ``head`` does not meet the job's metadata criteria, or None when it does."""
+    min_ctx = meta.get("min_context")
+    if isinstance(min_ctx, int) and head.max_context < min_ctx:
+        return f"max_context {head.max_context} < {min_ctx}"
+    quant = meta.get("quantization")
+    if isinstance(quant, str) and quant.upper() not in head.quantizations:
+        return f"no {quant.upper()} support"
+    backend = meta.get("backend")
+    if isinstance(backend, str) and head.backend != backend:
+        return f"backend {head.backend} != {backend}"
+    if meta.get("dynamic_shapes") is True and not head.dynamic_shapes:
+        return "no dynamic shapes"
+    tags = meta.get("tags")
+    if isinstance(tags, list):
+        missing = [t for t in tags if isinstance(t, str) and t not in head.tags]
+        if missing:
+            return f"missing tags {missing}"
+    min_params = meta.get("min_params")
+    if isinstance(min_params, int) and head.param_count < min_params:
+        return f"param_count {head.param_count} < {min_params}"
+    return None
+
+
+def _meta_key(job: Job) -> tuple[object, ...]:
+    meta = job.metadata
+    if not meta:
+        return ()
+    return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in meta.items()))
+
+
+def _static_candidates(
+    heads: Candidates, job: Job, strategy: str, policy: Policy, explain: bool
+) -> tuple[Candidates, tuple[tuple[str, str], ...], bool]:
+    """Filters that depend only on the snapshot, the job's criteria and the policy (so they can be cached).
+
+    Returns (candidates, exclusions, whether a region fallback was used).
+    """
+    excluded: list[tuple[str, str]] = []
+    meta = job.metadata or {}
+    ok: list[Head] = []
+    for h in heads:
+        if h.status is not HeadStatus.HEALTHY:
+            if explain:
+                excluded.append((h.head_id, f"status {h.status.value}"))
+            continue
+        if meta:
+            miss = capability_miss(h, meta)
+            if miss:
+                if explain:
+                    excluded.append((h.head_id, miss))
+                continue
+        if policy.head_weights.get(h.head_id, 1.0) == 0.0:
+            if explain:
+                excluded.append((h.head_id, "head weight 0 in policy"))
+            continue
+        ok.append(h)
+    region_fallback = False
+    if strategy == "geo_preferred" and ok:
+        tiers = region_tiers(job, policy)
+        chosen: list[Head] = []
+        for i, region in enumerate(tiers):
+            chosen = [h for h in ok if h.region == region]
+            if chosen:
+                region_fallback = i > 0
+                break
+        if not chosen:  # no head in any listed region: any region, marked as a fallback
+            chosen, region_fallback = ok, bool(tiers)
+        if explain:
+            keep = {h.head_id for h in chosen}
+            excluded.extend((h.head_id, f"region {h.region} farther") for h in ok if h.head_id not in keep)
+        ok = chosen
+    return tuple(ok), tuple(excluded), region_fallback
+
+
+def region_tiers(job: Job, policy: Policy) -> list[str]:
+    """Preferred region first, then its fallbacks nearest first (from the policy), no repeats."""
+    rule = policy.rule_for(job.model_type)
+    first = [job.region] if job.region else list(rule.preferred_regions if rule else [])
+    tiers: list[str] = []
+    for region in first:
+        for r in (region, *policy.region_fallbacks.get(region, ())):
+            if r not in tiers:
+                tiers.append(r)
+    return tiers
+
+
+def _dynamic_filter(
+    heads: Candidates, mem: RouterMemory, policy: Policy, now_ms: int, explain: bool,
+    excluded: list[tuple[str, str]],
+) -> tuple[Candidates, int]:  # fmt: skip
+    """Heads alive, under the load threshold and under quota; also how many were excluded for load alone."""
+    limit = policy.max_load_threshold
+    quota = policy.quota_limit
+    out: list[Head] | None = None
+    loaded = 0
+    for i, h in enumerate(heads):
+        why: str | None = None
+        if h.expires_at_ms < now_ms:
+            why = "heartbeat expired"
+        elif mem.load(h) >= limit:
+            loaded += 1
+            why = f"load {mem.load(h):.2f} >= {limit:.2f}"
+        elif h.quota_used >= quota:
+            why = f"quota {h.quota_used:.2f} >= {quota:.2f}"
+        if why is None:
+            if out is not None:
+                out.append(h)
+            continue
+        if out is None:  # first exclusion: copy what passed so far (no allocation when all pass)
+            out = list(heads[:i])
+        if explain:
+            excluded.append((h.head_id, why))
+    return (heads if out is None else tuple(out)), loaded
+
+
+# --- the decision -------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Resolved:
+    model_type: str
+    strategy: str
+    note: str
+    refused: str | None = None
+
+
+def resolve_strategy(job: Job, policy: Policy) -> Resolved:
+    """Which model and strategy a job gets, after overrides and A/B tests."""
+    model = job.model_type
+    note = ""
+    strategy = policy.strategy_for(model)
+    if job.strategy:
+        if job.strategy not in STRATEGIES:
+            return Resolved(model, strategy, "", refused=f"unknown strategy {job.strategy!r}")
+        if policy.allows_override(job.strategy):
+            strategy = job.strategy
+        else:
+            note = f"override {job.strategy} not allowed; "
+    if strategy == "ab_test":
+        test = policy.ab_test_for(model)
+        if test is None:
+            return Resolved(model, _FALLBACK_STRATEGY, note + "no A/B test for this model; ")
+        key = job.session_id if test.key == "session" and job.session_id else job.job_id
+        variant_b = unit_interval(test.name, key) < test.share_b
+        v_model = (test.b_model if variant_b else test.a_model) or model
+        v_strategy = (test.b_strategy if variant_b else test.a_strategy) or policy.strategy_for(v_model)
+        if v_strategy == "ab_test":
+            v_strategy = _FALLBACK_STRATEGY
+        label = "b" if variant_b else "a"
+        return Resolved(v_model, v_strategy, f"{note}ab {test.name} variant {label}; ")
+    return Resolved(model, strategy, note)
+
+
+def decide(
+    job: Job,
+    index: HeadIndex,
+    policy: Policy,
+    memory: RouterMemory,
+    now_ms: int,
+    rng: random.Random,
+    attempt: int = 1,
+    explain: bool = False,
+) -> Decision:
+    """Route one job. Never raises for a routable-looking job; every outcome is a Decision."""
+    r = resolve_strategy(job, policy)
+    if r.refused:
+        return Decision(Outcome.REFUSED, r.strategy, r.refused, attempt=attempt)
+    strategy_fn = STRATEGY_FUNCTIONS[r.strategy]
+    models = (r.model_type, *policy.fallback_models.get(r.model_type, ()))
+    excluded: list[tuple[str, str]] = []
+    known = False
+    loaded = 0
+    for tier, model in enumerate(models):
+        heads = index.by_model.get(model)
+        if not heads:
+            continue
+        known = True
+        key = (model, job.region, r.strategy, _meta_key(job), policy.version, id(policy))
+        cached = None if explain else index.cache.get(key)
+        if cached is None:
+            index.misses += 1
+            cached = _static_candidates(heads, job, r.strategy, policy, explain)
+            if not explain:
+                index.cache[key] = cached
+        else:
+            index.hits += 1
+        static, static_excluded, region_fallback = cached
+        if explain:
+            excluded.extend(static_excluded)
+        candidates, n_loaded = _dynamic_filter(static, memory, policy, now_ms, explain, excluded)
+        loaded += n_loaded
+        if not candidates:
+            continue
+        ctx = Context(job, policy, memory, now_ms, rng, policy.goal_for(model), index.profiles)
+        pick = strategy_fn(candidates, ctx)
+        fallback = tier > 0 or region_fallback
+        prefix = r.note + (f"fallback model {model}; " if tier > 0 else "")
+        return Decision(
+            Outcome.ROUTED,
+            r.strategy,
+            prefix + pick.reason,
+            head=pick.head,
+            model_id=pick.head.model_id,
+            scores=pick.scores,
+            attempt=attempt,
+            fallback=fallback,
+            excluded=tuple(excluded),
+            sticky=pick.sticky,
+        )
+    if not known:
+        return Decision(
+            Outcome.UNKNOWN_MODEL, r.strategy, f"no head serves {' or '.join(models)}", attempt=attempt,
+            excluded=tuple(excluded),
+        )  # fmt: skip
+    if loaded:
+        return Decision(
+            Outcome.SATURATED, r.strategy, r.note + f"{loaded} heads of {' or '.join(models)} at load threshold",
+            attempt=attempt, excluded=tuple(excluded),
+        )  # fmt: skip
+    return Decision(
+        Outcome.NO_CAPACITY, r.strategy, r.note + f"no eligible head for {' or '.join(models)}",
+        attempt=attempt, excluded=tuple(excluded),
+    )  # fmt: skip
+
+
+def record(decision: Decision, memory: RouterMemory, job: Job, policy: Policy, now_ms: int) -> None:
+    """Apply a routed decision to the router's memory: round-robin turn, pending load, pins."""
+    head = decision.head
+    if head is None:
+        return
+    model = job.model_type
+    memory.rr_counters[model] = memory.rr_counters.get(model, 0) + 1
+    memory.pending[head.head_id] = memory.pending.get(head.head_id, 0) + 1
+    if decision.sticky is not None:
+        key, head_id = decision.sticky
+        memory.affinity[key] = (head_id, now_ms + int(policy.affinity_timeout_s * 1000))

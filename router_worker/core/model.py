@@ -1,0 +1,136 @@
+"""Plain data the routing core works on: head snapshots, scores, decisions. No I/O, no clocks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+
+class HeadStatus(StrEnum):
+    HEALTHY = "healthy"
+    DEGRADED = "degraded"
+    UNHEALTHY = "unhealthy"
+    DRAINING = "draining"
+
+
+@dataclass(frozen=True, slots=True)
+class Head:
+    """A snapshot of one head (a running replica of a model) as the router last saw it."""
+
+    head_id: str
+    model_id: str
+    region: str = "default"
+    partition: int = 0
+    status: HeadStatus = HeadStatus.HEALTHY
+    capacity: int = 8
+    expires_at_ms: int = 0
+    """Heartbeat deadline: past it the head is not a candidate."""
+    reported_inflight: int = 0
+    """Jobs the head itself reports as being served."""
+    cache_hit_rate: float = 0.0
+    quota_used: float = 0.0
+    """Fraction of the head's quota used, 0..1."""
+    latency_ms: float = 0.0
+    """Smoothed service latency the head reports (0: unknown)."""
+    weight: float = 1.0
+    families: frozenset[str] = frozenset()
+    """Other names this head answers to (``chat``, a model family)."""
+    backend: str = "cpu"
+    quantizations: frozenset[str] = frozenset()
+    max_context: int = 0
+    dynamic_shapes: bool = False
+    param_count: int = 0
+    tags: frozenset[str] = frozenset()
+    power_w: float = 0.0
+
+    def serves(self, model_type: str) -> bool:
+        return self.model_id == model_type or model_type in self.families
+
+
+@dataclass(frozen=True, slots=True)
+class Scores:
+    """Component scores of a pick, each in 0..1 where higher is better; ``total`` is the strategy's own."""
+
+    load: float = 0.0
+    cache: float = 0.0
+    quota: float = 0.0
+    health: float = 0.0
+    latency: float = 0.0
+    total: float = 0.0
+
+    def as_dict(self) -> dict[str, float]:
+        return {
+            "load": round(self.load, 4),
+            "cache": round(self.cache, 4),
+            "quota": round(self.quota, 4),
+            "health": round(self.health, 4),
+            "latency": round(self.latency, 4),
+            "total": round(self.total, 4),
+        }
+
+
+NO_SCORES = Scores()
+
+
+class Outcome(StrEnum):
+    ROUTED = "routed"
+    UNKNOWN_MODEL = "unknown_model"
+    NO_CAPACITY = "no_capacity"
+    SATURATED = "saturated"
+    """Healthy heads exist but every one is at its load threshold: hold the job in Kafka (back-pressure)."""
+    REFUSED = "refused"
+    """The job asked for something the policy forbids or the router does not know (strategy name)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The receipt of one routing decision: what was picked and why."""
+
+    outcome: Outcome
+    strategy: str
+    reason: str
+    head: Head | None = None
+    model_id: str | None = None
+    scores: Scores = NO_SCORES
+    attempt: int = 1
+    fallback: bool = False
+    excluded: tuple[tuple[str, str], ...] = ()
+    """(head id, why) for each head filtered out; filled only when explaining."""
+    sticky: tuple[str, str] | None = None
+    """(key, head id) the router should remember: a session or prefix pin made by this decision."""
+
+    @property
+    def routed(self) -> bool:
+        return self.outcome is Outcome.ROUTED
+
+
+@dataclass(slots=True)
+class Pick:
+    """What a strategy returns: the chosen head among the candidates, with its scores and reason."""
+
+    head: Head
+    scores: Scores
+    reason: str
+    sticky: tuple[str, str] | None = None
+
+
+@dataclass(slots=True)
+class RouterMemory:
+    """Per-router mutable state the engine reads and the shell persists: counters, pins, pending loads.
+
+    Kept apart from the strategies so they stay pure: a strategy reads it, the engine updates it.
+    """
+
+    rr_counters: dict[str, int] = field(default_factory=dict)
+    pending: dict[str, int] = field(default_factory=dict)
+    """In-flight jobs per head as last reconciled with Redis, plus this router's picks since."""
+    affinity: dict[str, tuple[str, int]] = field(default_factory=dict)
+    """session key -> (head id, expires at ms)."""
+    prefixes: dict[str, str] = field(default_factory=dict)
+    """prefix hash -> head id."""
+
+    def inflight(self, head: Head) -> int:
+        return max(self.pending.get(head.head_id, 0), head.reported_inflight)
+
+    def load(self, head: Head) -> float:
+        return self.inflight(head) / head.capacity if head.capacity > 0 else 1.0

@@ -1,0 +1,174 @@
+"""The routing policy: one validated document every router applies, held in Redis and hot-reloaded."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from fnmatch import fnmatchcase
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+
+STRATEGIES: tuple[str, ...] = (
+    "round_robin",
+    "least_loaded",
+    "geo_preferred",
+    "model_specific",
+    "hybrid",
+    "cache_aware",
+    "quota_aware",
+    "random",
+    "weighted_random",
+    "latency_based",
+    "affinity",
+    "ab_test",
+    "adaptive",
+    "prefix_aware",
+)
+
+Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
+
+
+class Goal(StrEnum):
+    MINIMIZE_LATENCY = "minimize_latency"
+    MAXIMIZE_THROUGHPUT = "maximize_throughput"
+    MINIMIZE_POWER = "minimize_power"
+    BALANCED = "balanced"
+
+
+def _known_strategy(name: str) -> str:
+    if name not in STRATEGIES:
+        raise ValueError(f"unknown strategy {name!r}; known: {', '.join(STRATEGIES)}")
+    return name
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class HybridWeights(_Strict):
+    load: Annotated[float, Field(ge=0)] = 0.4
+    cache: Annotated[float, Field(ge=0)] = 0.2
+    quota: Annotated[float, Field(ge=0)] = 0.1
+    latency: Annotated[float, Field(ge=0)] = 0.2
+    health: Annotated[float, Field(ge=0)] = 0.1
+
+    @model_validator(mode="after")
+    def _not_all_zero(self) -> HybridWeights:
+        if self.load + self.cache + self.quota + self.latency + self.health <= 0:
+            raise ValueError("at least one hybrid weight must be positive")
+        return self
+
+
+class Rule(_Strict):
+    """Settings for models whose id matches ``pattern`` (shell-style: ``resnet*``, ``bert_*``)."""
+
+    pattern: Annotated[str, Field(min_length=1)]
+    strategy: str | None = None
+    goal: Goal | None = None
+    preferred_regions: list[str] = Field(default_factory=list)
+    max_latency_ms: Annotated[float | None, Field(gt=0)] = None
+
+    @field_validator("strategy")
+    @classmethod
+    def _strategy(cls, v: str | None) -> str | None:
+        return None if v is None else _known_strategy(v)
+
+
+class ABTest(_Strict):
+    """Split the jobs for ``model`` between two variants; each variant is a model id or a strategy."""
+
+    name: Annotated[str, Field(min_length=1)]
+    model: Annotated[str, Field(min_length=1, description="model_type the test applies to ('*' for all)")]
+    share_b: Fraction = 0.5
+    a_model: str | None = None
+    b_model: str | None = None
+    a_strategy: str | None = None
+    b_strategy: str | None = None
+    key: Literal["session", "job"] = "session"
+
+    @field_validator("a_strategy", "b_strategy")
+    @classmethod
+    def _strategy(cls, v: str | None) -> str | None:
+        if v == "ab_test":
+            raise ValueError("an A/B variant can not itself be ab_test")
+        return None if v is None else _known_strategy(v)
+
+    @model_validator(mode="after")
+    def _variants(self) -> ABTest:
+        if not ((self.a_model or self.a_strategy) and (self.b_model or self.b_strategy)):
+            raise ValueError(f"ab test {self.name!r} needs a model or a strategy for both variants a and b")
+        return self
+
+
+class Policy(_Strict):
+    """Everything a router needs to decide. Validated on write; an invalid one never replaces a valid one."""
+
+    version: Annotated[int, Field(ge=0)] = 0
+    default_strategy: str = "least_loaded"
+    goal: Goal = Goal.BALANCED
+    max_load_threshold: Annotated[float, Field(gt=0.0)] = 0.9
+    """Heads at or over this load (in-flight / capacity) get no new jobs."""
+    min_cache_hit_rate: Fraction = 0.3
+    """cache_aware prefers heads at or above this hit rate."""
+    quota_limit: Fraction = 0.95
+    """Heads whose quota use reaches this get no new jobs."""
+    affinity_timeout_s: Annotated[float, Field(gt=0)] = 300.0
+    prefix_load_bound: Annotated[float, Field(gt=0.0)] = 0.8
+    """prefix_aware keeps a prefix on its head while the head's load stays under this bound."""
+    allowed_overrides: list[str] | Literal["*"] = "*"
+    """Strategies a job may ask for in its ``strategy`` field ('*': any)."""
+    rules: list[Rule] = Field(default_factory=list)
+    fallback_models: dict[str, list[str]] = Field(default_factory=dict)
+    """model_type -> other models to try, in order, when it has no eligible head."""
+    region_fallbacks: dict[str, list[str]] = Field(default_factory=dict)
+    """region -> other regions, nearest first."""
+    ab_tests: list[ABTest] = Field(default_factory=list)
+    hybrid_weights: HybridWeights = HybridWeights()
+    backend_weights: dict[str, Annotated[float, Field(ge=0)]] = Field(default_factory=dict)
+    head_weights: dict[str, Annotated[float, Field(ge=0)]] = Field(default_factory=dict)
+    adaptive_min_samples: Annotated[int, Field(ge=1)] = 5
+    """Below this many samples the adaptive profile's confidence is low and load dominates."""
+
+    _rule_cache: dict[str, Rule | None] = PrivateAttr(default_factory=dict)
+
+    @field_validator("default_strategy")
+    @classmethod
+    def _strategy(cls, v: str) -> str:
+        return _known_strategy(v)
+
+    @field_validator("allowed_overrides")
+    @classmethod
+    def _overrides(cls, v: list[str] | str) -> list[str] | str:
+        if isinstance(v, list):
+            for name in v:
+                _known_strategy(name)
+        return v
+
+    def rule_for(self, model_type: str) -> Rule | None:
+        cache = self._rule_cache
+        if model_type in cache:
+            return cache[model_type]
+        found = next((r for r in self.rules if fnmatchcase(model_type, r.pattern)), None)
+        if len(cache) < 4096:
+            cache[model_type] = found
+        return found
+
+    def strategy_for(self, model_type: str) -> str:
+        rule = self.rule_for(model_type)
+        return rule.strategy if rule and rule.strategy else self.default_strategy
+
+    def goal_for(self, model_type: str) -> Goal:
+        rule = self.rule_for(model_type)
+        return rule.goal if rule and rule.goal else self.goal
+
+    def allows_override(self, strategy: str) -> bool:
+        return self.allowed_overrides == "*" or strategy in self.allowed_overrides
+
+    def ab_test_for(self, model_type: str) -> ABTest | None:
+        for test in self.ab_tests:
+            if fnmatchcase(model_type, test.model):
+                return test
+        return None
+
+
+DEFAULT_POLICY = Policy()

@@ -1,0 +1,171 @@
+"""``router-worker demo``: the whole path on the embedded stack, with a progress bar and a readable summary.
+
+Starts a real broker and Redis, two routers in one consumer group, five heads of two models in two
+regions, publishes jobs with the producer SDK, follows the completion records on ``router.results``, and
+prints jobs per head and model, routing throughput and end-to-end latency percentiles. Then stops it all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+from aiokafka import AIOKafkaConsumer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from consumers.worker import ModelWorker, WorkerConfig
+from producers.producer import JobProducer
+from router_worker.metrics import Metrics
+from router_worker.pipeline.kafka import make_consumer
+from router_worker.pipeline.router import Router
+from router_worker.runtime import Runtime
+from router_worker.services import build_router, build_worker, run_router
+from router_worker.topics import Topics
+
+DEMO_HEADS: tuple[WorkerConfig, ...] = (
+    WorkerConfig("llama-3.3-70b", "us-east", capacity=8, head_id="llama-us-east-1", families=("chat",),
+                 backend="gpu", quantizations=("FP16", "INT8"), max_context=131072),
+    WorkerConfig("llama-3.3-70b", "us-east", capacity=8, head_id="llama-us-east-2", families=("chat",),
+                 backend="gpu", quantizations=("FP16",), max_context=131072),
+    WorkerConfig("llama-3.3-70b", "eu-west", capacity=8, head_id="llama-eu-west-1", families=("chat",),
+                 backend="gpu", quantizations=("FP16",), max_context=32768),
+    WorkerConfig("resnet50", "us-east", capacity=8, head_id="resnet-us-east-1", backend="gpu"),
+    WorkerConfig("resnet50", "eu-west", capacity=8, head_id="resnet-eu-west-1", backend="cpu"),
+)  # fmt: skip
+
+
+@dataclass(slots=True)
+class Completions:
+    expected: int
+    seen: set[str] = field(default_factory=set)
+    latencies: list[float] = field(default_factory=list)
+    by_head: Counter[str] = field(default_factory=Counter)
+    by_model: Counter[str] = field(default_factory=Counter)
+    duplicates: int = 0
+    errors: int = 0
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def add(self, doc: dict[str, Any]) -> None:
+        job_id = doc.get("job_id", "")
+        if job_id in self.seen:
+            self.duplicates += 1
+            return
+        self.seen.add(job_id)
+        self.by_head[doc.get("head_id", "?")] += 1
+        self.by_model[doc.get("model_id", "?")] += 1
+        if doc.get("status") != "ok":
+            self.errors += 1
+        if "latency_ms" in doc:
+            self.latencies.append(float(doc["latency_ms"]))
+        if len(self.seen) >= self.expected:
+            self.done.set()
+
+
+async def follow_results(consumer: AIOKafkaConsumer, out: Completions) -> None:
+    while True:
+        batch = await consumer.getmany(timeout_ms=100, max_records=1000)
+        for records in batch.values():
+            for rec in records:
+                with contextlib.suppress(Exception):
+                    out.add(msgpack.unpackb(rec.value, raw=False))
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    return s[min(len(s) - 1, int(q / 100.0 * len(s)))]
+
+
+async def run_demo(rt: Runtime, jobs: int, routers: int, console: Console, seed: int = 7) -> Completions:
+    s = rt.settings
+    topics = Topics.from_settings(s)
+    rng = random.Random(seed)
+    metrics = [Metrics() for _ in range(routers)]
+    router_objs: list[Router] = [build_router(rt, m) for m in metrics]
+    workers: list[ModelWorker] = [build_worker(rt, cfg, service_ms=4.0, jitter_ms=2.0, seed=i)
+                                  for i, cfg in enumerate(DEMO_HEADS)]  # fmt: skip
+    tasks = [asyncio.create_task(w.run(), name=f"head-{w.head_id}") for w in workers]
+    await asyncio.wait_for(asyncio.gather(*(w.ready.wait() for w in workers)), 30)
+    tasks += [asyncio.create_task(run_router(rt, r), name=f"router-{i}") for i, r in enumerate(router_objs)]
+    await asyncio.wait_for(asyncio.gather(*(r.ready.wait() for r in router_objs)), 30)
+
+    results = make_consumer(s, topics.results, group_id=None, auto_offset_reset="latest")
+    await results.start()
+    await results.seek_to_end()
+    out = Completions(expected=jobs)
+    follower = asyncio.create_task(follow_results(results, out))
+    console.print(f"[bold]router-worker demo[/]: {routers} routers, {len(workers)} heads, {jobs} jobs "
+                  f"(kafka {s.kafka_bootstrap_servers}, redis {s.redis_url})")  # fmt: skip
+    t0 = time.perf_counter()
+    try:
+        async with JobProducer(s) as producer:
+            for i in range(jobs):
+                model = "llama-3.3-70b" if rng.random() < 0.6 else "resnet50"
+                await producer.submit(
+                    model, payload=b"x" * rng.randint(16, 512), region=rng.choice(("us-east", "eu-west")),
+                    session_id=f"user-{rng.randint(1, 50)}", estimated_tokens=rng.randint(0, 400),
+                    tenant=rng.choice(("acme", "globex")), job_id=f"demo-{seed}-{i}",
+                )  # fmt: skip
+        published = time.perf_counter() - t0
+        with Progress(TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                      TimeElapsedColumn(), console=console, transient=False) as progress:  # fmt: skip
+            task = progress.add_task("jobs completed", total=jobs)
+            deadline = time.monotonic() + max(60.0, jobs / 50)
+            while not out.done.is_set() and time.monotonic() < deadline:
+                progress.update(task, completed=len(out.seen))
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(out.done.wait(), 0.1)
+            progress.update(task, completed=len(out.seen))
+        elapsed = time.perf_counter() - t0
+    finally:
+        follower.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await follower
+        await results.stop()
+        for r in router_objs:
+            r.stop()
+        for w in workers:
+            w.stop()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    print_summary(console, out, router_objs, jobs, published, elapsed)
+    return out
+
+
+def print_summary(console: Console, out: Completions, routers: list[Router], jobs: int, published_s: float,
+                  elapsed_s: float) -> None:  # fmt: skip
+    heads = Table(title="Jobs per head", show_lines=False)
+    heads.add_column("head")
+    heads.add_column("model")
+    heads.add_column("region")
+    heads.add_column("jobs", justify="right")
+    for cfg in DEMO_HEADS:
+        assert cfg.head_id is not None
+        heads.add_row(cfg.head_id, cfg.model_id, cfg.region, str(out.by_head.get(cfg.head_id, 0)))
+    console.print(heads)
+    routed = sum(r.stats.routed for r in routers)
+    summary = Table(title="Summary", show_header=False)
+    summary.add_column("what")
+    summary.add_column("value", justify="right")
+    for model, n in sorted(out.by_model.items()):
+        summary.add_row(f"jobs for {model}", str(n))
+    summary.add_row("jobs published", f"{jobs} in {published_s:.2f}s")
+    summary.add_row("jobs completed", f"{len(out.seen)} ({out.errors} errors, {out.duplicates} duplicates)")
+    for i, r in enumerate(routers):
+        summary.add_row(f"router {i + 1} routed", f"{r.stats.routed} in {r.stats.batches} batches")
+    summary.add_row("routed/s (whole run)", f"{routed / elapsed_s:,.0f}")
+    summary.add_row("dead letters", str(sum(r.stats.dead_lettered for r in routers)))
+    for q in (50, 95, 99):
+        summary.add_row(f"end-to-end latency p{q}", f"{percentile(out.latencies, q):.1f} ms")
+    console.print(summary)
+    ok = len(out.seen) == jobs and out.duplicates == 0
+    console.print("[bold green]all jobs routed and completed exactly once[/]" if ok
+                  else f"[bold red]{jobs - len(out.seen)} jobs not completed[/]")  # fmt: skip

@@ -1,0 +1,108 @@
+"""Headers of routed messages, retries and dead letters (pure; the contract's names)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from router_worker.core.model import Decision
+
+Headers = list[tuple[str, bytes]]
+
+H_CONTENT_TYPE = "content-type"
+H_JOB_ID = "x-job-id"
+H_HEAD = "x-route-head"
+H_STRATEGY = "x-route-strategy"
+H_ATTEMPT = "x-route-attempt"
+H_FALLBACK = "x-route-fallback"
+H_DECIDED_AT = "x-route-decided-at"
+H_DLQ_REASON = "x-dlq-reason"
+H_DLQ_ERROR = "x-dlq-error"
+H_ORIG_TOPIC = "x-original-topic"
+H_ORIG_PARTITION = "x-original-partition"
+H_ORIG_OFFSET = "x-original-offset"
+H_NOT_BEFORE = "x-retry-not-before"
+H_RETRY_REASON = "x-retry-reason"
+
+_OURS = frozenset(
+    {H_JOB_ID, H_HEAD, H_STRATEGY, H_ATTEMPT, H_FALLBACK, H_DECIDED_AT, H_DLQ_REASON, H_DLQ_ERROR, H_NOT_BEFORE,
+     H_RETRY_REASON}
+)  # fmt: skip
+_ORIGIN = frozenset({H_ORIG_TOPIC, H_ORIG_PARTITION, H_ORIG_OFFSET})
+
+
+def header(headers: Sequence[tuple[str, bytes]] | None, name: str) -> bytes | None:
+    if headers:
+        for k, v in headers:
+            if k == name:
+                return v
+    return None
+
+
+def header_int(headers: Sequence[tuple[str, bytes]] | None, name: str, default: int = 0) -> int:
+    raw = header(headers, name)
+    if raw is None:
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        return default
+
+
+def _passthrough(headers: Sequence[tuple[str, bytes]] | None, keep_origin: bool) -> Headers:
+    """The producer's own headers (``traceparent`` among them) minus the router's, which are rewritten."""
+    if not headers:
+        return []
+    drop = _OURS if keep_origin else _OURS | _ORIGIN
+    return [(k, v) for k, v in headers if k not in drop]
+
+
+def routed_headers(original: Sequence[tuple[str, bytes]] | None, job_id: str, decision: Decision,
+                   content_type: str, decided_at_ms: int) -> Headers:  # fmt: skip
+    head = decision.head
+    out = _passthrough(original, keep_origin=False)
+    if header(out, H_CONTENT_TYPE) is None:
+        out.append((H_CONTENT_TYPE, content_type.encode()))
+    out += [
+        (H_JOB_ID, job_id.encode()),
+        (H_HEAD, (head.head_id if head else "").encode()),
+        (H_STRATEGY, decision.strategy.encode()),
+        (H_ATTEMPT, str(decision.attempt).encode()),
+        (H_FALLBACK, b"1" if decision.fallback else b"0"),
+        (H_DECIDED_AT, str(decided_at_ms).encode()),
+    ]
+    return out
+
+
+def _origin(original: Sequence[tuple[str, bytes]] | None, topic: str, partition: int, offset: int) -> Headers:
+    # A record read from a retry topic keeps the origin of its first read, so ops see where it came from.
+    if header(original, H_ORIG_TOPIC) is not None:
+        return [(k, v) for k, v in (original or ()) if k in _ORIGIN]
+    return [
+        (H_ORIG_TOPIC, topic.encode()),
+        (H_ORIG_PARTITION, str(partition).encode()),
+        (H_ORIG_OFFSET, str(offset).encode()),
+    ]
+
+
+def dead_letter_headers(original: Sequence[tuple[str, bytes]] | None, reason: str, error: str, topic: str,
+                        partition: int, offset: int, attempt: int) -> Headers:  # fmt: skip
+    out = _passthrough(original, keep_origin=False)
+    out += _origin(original, topic, partition, offset)
+    out += [
+        (H_DLQ_REASON, reason.encode()),
+        (H_DLQ_ERROR, error[:1000].encode(errors="replace")),
+        (H_ATTEMPT, str(attempt).encode()),
+    ]
+    return out
+
+
+def retry_headers(original: Sequence[tuple[str, bytes]] | None, reason: str, topic: str, partition: int,
+                  offset: int, attempt: int, not_before_ms: int) -> Headers:  # fmt: skip
+    out = _passthrough(original, keep_origin=False)
+    out += _origin(original, topic, partition, offset)
+    out += [
+        (H_ATTEMPT, str(attempt).encode()),
+        (H_NOT_BEFORE, str(not_before_ms).encode()),
+        (H_RETRY_REASON, reason.encode()),
+    ]
+    return out

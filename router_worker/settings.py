@@ -1,0 +1,206 @@
+"""One typed settings object for every command.
+
+Values come, lowest precedence first, from defaults, an optional config file (TOML, YAML or JSON, named by
+``ROUTER_CONFIG_FILE`` or ``--config``), then ``ROUTER_*`` environment variables. Bad values are refused at
+start-up with the field named, never discovered mid-stream.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+ENV_PREFIX = "ROUTER_"
+CONFIG_FILE_ENV = "ROUTER_CONFIG_FILE"
+
+
+class SettingsError(ValueError):
+    """Configuration that can not run: the message names the field."""
+
+
+class Settings(BaseSettings):
+    """Every knob of router-worker. The environment variable is ``ROUTER_`` + the field name in capitals."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", frozen=True)
+
+    # --- Kafka -------------------------------------------------------------------------------------------
+    kafka_bootstrap_servers: str | None = Field(
+        None, description="Kafka bootstrap servers (host:port,...). Unset: commands start the embedded stack."
+    )
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: str | None = None
+    kafka_ssl_cafile: str | None = None
+    kafka_client_id: str = "router-worker"
+    kafka_enable_idempotence: bool = Field(
+        False, description="Idempotent producer. Keep off against the embedded broker (no InitProducerId)."
+    )
+    kafka_acks: Literal["0", "1", "all"] = "all"
+    kafka_linger_ms: int = Field(2, ge=0, le=1000)
+    kafka_request_timeout_ms: int = Field(30_000, ge=1000)
+    kafka_session_timeout_ms: int = Field(10_000, ge=1000)
+    kafka_heartbeat_interval_ms: int = Field(2_000, ge=100)
+    kafka_max_poll_interval_ms: int = Field(300_000, ge=1000)
+    kafka_fetch_max_wait_ms: int = Field(50, ge=0, le=10_000)
+    kafka_max_message_bytes: int = Field(1_048_576, ge=1024, description="Jobs larger than this are refused.")
+    kafka_replication_factor: int = Field(1, ge=1)
+
+    # --- Redis -------------------------------------------------------------------------------------------
+    redis_url: str | None = Field(None, description="Redis URL. Unset: commands start the embedded stack.")
+    redis_prefix: str = Field("rw", description="Prefix of every Redis key and channel this deployment owns.")
+
+    # --- Topics ------------------------------------------------------------------------------------------
+    topic_prefix: str = Field("", description="Common prefix of every topic name.")
+    requests_topic: str = "router.requests"
+    model_topic_prefix: str = "model."
+    retry_topic_prefix: str = "router.retry."
+    dlq_topic: str = "router.dlq"
+    results_topic: str = "router.results"
+    requests_partitions: int = Field(12, ge=1)
+    model_partitions: int = Field(
+        16, ge=1, description="Partitions of each model topic: heads a model can have."
+    )
+
+    # --- Router ------------------------------------------------------------------------------------------
+    group_id: str = "router-worker"
+    router_id: str | None = Field(None, description="Unique id of this router process. Default: host-pid.")
+    batch_max_records: int = Field(500, ge=1, le=100_000, description="Most jobs routed per batch.")
+    batch_timeout_ms: int = Field(20, ge=0, le=10_000, description="Longest wait to fill a batch.")
+    default_strategy: str = "least_loaded"
+    head_refresh_ms: int = Field(1_000, ge=50, description="Full resync of the head snapshot from Redis.")
+    publish_retry_attempts: int = Field(
+        5, ge=1, description="Tries to publish a batch before giving up on it."
+    )
+    shutdown_timeout_s: float = Field(10.0, gt=0)
+    retry_backoff_ms: list[int] = Field(
+        default_factory=lambda: [500, 2_000, 10_000],
+        description="Delay of each retry tier router.retry.1, .2, ... (JSON list); the last tier repeats.",
+    )
+    backpressure_ms: int = Field(
+        20,
+        ge=1,
+        le=10_000,
+        description="Pause of a partition whose next job finds every head at its load limit.",
+    )
+    max_attempts: int = Field(6, ge=1, description="Routing attempts before a job is dead-lettered.")
+    dedupe_ttl_s: int = Field(86_400, ge=0, description="How long a routed job_id is remembered (0: off).")
+
+    # --- Heads -------------------------------------------------------------------------------------------
+    head_ttl_ms: int = Field(5_000, ge=200, description="A head whose heartbeat is older is not a candidate.")
+    head_heartbeat_ms: int = Field(1_000, ge=50)
+    head_release_ms: int = Field(20, ge=1, description="How often a head releases finished jobs' in-flight.")
+
+    # --- Admin, audit, logs ------------------------------------------------------------------------------
+    admin_host: str = "127.0.0.1"
+    admin_port: int = Field(0, ge=0, le=65535, description="HTTP: /metrics, /healthz, admin API. 0: off.")
+    admin_token: str | None = Field(None, description="Bearer token the admin API requires.")
+    audit_file: str = Field(
+        "./var/log/routing_audit.log", description="Audit log file ('' to disable the file sink)."
+    )
+    audit_channel: str = Field("audit:routing:logs", description="Redis pub/sub channel of audit records.")
+    audit_file_max_bytes: int = Field(50 * 1024 * 1024, ge=1024)
+    audit_file_backups: int = Field(5, ge=0)
+    audit_decisions: bool = Field(True, description="Audit every routing decision (not only admin events).")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("kafka_bootstrap_servers", "redis_url", "router_id", "admin_token", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        return None if value == "" else value
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        if self.kafka_enable_idempotence and self.kafka_acks != "all":
+            raise ValueError("kafka_enable_idempotence requires kafka_acks='all'")
+        if self.kafka_heartbeat_interval_ms * 3 > self.kafka_session_timeout_ms:
+            raise ValueError(
+                "kafka_heartbeat_interval_ms must be at most a third of kafka_session_timeout_ms"
+            )
+        if self.head_heartbeat_ms * 2 > self.head_ttl_ms:
+            raise ValueError("head_heartbeat_ms must be at most half of head_ttl_ms")
+        if self.kafka_sasl_mechanism and not (self.kafka_sasl_username and self.kafka_sasl_password):
+            raise ValueError("kafka_sasl_mechanism needs kafka_sasl_username and kafka_sasl_password")
+        if not self.retry_backoff_ms or any(ms < 0 for ms in self.retry_backoff_ms):
+            raise ValueError("retry_backoff_ms must be a non-empty list of non-negative delays")
+        if not self.redis_prefix or any(c in self.redis_prefix for c in "{}: "):
+            raise ValueError("redis_prefix must be non-empty without '{', '}', ':' or spaces")
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # init (the file's values, see load_settings) < env: the environment always wins.
+        return (env_settings, init_settings)
+
+    @property
+    def external(self) -> bool:
+        """True when both Kafka and Redis are given: nothing embedded is started."""
+        return bool(self.kafka_bootstrap_servers and self.redis_url)
+
+    @property
+    def effective_router_id(self) -> str:
+        return self.router_id or f"{os.uname().nodename}-{os.getpid()}"
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a TOML, YAML or JSON settings file into a flat mapping of field names."""
+    p = Path(path)
+    if not p.is_file():
+        raise SettingsError(f"config file {p} does not exist")
+    text = p.read_text()
+    try:
+        if p.suffix == ".toml":
+            data: Any = tomllib.loads(text)
+        elif p.suffix in (".yaml", ".yml"):
+            data = yaml.safe_load(text) or {}
+        else:
+            data = json.loads(text)
+    except (tomllib.TOMLDecodeError, yaml.YAMLError, json.JSONDecodeError) as exc:
+        raise SettingsError(f"config file {p} is not valid: {exc}") from exc
+    if not isinstance(data, dict):
+        raise SettingsError(f"config file {p} must hold a mapping of settings")
+    return {str(k).lower().removeprefix("router_"): v for k, v in data.items()}
+
+
+def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Settings:
+    """Build settings from file + environment + explicit overrides (highest), refusing bad values clearly."""
+    file_values: dict[str, Any] = {}
+    path = config_file or os.environ.get(CONFIG_FILE_ENV)
+    if path:
+        file_values = read_config_file(path)
+    try:
+        settings = Settings(**file_values)
+        if overrides:
+            settings = Settings.model_validate({**settings.model_dump(), **overrides})
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{ENV_PREFIX}{'.'.join(str(p) for p in e['loc']).upper() or '<settings>'}: {e['msg']}"
+            for e in exc.errors()
+        )
+        raise SettingsError(f"invalid settings: {problems}") from exc
+    return settings
+
+
+def settings_help() -> str:
+    """A table of every setting for ``--help``: variable, default, meaning."""
+    lines = []
+    for name, field in Settings.model_fields.items():
+        default = field.default
+        shown = "" if default is None else repr(default)
+        desc = f"  {field.description}" if field.description else ""
+        lines.append(f"{ENV_PREFIX}{name.upper()}={shown}{desc}")
+    return "\n".join(lines)

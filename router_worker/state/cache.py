@@ -1,0 +1,98 @@
+"""Each router's local view of heads and policy, kept current by Redis pub/sub events plus a periodic resync.
+
+Routing reads only this view, so no job waits on Redis. An event (head registered, status changed,
+removed; policy changed) triggers a resync at once; the periodic resync picks up load and latency reports
+and repairs anything a lost pub/sub message would have missed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+
+import orjson
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from router_worker.core.engine import EMPTY_INDEX, HeadIndex
+from router_worker.core.policy import DEFAULT_POLICY, Policy
+from router_worker.state.heads import HeadRegistry
+from router_worker.state.policy_store import PolicyStore
+
+log = logging.getLogger(__name__)
+
+
+class StateCache:
+    def __init__(self, redis: Redis, registry: HeadRegistry, policies: PolicyStore, refresh_ms: int,
+                 on_refresh: Callable[[StateCache], None] | None = None) -> None:  # fmt: skip
+        self.redis = redis
+        self.registry = registry
+        self.policies = policies
+        self.refresh_s = refresh_ms / 1000
+        self.on_refresh = on_refresh
+        self.index: HeadIndex = EMPTY_INDEX
+        self.policy: Policy = DEFAULT_POLICY
+        self.inflight: dict[str, int] = {}
+        self.refreshes = 0
+        self._wake = asyncio.Event()
+        self._policy_dirty = True
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+        await pubsub.subscribe(self.registry.keys.events)
+        await self.refresh()
+        self._tasks = [
+            asyncio.create_task(self._listen(pubsub), name="state-events"),
+            asyncio.create_task(self._loop(), name="state-resync"),
+        ]
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        self._tasks = []
+
+    async def refresh(self) -> None:
+        if self._policy_dirty:
+            self._policy_dirty = False
+            self.policy = await self.policies.get()
+        heads, profiles, inflight = await self.registry.snapshot()
+        self.index = HeadIndex.build(heads, profiles)
+        self.inflight = inflight
+        self.refreshes += 1
+        if self.on_refresh is not None:
+            self.on_refresh(self)
+
+    async def _loop(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.refresh_s)
+            self._wake.clear()
+            try:
+                await self.refresh()
+            except (RedisError, OSError) as exc:
+                log.warning("head state resync failed, keeping the last snapshot: %s", exc)
+                await asyncio.sleep(min(1.0, self.refresh_s))
+
+    async def _listen(self, pubsub: object) -> None:
+        ps = pubsub  # redis.asyncio.client.PubSub
+        while True:
+            try:
+                async for msg in ps.listen():  # type: ignore[attr-defined]
+                    try:
+                        event = orjson.loads(msg["data"]).get("event", "")
+                    except (orjson.JSONDecodeError, AttributeError):
+                        continue
+                    if event == "policy_changed":
+                        self._policy_dirty = True
+                    self._wake.set()
+            except (RedisError, OSError) as exc:
+                log.warning("event subscription lost, resubscribing: %s", exc)
+                self._policy_dirty = True
+                self._wake.set()
+                await asyncio.sleep(0.5)

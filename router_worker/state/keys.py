@@ -1,0 +1,61 @@
+"""The Redis key layout. Every key carries the hash tag ``{prefix}``, so all of one deployment's keys live
+in one Redis Cluster slot and the pipelines and scripts that touch several of them stay legal there.
+
+| key | type | holds |
+|---|---|---|
+| ``{p}:heads`` | set | ids of registered heads |
+| ``{p}:head:<id>`` | hash | one head's registration, status, load, stats and learned profile |
+| ``{p}:slot:<topic>:<partition>`` | string | the head owning that model-topic partition (expires with it) |
+| ``{p}:inflight`` | hash | head id -> jobs routed to it and not yet completed (routers add, heads release) |
+| ``{p}:affinity`` | hash | session id -> ``head_id|expires_at_ms`` shared by every router |
+| ``{p}:policy`` | string | the current policy (JSON) |
+| ``{p}:policy:history`` | list | earlier policies, newest first (capped) |
+| ``{p}:seen:<job_id>`` | string | idempotency marker of a routed job (expires) |
+| ``{p}:events`` | pub/sub | head and policy change notifications to routers |
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Keys:
+    prefix: str
+
+    @property
+    def tag(self) -> str:
+        return "{" + self.prefix + "}"
+
+    @property
+    def heads(self) -> str:
+        return f"{self.tag}:heads"
+
+    def head(self, head_id: str) -> str:
+        return f"{self.tag}:head:{head_id}"
+
+    def slot(self, topic: str, partition: int) -> str:
+        return f"{self.tag}:slot:{topic}:{partition}"
+
+    @property
+    def inflight(self) -> str:
+        return f"{self.tag}:inflight"
+
+    @property
+    def affinity(self) -> str:
+        return f"{self.tag}:affinity"
+
+    @property
+    def policy(self) -> str:
+        return f"{self.tag}:policy"
+
+    @property
+    def policy_history(self) -> str:
+        return f"{self.tag}:policy:history"
+
+    def seen(self, job_id: str) -> str:
+        return f"{self.tag}:seen:{job_id}"
+
+    @property
+    def events(self) -> str:
+        return f"{self.tag}:events"

@@ -282,6 +282,9 @@ def bench(
 
 
 def register(app: typer.Typer) -> None:
+    """Add the operator commands to the main app (once)."""
+    if any(info.name == "heads" for info in app.registered_groups):
+        return
     app.add_typer(heads_app, name="heads")
     app.add_typer(policy_app, name="policy")
     app.add_typer(audit_app, name="audit")

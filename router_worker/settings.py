@@ -85,7 +85,7 @@ class Settings(BaseSettings):
         description="Delay of each retry tier router.retry.1, .2, ... (JSON list); the last tier repeats.",
     )
     backpressure_ms: int = Field(
-        20,
+        5,
         ge=1,
         le=10_000,
         description="Pause of a partition whose next job finds every head at its load limit.",
@@ -96,7 +96,7 @@ class Settings(BaseSettings):
     # --- Heads -------------------------------------------------------------------------------------------
     head_ttl_ms: int = Field(5_000, ge=200, description="A head whose heartbeat is older is not a candidate.")
     head_heartbeat_ms: int = Field(1_000, ge=50)
-    head_release_ms: int = Field(20, ge=1, description="How often a head releases finished jobs' in-flight.")
+    head_release_ms: int = Field(5, ge=1, description="How often a head releases finished jobs' in-flight.")
 
     # --- Admin, audit, logs ------------------------------------------------------------------------------
     admin_host: str = "127.0.0.1"

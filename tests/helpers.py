@@ -1,0 +1,99 @@
+"""Test helpers that drive real routers, heads and consumers on the embedded stack."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer
+from redis.asyncio import Redis
+
+from consumers.worker import JobContext, ModelWorker, WorkerConfig
+from router_worker.audit import AuditSink
+from router_worker.metrics import Metrics
+from router_worker.pipeline.kafka import make_consumer
+from router_worker.pipeline.router import Router
+from router_worker.settings import Settings
+from schemas.envelope import Job
+
+
+@dataclass
+class Served:
+    """What heads saw: one entry per delivery."""
+
+    rows: list[tuple[str, str, str, int, dict[str, bytes]]] = field(default_factory=list)
+    """(job_id, head_id, model_type, partition, headers)."""
+
+    def handler_for(self, delay_s: float = 0.0) -> Callable[[Job, JobContext], Any]:
+        async def handle(job: Job, ctx: JobContext) -> Any:
+            if delay_s:
+                await asyncio.sleep(delay_s)
+            self.rows.append((job.job_id, ctx.head_id, job.model_type, ctx.partition, dict(ctx.headers)))
+            return {"ok": True}
+
+        return handle
+
+    def job_ids(self) -> list[str]:
+        return [r[0] for r in self.rows]
+
+
+def make_router(s: Settings, redis: Redis, **kw: Any) -> Router:
+    return Router(s, redis, Metrics(), AuditSink(redis, s.audit_channel, s.audit_file), **kw)
+
+
+def make_worker(s: Settings, redis: Redis, served: Served, model: str, region: str = "default", **kw: Any
+                ) -> ModelWorker:  # fmt: skip
+    delay = kw.pop("delay_s", 0.0)
+    return ModelWorker(s, redis, WorkerConfig(model, region, **kw), served.handler_for(delay))
+
+
+@contextlib.asynccontextmanager
+async def running(*services: Router | ModelWorker) -> AsyncIterator[None]:
+    """Run routers and heads as tasks; wait until each is ready; stop them all on exit."""
+    tasks = [asyncio.create_task(svc.run()) for svc in services]
+    try:
+        all_ready = asyncio.create_task(
+            asyncio.wait_for(asyncio.gather(*(s.ready.wait() for s in services)), 30)
+        )
+        await asyncio.wait([all_ready, *tasks], return_when=asyncio.FIRST_COMPLETED)
+        for t in tasks:
+            if t.done():  # a service ended before it was ready: surface why
+                all_ready.cancel()
+                t.result()
+                raise AssertionError(f"{t} ended before it was ready")
+        await all_ready
+        yield
+    finally:
+        for svc in services:
+            svc.stop()
+        results = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 30)
+        for r in results:
+            if isinstance(r, BaseException) and not isinstance(r, asyncio.CancelledError):
+                raise r
+
+
+async def wait_until(pred: Callable[[], bool], timeout: float = 30.0, every: float = 0.05) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not pred():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(every)
+
+
+async def read_topic(s: Settings, topic: str, expect: int, timeout: float = 20.0) -> list[Any]:
+    """Every record of a topic from the beginning, until ``expect`` were read or the time is up."""
+    consumer: AIOKafkaConsumer = make_consumer(s, topic, group_id=None, auto_offset_reset="earliest")
+    await consumer.start()
+    out: list[Any] = []
+    try:
+        deadline = asyncio.get_running_loop().time() + timeout
+        while len(out) < expect and asyncio.get_running_loop().time() < deadline:
+            batch = await consumer.getmany(timeout_ms=200)
+            for recs in batch.values():
+                out.extend(recs)
+    finally:
+        await consumer.stop()
+    return out

@@ -118,6 +118,7 @@ def worker(
 def demo(
     jobs: Annotated[int, typer.Option(help="Jobs to publish.")] = 3000,
     routers: Annotated[int, typer.Option(help="Routers in the consumer group.")] = 2,
+    rate: Annotated[float, typer.Option(help="Jobs published per second (0: all at once).")] = 1000.0,
     config: ConfigOpt = None,
 ) -> None:
     """The whole thing on the embedded local stack: routers, heads, jobs, and a summary."""
@@ -128,7 +129,7 @@ def demo(
 
     async def main() -> bool:
         async with runtime(s) as rt:
-            out = await run_demo(rt, jobs, routers, console)
+            out = await run_demo(rt, jobs, routers, console, rate)
             return len(out.seen) == jobs and out.duplicates == 0
 
     if not _run(main):

@@ -85,7 +85,8 @@ def percentile(values: list[float], q: float) -> float:
     return s[min(len(s) - 1, int(q / 100.0 * len(s)))]
 
 
-async def run_demo(rt: Runtime, jobs: int, routers: int, console: Console, seed: int = 7) -> Completions:
+async def run_demo(rt: Runtime, jobs: int, routers: int, console: Console, rate: float = 1000.0, seed: int = 7
+                   ) -> Completions:  # fmt: skip
     s = rt.settings
     topics = Topics.from_settings(s)
     rng = random.Random(seed)
@@ -103,7 +104,8 @@ async def run_demo(rt: Runtime, jobs: int, routers: int, console: Console, seed:
     await results.seek_to_end()
     out = Completions(expected=jobs)
     follower = asyncio.create_task(follow_results(results, out))
-    console.print(f"[bold]router-worker demo[/]: {routers} routers, {len(workers)} heads, {jobs} jobs "
+    pace = f"at {rate:,.0f} jobs/s" if rate > 0 else "in one burst"
+    console.print(f"[bold]router-worker demo[/]: {routers} routers, {len(workers)} heads, {jobs} jobs {pace} "
                   f"(kafka {s.kafka_bootstrap_servers}, redis {s.redis_url})")  # fmt: skip
     t0 = time.perf_counter()
     try:
@@ -115,6 +117,10 @@ async def run_demo(rt: Runtime, jobs: int, routers: int, console: Console, seed:
                     session_id=f"user-{rng.randint(1, 50)}", estimated_tokens=rng.randint(0, 400),
                     tenant=rng.choice(("acme", "globex")), job_id=f"demo-{seed}-{i}",
                 )  # fmt: skip
+                if rate > 0 and i % 50 == 49:  # pace in small bursts: the latencies then measure routing
+                    ahead = t0 + (i + 1) / rate - time.perf_counter()
+                    if ahead > 0:
+                        await asyncio.sleep(ahead)
         published = time.perf_counter() - t0
         with Progress(TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
                       TimeElapsedColumn(), console=console, transient=False) as progress:  # fmt: skip

@@ -68,14 +68,15 @@ def job_size(job: Job) -> float:
     return 1.0
 
 
-def predict(profile: Profile | None, head: Head, load: float, job: Job) -> Prediction:
+def predict(profile: Profile | None, head: Head, load: float, size: float) -> Prediction:
+    """Latency, throughput and power of ``head`` for a job of ``size`` at ``load``, with confidence."""
     if profile is None or profile.samples < 3:
         latency = head.latency_ms
         conf = 0.0
         power = profile.power_w if profile else head.power_w
     else:
         a, b, c = profile.coef
-        latency = max(0.01, a + b * job_size(job) + c * load)
+        latency = max(0.01, a + b * size + c * load)
         conf = profile.confidence
         power = profile.power_w or head.power_w
     throughput = head.capacity * 1000.0 / latency if latency > 0 else 0.0

@@ -17,10 +17,13 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from router_worker.core.adaptive import Profile
+from router_worker.core.candidates import CandidateSet
 from router_worker.core.model import Decision, Head, HeadStatus, Outcome, RouterMemory
 from router_worker.core.policy import STRATEGIES, Policy
-from router_worker.core.strategies import STRATEGY_FUNCTIONS, Candidates, Context, unit_interval
+from router_worker.core.strategies import STRATEGY_FUNCTIONS, Context, unit_interval
 from schemas.envelope import Job
+
+Candidates = tuple[Head, ...]
 
 _FALLBACK_STRATEGY = "least_loaded"
 
@@ -36,9 +39,7 @@ class HeadIndex:
     heads: dict[str, Head]
     by_model: dict[str, Candidates]
     profiles: Mapping[str, Profile] = field(default_factory=dict)
-    cache: dict[tuple[object, ...], tuple[Candidates, tuple[tuple[str, str], ...], bool]] = field(
-        default_factory=dict
-    )
+    cache: dict[tuple[object, ...], CandidateSet] = field(default_factory=dict)
     hits: int = 0
     misses: int = 0
 
@@ -97,11 +98,9 @@ def _meta_key(job: Job) -> tuple[object, ...]:
 
 def _static_candidates(
     heads: Candidates, job: Job, strategy: str, policy: Policy, explain: bool
-) -> tuple[Candidates, tuple[tuple[str, str], ...], bool]:
-    """Filters that depend only on the snapshot, the job's criteria and the policy (so they can be cached).
-
-    Returns (candidates, exclusions, whether a region fallback was used).
-    """
+) -> CandidateSet:
+    """Filters that depend only on the snapshot, the job's criteria and the policy (so they can be cached):
+    status, capabilities, quota, zero weight, and the region tier for ``geo_preferred``."""
     excluded: list[tuple[str, str]] = []
     meta = job.metadata or {}
     ok: list[Head] = []
@@ -116,6 +115,10 @@ def _static_candidates(
                 if explain:
                     excluded.append((h.head_id, miss))
                 continue
+        if h.quota_used >= policy.quota_limit:
+            if explain:
+                excluded.append((h.head_id, f"quota {h.quota_used:.2f} >= {policy.quota_limit:.2f}"))
+            continue
         if policy.head_weights.get(h.head_id, 1.0) == 0.0:
             if explain:
                 excluded.append((h.head_id, "head weight 0 in policy"))
@@ -136,7 +139,7 @@ def _static_candidates(
             keep = {h.head_id for h in chosen}
             excluded.extend((h.head_id, f"region {h.region} farther") for h in ok if h.head_id not in keep)
         ok = chosen
-    return tuple(ok), tuple(excluded), region_fallback
+    return CandidateSet.of(tuple(ok), tuple(excluded), region_fallback)
 
 
 def region_tiers(job: Job, policy: Policy) -> list[str]:
@@ -151,33 +154,21 @@ def region_tiers(job: Job, policy: Policy) -> list[str]:
     return tiers
 
 
-def _dynamic_filter(
-    heads: Candidates, mem: RouterMemory, policy: Policy, now_ms: int, explain: bool,
-    excluded: list[tuple[str, str]],
-) -> tuple[Candidates, int]:  # fmt: skip
-    """Heads alive, under the load threshold and under quota; also how many were excluded for load alone."""
-    limit = policy.max_load_threshold
-    quota = policy.quota_limit
-    out: list[Head] | None = None
-    loaded = 0
-    for i, h in enumerate(heads):
-        why: str | None = None
+def _dynamic_exclusions(
+    cs: CandidateSet, mem: RouterMemory, limit: float, now_ms: int
+) -> list[tuple[str, str]]:
+    """Why each head of the set is not eligible right now (explain only: it scans every head)."""
+    out = []
+    for h in cs.heads:
         if h.expires_at_ms < now_ms:
-            why = "heartbeat expired"
+            out.append((h.head_id, "heartbeat expired"))
         elif mem.load(h) >= limit:
-            loaded += 1
-            why = f"load {mem.load(h):.2f} >= {limit:.2f}"
-        elif h.quota_used >= quota:
-            why = f"quota {h.quota_used:.2f} >= {quota:.2f}"
-        if why is None:
-            if out is not None:
-                out.append(h)
-            continue
-        if out is None:  # first exclusion: copy what passed so far (no allocation when all pass)
-            out = list(heads[:i])
-        if explain:
-            excluded.append((h.head_id, why))
-    return (heads if out is None else tuple(out)), loaded
+            out.append((h.head_id, f"load {mem.load(h):.2f} >= {limit:.2f}"))
+    return out
+
+
+def _any_alive(cs: CandidateSet, now_ms: int) -> bool:
+    return cs.min_expiry_ms >= now_ms or any(h.expires_at_ms >= now_ms for h in cs.heads)
 
 
 # --- the decision -------------------------------------------------------------------------------------------
@@ -193,6 +184,10 @@ class Resolved:
 
 def resolve_strategy(job: Job, policy: Policy) -> Resolved:
     """Which model and strategy a job gets, after overrides and A/B tests."""
+    if not job.strategy:  # the common case: one answer per (policy, model), computed once
+        fast = policy.resolved.get(job.model_type)
+        if fast is not None and fast.strategy != "ab_test":
+            return fast  # type: ignore[no-any-return]
     model = job.model_type
     note = ""
     strategy = policy.strategy_for(model)
@@ -215,7 +210,10 @@ def resolve_strategy(job: Job, policy: Policy) -> Resolved:
             v_strategy = _FALLBACK_STRATEGY
         label = "b" if variant_b else "a"
         return Resolved(v_model, v_strategy, f"{note}ab {test.name} variant {label}; ")
-    return Resolved(model, strategy, note)
+    resolved = Resolved(model, strategy, note)
+    if not job.strategy and len(policy.resolved) < 4096:
+        policy.resolved[model] = resolved
+    return resolved
 
 
 def decide(
@@ -233,61 +231,58 @@ def decide(
     if r.refused:
         return Decision(Outcome.REFUSED, r.strategy, r.refused, attempt=attempt)
     strategy_fn = STRATEGY_FUNCTIONS[r.strategy]
-    models = (r.model_type, *policy.fallback_models.get(r.model_type, ()))
+    fallbacks = policy.fallback_models.get(r.model_type)
+    models = (r.model_type, *fallbacks) if fallbacks else (r.model_type,)
     excluded: list[tuple[str, str]] = []
     known = False
-    loaded = 0
+    saturated = False
+    limit = policy.max_load_threshold
     for tier, model in enumerate(models):
         heads = index.by_model.get(model)
         if not heads:
             continue
         known = True
         key = (model, job.region, r.strategy, _meta_key(job), policy.version, id(policy))
-        cached = None if explain else index.cache.get(key)
-        if cached is None:
+        cs = None if explain else index.cache.get(key)
+        if cs is None:
             index.misses += 1
-            cached = _static_candidates(heads, job, r.strategy, policy, explain)
+            cs = _static_candidates(heads, job, r.strategy, policy, explain)
             if not explain:
-                index.cache[key] = cached
+                index.cache[key] = cs
         else:
             index.hits += 1
-        static, static_excluded, region_fallback = cached
         if explain:
-            excluded.extend(static_excluded)
-        candidates, n_loaded = _dynamic_filter(static, memory, policy, now_ms, explain, excluded)
-        loaded += n_loaded
-        if not candidates:
+            excluded.extend(cs.excluded)
+            excluded.extend(_dynamic_exclusions(cs, memory, limit, now_ms))
+        if not cs.heads:
             continue
         ctx = Context(job, policy, memory, now_ms, rng, policy.goal_for(model), index.profiles)
-        pick = strategy_fn(candidates, ctx)
-        fallback = tier > 0 or region_fallback
-        prefix = r.note + (f"fallback model {model}; " if tier > 0 else "")
+        pick = strategy_fn(cs, ctx)
+        if pick is None:
+            saturated = saturated or _any_alive(cs, now_ms)
+            continue
+        prefix = r.note + (f"fallback model {model}; " if tier > 0 else "") if (r.note or tier) else ""
         return Decision(
             Outcome.ROUTED,
             r.strategy,
-            prefix + pick.reason,
+            prefix + pick.reason if prefix else pick.reason,
             head=pick.head,
             model_id=pick.head.model_id,
             scores=pick.scores,
             attempt=attempt,
-            fallback=fallback,
+            fallback=tier > 0 or cs.region_fallback,
             excluded=tuple(excluded),
             sticky=pick.sticky,
         )
+    names = " or ".join(models)
     if not known:
-        return Decision(
-            Outcome.UNKNOWN_MODEL, r.strategy, f"no head serves {' or '.join(models)}", attempt=attempt,
-            excluded=tuple(excluded),
-        )  # fmt: skip
-    if loaded:
-        return Decision(
-            Outcome.SATURATED, r.strategy, r.note + f"{loaded} heads of {' or '.join(models)} at load threshold",
-            attempt=attempt, excluded=tuple(excluded),
-        )  # fmt: skip
-    return Decision(
-        Outcome.NO_CAPACITY, r.strategy, r.note + f"no eligible head for {' or '.join(models)}",
-        attempt=attempt, excluded=tuple(excluded),
-    )  # fmt: skip
+        return Decision(Outcome.UNKNOWN_MODEL, r.strategy, f"no head serves {names}", attempt=attempt,
+                        excluded=tuple(excluded))  # fmt: skip
+    if saturated:
+        return Decision(Outcome.SATURATED, r.strategy, r.note + f"every live head of {names} is at its load threshold",
+                        attempt=attempt, excluded=tuple(excluded))  # fmt: skip
+    return Decision(Outcome.NO_CAPACITY, r.strategy, r.note + f"no eligible head for {names}", attempt=attempt,
+                    excluded=tuple(excluded))  # fmt: skip
 
 
 def record(decision: Decision, memory: RouterMemory, job: Job, policy: Policy, now_ms: int) -> None:

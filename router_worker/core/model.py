@@ -47,9 +47,12 @@ class Head:
         return self.model_id == model_type or model_type in self.families
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Scores:
-    """Component scores of a pick, each in 0..1 where higher is better; ``total`` is the strategy's own."""
+    """Component scores of a pick, each in 0..1 where higher is better; ``total`` is the strategy's own.
+
+    Not frozen only because frozen dataclasses cost a microsecond per construction on the hot path:
+    treat it as immutable."""
 
     load: float = 0.0
     cache: float = 0.0
@@ -82,16 +85,16 @@ class Outcome(StrEnum):
     """The job asked for something the policy forbids or the router does not know (strategy name)."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Decision:
-    """The receipt of one routing decision: what was picked and why."""
+    """The receipt of one routing decision: what was picked and why (treat as immutable; see Scores)."""
 
     outcome: Outcome
     strategy: str
     reason: str
     head: Head | None = None
     model_id: str | None = None
-    scores: Scores = NO_SCORES
+    scores: Scores = field(default_factory=Scores)
     attempt: int = 1
     fallback: bool = False
     excluded: tuple[tuple[str, str], ...] = ()
@@ -126,8 +129,12 @@ class RouterMemory:
     """In-flight jobs per head as last reconciled with Redis, plus this router's picks since."""
     affinity: dict[str, tuple[str, int]] = field(default_factory=dict)
     """session key -> (head id, expires at ms)."""
-    prefixes: dict[str, str] = field(default_factory=dict)
-    """prefix hash -> head id."""
+    epoch: int = 0
+    """Bumped whenever ``pending`` is replaced from Redis: loads may have fallen, derived heaps rebuild."""
+
+    def reset_pending(self, counts: dict[str, int]) -> None:
+        self.pending = counts
+        self.epoch += 1
 
     def inflight(self, head: Head) -> int:
         return max(self.pending.get(head.head_id, 0), head.reported_inflight)

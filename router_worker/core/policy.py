@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from enum import StrEnum
 from fnmatch import fnmatchcase
-from typing import Annotated, Literal
+from functools import cached_property
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 STRATEGIES: tuple[str, ...] = (
     "round_robin",
@@ -129,7 +130,14 @@ class Policy(_Strict):
     adaptive_min_samples: Annotated[int, Field(ge=1)] = 5
     """Below this many samples the adaptive profile's confidence is low and load dominates."""
 
-    _rule_cache: dict[str, Rule | None] = PrivateAttr(default_factory=dict)
+    @cached_property
+    def _rules(self) -> dict[str, Rule | None]:
+        return {}
+
+    @cached_property
+    def resolved(self) -> dict[str, Any]:
+        """model_type -> resolved strategy, memoised by the engine (plain dict: no pydantic access cost)."""
+        return {}
 
     @field_validator("default_strategy")
     @classmethod
@@ -145,7 +153,7 @@ class Policy(_Strict):
         return v
 
     def rule_for(self, model_type: str) -> Rule | None:
-        cache = self._rule_cache
+        cache = self._rules
         if model_type in cache:
             return cache[model_type]
         found = next((r for r in self.rules if fnmatchcase(model_type, r.pattern)), None)
@@ -164,11 +172,18 @@ class Policy(_Strict):
     def allows_override(self, strategy: str) -> bool:
         return self.allowed_overrides == "*" or strategy in self.allowed_overrides
 
+    @cached_property
+    def _ab_by_model(self) -> dict[str, ABTest | None]:
+        return {}
+
     def ab_test_for(self, model_type: str) -> ABTest | None:
-        for test in self.ab_tests:
-            if fnmatchcase(model_type, test.model):
-                return test
-        return None
+        cache = self._ab_by_model
+        if model_type in cache:
+            return cache[model_type]
+        found = next((t for t in self.ab_tests if fnmatchcase(model_type, t.model)), None)
+        if len(cache) < 4096:
+            cache[model_type] = found
+        return found
 
 
 DEFAULT_POLICY = Policy()

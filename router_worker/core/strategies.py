@@ -1,23 +1,27 @@
-"""Routing strategies: pure functions from (eligible candidates, context) to a pick.
+"""Routing strategies: functions from (candidate set, context) to a pick, with no I/O.
 
-Every strategy receives a non-empty tuple of heads that already passed health, load, quota and capability
-filtering (see :mod:`router_worker.core.engine`), so none can pick an excluded head. Randomness comes from
-``ctx.rng`` and time from ``ctx.now_ms``, so tests are deterministic.
+A strategy sees a :class:`CandidateSet` that passed the static filters (status, capabilities, quota, region
+tier) and must return a head that also passes the dynamic ones (heartbeat alive, load under the threshold),
+which it checks with ``cs.ok`` or gets for free from ``cs.best`` / ``cs.sample``; or None when no head is
+eligible. Randomness comes from ``ctx.rng`` and time from ``ctx.now_ms``, so tests are deterministic.
+The heaps, rings and cumulative weights kept on the set are memoised derivations of it, so a pick costs
+O(log n) rather than a scan of every head.
 """
 
 from __future__ import annotations
 
+import bisect
 import hashlib
+import math
 import random
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from router_worker.core.adaptive import Profile, predict
+from router_worker.core.adaptive import Profile, job_size, predict
+from router_worker.core.candidates import CandidateSet
 from router_worker.core.model import Head, Pick, RouterMemory, Scores
 from router_worker.core.policy import Goal, Policy
 from schemas.envelope import Job
-
-Candidates = tuple[Head, ...]
 
 
 @dataclass(slots=True)
@@ -33,15 +37,15 @@ class Context:
     profiles: Mapping[str, Profile] = field(default_factory=dict)
     """head id -> learned profile (adaptive)."""
 
+    @property
+    def limit(self) -> float:
+        return self.policy.max_load_threshold
 
-Strategy = Callable[[Candidates, Context], Pick]
+
+Strategy = Callable[[CandidateSet, Context], Pick | None]
 
 
 # --- component scores (0..1, higher is better) -------------------------------------------------------------
-
-
-def load_score(head: Head, mem: RouterMemory) -> float:
-    return max(0.0, 1.0 - mem.load(head))
 
 
 def quota_score(head: Head) -> float:
@@ -50,41 +54,28 @@ def quota_score(head: Head) -> float:
 
 def latency_score(head: Head, best_ms: float) -> float:
     """Best candidate latency over this head's; 0.5 when the head has not reported one yet."""
-    if head.latency_ms <= 0:
+    if head.latency_ms <= 0 or best_ms <= 0:
         return 0.5
-    return min(1.0, best_ms / head.latency_ms) if best_ms > 0 else 0.5
+    return min(1.0, best_ms / head.latency_ms)
 
 
-def _best_latency(candidates: Candidates) -> float:
-    known = [h.latency_ms for h in candidates if h.latency_ms > 0]
-    return min(known) if known else 0.0
+def best_latency(cs: CandidateSet) -> float:
+    best = cs.memo.get("best_latency")
+    if best is None:
+        known = [h.latency_ms for h in cs.heads if h.latency_ms > 0]
+        best = cs.memo["best_latency"] = min(known) if known else 0.0
+    return best  # type: ignore[return-value]
 
 
-def _scores(head: Head, ctx: Context, total: float, best_ms: float = 0.0) -> Scores:
+def scores_of(head: Head, ctx: Context, total: float, best_ms: float = 0.0) -> Scores:
     return Scores(
-        load=load_score(head, ctx.memory),
+        load=max(0.0, 1.0 - ctx.memory.load(head)),
         cache=head.cache_hit_rate,
         quota=quota_score(head),
         health=1.0,
         latency=latency_score(head, best_ms),
         total=total,
     )
-
-
-def _argmax(candidates: Candidates, key: Callable[[Head], float], rng: random.Random) -> tuple[Head, float]:
-    """Highest key; ties broken uniformly at random (never toward the first head, the LiteLLM drift)."""
-    best = candidates[0]
-    best_value = key(best)
-    ties = 1
-    for head in candidates[1:]:
-        value = key(head)
-        if value > best_value:
-            best, best_value, ties = head, value, 1
-        elif value == best_value:
-            ties += 1
-            if rng.random() * ties < 1.0:  # reservoir sampling over the tied heads
-                best = head
-    return best, best_value
 
 
 def stable_hash(*parts: str) -> int:
@@ -97,199 +88,308 @@ def unit_interval(*parts: str) -> float:
     return stable_hash(*parts) / 2.0**64
 
 
-# --- the strategies -----------------------------------------------------------------------------------------
-
-
-def round_robin(c: Candidates, ctx: Context) -> Pick:
-    n = ctx.memory.rr_counters.get(ctx.job.model_type, 0)
-    head = c[n % len(c)]
-    return Pick(head, _scores(head, ctx, 1.0), f"turn {n % len(c) + 1} of {len(c)}")
-
-
-def least_loaded(c: Candidates, ctx: Context) -> Pick:
-    mem = ctx.memory
-    head, value = _argmax(c, lambda h: -mem.load(h), ctx.rng)
-    return Pick(head, _scores(head, ctx, 1.0 + value), f"lowest load {-value:.2f} of {len(c)}")
-
-
-def geo_preferred(c: Candidates, ctx: Context) -> Pick:
-    # The engine has already narrowed the candidates to the nearest region tier that has eligible heads.
-    pick = least_loaded(c, ctx)
-    pick.reason = f"region {pick.head.region}, {pick.reason}"
-    return pick
-
-
 def _backend_weight(head: Head, policy: Policy) -> float:
     return policy.backend_weights.get(head.backend, 1.0)
 
 
-def model_specific(c: Candidates, ctx: Context) -> Pick:
-    # Capability criteria were applied by the engine's filter; among the heads that meet them, favour
-    # the policy's backend weights, then the lighter load.
-    mem, policy = ctx.memory, ctx.policy
-    head, value = _argmax(c, lambda h: _backend_weight(h, policy) * (1.0 - min(1.0, mem.load(h))), ctx.rng)
+def _free(load: float) -> float:
+    return 1.0 - (load if load < 1.0 else 1.0)
+
+
+def _best(cs: CandidateSet, ctx: Context, name: str, score: Callable[[Head, float], float]) -> Head | None:
+    return cs.best(name, score, ctx.memory, ctx.limit, ctx.now_ms, ctx.rng)
+
+
+# --- the strategies -----------------------------------------------------------------------------------------
+
+
+def round_robin(cs: CandidateSet, ctx: Context) -> Pick | None:
+    n = len(cs)
+    start = ctx.memory.rr_counters.get(ctx.job.model_type, 0)
+    mem, limit, now = ctx.memory, ctx.limit, ctx.now_ms
+    for step in range(n):  # the next eligible head in turn; O(1) unless most are ineligible
+        turn = (start + step) % n
+        head = cs.heads[turn]
+        if cs.ok(head, mem, limit, now):
+            skipped = f", skipped {step}" if step else ""
+            return Pick(head, scores_of(head, ctx, 1.0), f"turn {turn + 1} of {n}{skipped}")
+    return None
+
+
+def _neg_load(h: Head, load: float) -> float:
+    return -load
+
+
+def least_loaded(cs: CandidateSet, ctx: Context) -> Pick | None:
+    head = _best(cs, ctx, "least_loaded", _neg_load)
+    if head is None:
+        return None
+    load = ctx.memory.load(head)
+    return Pick(head, scores_of(head, ctx, 1.0 - load), f"lowest load {load:.2f} of {len(cs)}")
+
+
+def geo_preferred(cs: CandidateSet, ctx: Context) -> Pick | None:
+    # The engine has already narrowed the candidates to the nearest region tier that has eligible heads.
+    pick = least_loaded(cs, ctx)
+    if pick is not None:
+        pick.reason = f"region {pick.head.region}, {pick.reason}"
+    return pick
+
+
+def model_specific(cs: CandidateSet, ctx: Context) -> Pick | None:
+    # Capability criteria were applied by the static filter; among the heads that meet them, favour the
+    # policy's backend weights, then the lighter load.
+    policy = ctx.policy
+
+    def score(h: Head, load: float) -> float:
+        return _backend_weight(h, policy) * _free(load)
+
+    head = _best(cs, ctx, "model_specific", score)
+    if head is None:
+        return None
     criteria = ", ".join(f"{k}={v}" for k, v in sorted((ctx.job.metadata or {}).items())) or "no criteria"
-    return Pick(head, _scores(head, ctx, value), f"meets {criteria}; backend {head.backend}")
+    total = score(head, ctx.memory.load(head))
+    return Pick(head, scores_of(head, ctx, total), f"meets {criteria}; backend {head.backend}")
 
 
-def hybrid(c: Candidates, ctx: Context) -> Pick:
+def hybrid(cs: CandidateSet, ctx: Context) -> Pick | None:
     w = ctx.policy.hybrid_weights
-    best_ms = _best_latency(c)
-    mem = ctx.memory
     total_w = w.load + w.cache + w.quota + w.latency + w.health
+    best_ms = best_latency(cs)
+    static: dict[str, float] | None = cs.memo.get("hybrid_static")  # type: ignore[assignment]
+    if static is None:
+        static = cs.memo["hybrid_static"] = {
+            h.head_id: (w.cache * h.cache_hit_rate + w.quota * quota_score(h) + w.latency * latency_score(h, best_ms)
+                        + w.health) / total_w
+            for h in cs.heads
+        }  # fmt: skip
+    w_load = w.load / total_w
 
-    def score(h: Head) -> float:
-        return (
-            w.load * load_score(h, mem)
-            + w.cache * h.cache_hit_rate
-            + w.quota * quota_score(h)
-            + w.latency * latency_score(h, best_ms)
-            + w.health * 1.0
-        ) / total_w
+    def score(h: Head, load: float) -> float:
+        return static[h.head_id] + w_load * _free(load)
 
-    head, value = _argmax(c, score, ctx.rng)
-    return Pick(head, _scores(head, ctx, value, best_ms), f"best weighted score {value:.3f}")
+    head = _best(cs, ctx, "hybrid", score)
+    if head is None:
+        return None
+    value = score(head, ctx.memory.load(head))
+    return Pick(head, scores_of(head, ctx, value, best_ms), f"best weighted score {value:.3f}")
 
 
-def cache_aware(c: Candidates, ctx: Context) -> Pick:
+def cache_aware(cs: CandidateSet, ctx: Context) -> Pick | None:
     floor = ctx.policy.min_cache_hit_rate
-    warm = tuple(h for h in c if h.cache_hit_rate >= floor) or c
-    mem = ctx.memory
-    head, value = _argmax(warm, lambda h: h.cache_hit_rate * (1.0 - min(1.0, mem.load(h))), ctx.rng)
+
+    def score(h: Head, load: float) -> float:
+        # Heads at or above the floor always rank first; within a tier, hit rate times free capacity.
+        return (2.0 if h.cache_hit_rate >= floor else 0.0) + h.cache_hit_rate * _free(load)
+
+    head = _best(cs, ctx, "cache_aware", score)
+    if head is None:
+        return None
     tier = "at or above" if head.cache_hit_rate >= floor else "none at or above"
+    value = head.cache_hit_rate * _free(ctx.memory.load(head))
     return Pick(
-        head, _scores(head, ctx, value), f"cache hit rate {head.cache_hit_rate:.2f} ({tier} {floor:.2f})"
+        head, scores_of(head, ctx, value), f"cache hit rate {head.cache_hit_rate:.2f} ({tier} {floor:.2f})"
     )
 
 
-def quota_aware(c: Candidates, ctx: Context) -> Pick:
-    mem = ctx.memory
-    head, value = _argmax(c, lambda h: quota_score(h) * (1.0 - min(1.0, mem.load(h))), ctx.rng)
-    return Pick(head, _scores(head, ctx, value), f"most quota headroom {quota_score(head):.2f}")
+def quota_aware(cs: CandidateSet, ctx: Context) -> Pick | None:
+    def score(h: Head, load: float) -> float:
+        return quota_score(h) * _free(load)
+
+    head = _best(cs, ctx, "quota_aware", score)
+    if head is None:
+        return None
+    value = score(head, ctx.memory.load(head))
+    return Pick(head, scores_of(head, ctx, value), f"most quota headroom {quota_score(head):.2f}")
 
 
-def random_pick(c: Candidates, ctx: Context) -> Pick:
-    head = c[int(ctx.rng.random() * len(c))]
-    return Pick(head, _scores(head, ctx, 1.0 / len(c)), f"uniform among {len(c)}")
+def random_pick(cs: CandidateSet, ctx: Context) -> Pick | None:
+    head = cs.sample(ctx.memory, ctx.limit, ctx.now_ms, ctx.rng)
+    if head is None:
+        return None
+    return Pick(head, scores_of(head, ctx, 1.0 / len(cs)), f"uniform among {len(cs)}")
 
 
-def _weight(head: Head, policy: Policy) -> float:
-    base = policy.head_weights.get(head.head_id, head.weight)
-    return max(0.0, base * _backend_weight(head, policy))
+def head_weight(head: Head, policy: Policy) -> float:
+    return max(0.0, policy.head_weights.get(head.head_id, head.weight) * _backend_weight(head, policy))
 
 
-def weighted_random(c: Candidates, ctx: Context) -> Pick:
-    weights = [_weight(h, ctx.policy) for h in c]
-    total = sum(weights)
-    if total <= 0:
-        return random_pick(c, ctx)
-    r = ctx.rng.random() * total
-    acc = 0.0
-    head = c[-1]
-    for h, w in zip(c, weights, strict=True):
-        acc += w
-        if r < acc:
-            head = h
-            break
-    share = _weight(head, ctx.policy) / total
-    return Pick(head, _scores(head, ctx, share), f"weight share {share:.2f}")
+def weighted_random(cs: CandidateSet, ctx: Context) -> Pick | None:
+    policy = ctx.policy
+    cum = cs.cumulative("weights", lambda h: head_weight(h, policy))
+    if cum[-1] <= 0:
+        return random_pick(cs, ctx)
+    head = cs.sample(ctx.memory, ctx.limit, ctx.now_ms, ctx.rng, cum)
+    if head is None:
+        return None
+    share = head_weight(head, policy) / cum[-1]
+    return Pick(head, scores_of(head, ctx, share), f"weight share {share:.2f}")
 
 
-def latency_based(c: Candidates, ctx: Context) -> Pick:
-    # Expected wait grows with queue depth: latency x (1 + in-flight/capacity). Unknown latency counts as
-    # the best known one, so a new head is tried rather than starved.
-    best_ms = _best_latency(c) or 1.0
-    mem = ctx.memory
+def latency_based(cs: CandidateSet, ctx: Context) -> Pick | None:
+    # Expected wait grows with queue depth: latency x (1 + load). Unknown latency counts as the best known
+    # one, so a new head is tried rather than starved.
+    best_ms = best_latency(cs) or 1.0
 
-    def expected(h: Head) -> float:
-        return (h.latency_ms if h.latency_ms > 0 else best_ms) * (1.0 + mem.load(h))
+    def score(h: Head, load: float) -> float:
+        return -(h.latency_ms if h.latency_ms > 0 else best_ms) * (1.0 + load)
 
-    head, value = _argmax(c, lambda h: -expected(h), ctx.rng)
-    return Pick(head, _scores(head, ctx, best_ms / -value, best_ms), f"expected latency {-value:.1f} ms")
+    head = _best(cs, ctx, "latency_based", score)
+    if head is None:
+        return None
+    expected = -score(head, ctx.memory.load(head))
+    return Pick(
+        head, scores_of(head, ctx, best_ms / expected, best_ms), f"expected latency {expected:.1f} ms"
+    )
 
 
-def affinity(c: Candidates, ctx: Context) -> Pick:
+def affinity(cs: CandidateSet, ctx: Context) -> Pick | None:
     session = ctx.job.session_id
     if session:
         pinned = ctx.memory.affinity.get(session)
         if pinned is not None and pinned[1] > ctx.now_ms:
-            for h in c:
+            for h in cs.heads:  # a pin is one of few heads; the scan stops at the first match
                 if h.head_id == pinned[0]:
-                    return Pick(
-                        h, _scores(h, ctx, 1.0), f"session {session} pinned", sticky=(session, h.head_id)
-                    )
+                    if cs.ok(h, ctx.memory, ctx.limit, ctx.now_ms):
+                        return Pick(
+                            h,
+                            scores_of(h, ctx, 1.0),
+                            f"session {session} pinned",
+                            sticky=(session, h.head_id),
+                        )
+                    break
             why = "pinned head not eligible, re-pinned"
         else:
             why = "new session pin" if pinned is None else "pin expired, re-pinned"
-        pick = least_loaded(c, ctx)
-        pick.reason = f"{why}; {pick.reason}"
-        pick.sticky = (session, pick.head.head_id)
+        pick = least_loaded(cs, ctx)
+        if pick is not None:
+            pick.reason = f"{why}; {pick.reason}"
+            pick.sticky = (session, pick.head.head_id)
         return pick
-    pick = least_loaded(c, ctx)
-    pick.reason = f"no session; {pick.reason}"
+    pick = least_loaded(cs, ctx)
+    if pick is not None:
+        pick.reason = f"no session; {pick.reason}"
     return pick
 
 
-def prefix_aware(c: Candidates, ctx: Context) -> Pick:
-    # Rendezvous hashing: every router ranks heads the same way for a prefix with no shared state, and a
-    # head over the load bound spills its prefixes to the next head in that prefix's own ranking.
+def _ring_hash(key: str) -> int:
+    return stable_hash("ring", key)
+
+
+def prefix_aware(cs: CandidateSet, ctx: Context) -> Pick | None:
+    # Consistent hashing: every router maps a prefix to the same head with no shared state, and a head over
+    # the load bound spills the prefix to the next head on that prefix's ring walk (few prefixes move when
+    # heads join or leave).
     prefix = ctx.job.prefix_hash
     if not prefix:
-        pick = least_loaded(c, ctx)
-        pick.reason = f"no prefix; {pick.reason}"
+        pick = least_loaded(cs, ctx)
+        if pick is not None:
+            pick.reason = f"no prefix; {pick.reason}"
         return pick
-    bound = ctx.policy.prefix_load_bound
-    mem = ctx.memory
-    ranked = sorted(c, key=lambda h: stable_hash(prefix, h.head_id), reverse=True)
-    for rank, head in enumerate(ranked):
-        if mem.load(head) < bound:
+    points, owners = cs.ring(_ring_hash)
+    bound = min(ctx.policy.prefix_load_bound, ctx.limit)
+    mem, now = ctx.memory, ctx.now_ms
+    start = bisect.bisect_left(points, _ring_hash(prefix))
+    tried: set[int] = set()
+    n = len(points)
+    for step in range(n):
+        i = owners[(start + step) % n]
+        if i in tried:
+            continue
+        tried.add(i)
+        head = cs.heads[i]
+        if cs.ok(head, mem, bound, now):
+            rank = len(tried)
             reason = (
-                "prefix home" if rank == 0 else f"spilled to rank {rank + 1} (home over load {bound:.2f})"
+                "prefix home"
+                if rank == 1
+                else f"spilled to ring rank {rank} (earlier heads over load {bound:.2f})"
             )
-            return Pick(head, _scores(head, ctx, 1.0 / (rank + 1)), reason)
-    pick = least_loaded(c, ctx)
-    pick.reason = f"every head over prefix bound; {pick.reason}"
+            return Pick(head, scores_of(head, ctx, 1.0 / rank), reason)
+        if len(tried) == len(cs):
+            break
+    pick = least_loaded(cs, ctx)  # every head over the prefix bound but some under the load threshold
+    if pick is not None:
+        pick.reason = f"every head over prefix bound; {pick.reason}"
     return pick
 
 
-def adaptive(c: Candidates, ctx: Context) -> Pick:
-    goal = ctx.goal
-    mem = ctx.memory
-    preds = {h.head_id: predict(ctx.profiles.get(h.head_id), h, mem.load(h), ctx.job) for h in c}
-    lat = [p.latency_ms for p in preds.values()]
-    pw = [p.power_w for p in preds.values() if p.power_w > 0]
-    best_lat = min(lat) if lat else 1.0
-    best_pw = min(pw) if pw else 0.0
-    best_tp = max((p.throughput for p in preds.values()), default=1.0) or 1.0
+def _size_class(size: float) -> int:
+    """Jobs are ranked per size class (powers of 16, four classes): predicted latency depends on size, and
+    each class keeps its own heap, rebuilt once per load epoch."""
+    return min(3, int(math.log(size, 16))) if size >= 16 else 0
 
-    def score(h: Head) -> float:
-        p = preds[h.head_id]
-        s_lat = best_lat / p.latency_ms if p.latency_ms > 0 else 0.5
-        s_tp = p.throughput / best_tp
-        s_pw = best_pw / p.power_w if p.power_w > 0 and best_pw > 0 else 0.5
+
+@dataclass(frozen=True, slots=True)
+class _AdaptiveRow:
+    base_ms: float
+    """Predicted latency at zero load for the class's size (0: unknown)."""
+    per_load_ms: float
+    confidence: float
+    power_w: float
+    capacity: int
+    backend_weight: float
+
+
+def _adaptive_table(
+    cs: CandidateSet, ctx: Context, klass: int
+) -> tuple[dict[str, _AdaptiveRow], float, float, float]:
+    """Per-head coefficients for one size class, and the best latency, power and throughput as normalisers.
+    Computed once per candidate set and class, so scoring a head is a few multiplications."""
+    key = f"adaptive:{klass}"
+    memo = cs.memo.get(key)
+    if memo is None:
+        size = 4.0 * 16**klass  # the geometric middle of the class
+        rows: dict[str, _AdaptiveRow] = {}
+        for h in cs.heads:
+            prof = ctx.profiles.get(h.head_id)
+            base = predict(prof, h, 0.0, size)
+            slope = prof.coef[2] if prof is not None and prof.samples >= 3 else 0.0
+            rows[h.head_id] = _AdaptiveRow(base.latency_ms, slope, base.confidence, base.power_w, h.capacity,
+                                           _backend_weight(h, ctx.policy))  # fmt: skip
+        lat = [r.base_ms for r in rows.values() if r.base_ms > 0]
+        pw = [r.power_w for r in rows.values() if r.power_w > 0]
+        tp = [r.capacity * 1000.0 / r.base_ms for r in rows.values() if r.base_ms > 0]
+        memo = cs.memo[key] = (rows, min(lat, default=0.0), min(pw, default=0.0), max(tp, default=0.0))
+    return memo  # type: ignore[return-value]
+
+
+def adaptive(cs: CandidateSet, ctx: Context) -> Pick | None:
+    goal = ctx.goal
+    klass = _size_class(job_size(ctx.job))
+    rows, best_lat, best_pw, best_tp = _adaptive_table(cs, ctx, klass)
+
+    def parts(h: Head, load: float) -> tuple[float, float]:
+        r = rows[h.head_id]
+        lat = max(0.01, r.base_ms + r.per_load_ms * load) if r.base_ms > 0 else 0.0
+        s_lat = best_lat / lat if lat > 0 and best_lat > 0 else 0.5
         if goal is Goal.MINIMIZE_LATENCY:
             raw = s_lat
-        elif goal is Goal.MAXIMIZE_THROUGHPUT:
-            raw = s_tp
-        elif goal is Goal.MINIMIZE_POWER:
-            raw = s_pw
         else:
-            raw = 0.5 * s_lat + 0.3 * s_tp + 0.2 * s_pw
-        # Low confidence pulls the score toward the load-based one, so new heads are explored sensibly.
-        conf = p.confidence
-        return (conf * raw + (1.0 - conf) * load_score(h, mem)) * _backend_weight(h, ctx.policy)
+            s_tp = (r.capacity * 1000.0 / lat) / best_tp if lat > 0 and best_tp > 0 else 0.5
+            s_pw = best_pw / r.power_w if r.power_w > 0 and best_pw > 0 else 0.5
+            if goal is Goal.MAXIMIZE_THROUGHPUT:
+                raw = s_tp
+            elif goal is Goal.MINIMIZE_POWER:
+                raw = s_pw
+            else:
+                raw = 0.5 * s_lat + 0.3 * s_tp + 0.2 * s_pw
+        # Low confidence pulls toward the load-based score, so a head with few samples is explored sensibly.
+        conf = r.confidence
+        return (conf * raw + (1.0 - conf) * _free(load)) * r.backend_weight, lat
 
-    head, value = _argmax(c, score, ctx.rng)
-    p = preds[head.head_id]
-    scores = Scores(
-        load=load_score(head, mem),
-        cache=head.cache_hit_rate,
-        quota=quota_score(head),
-        health=1.0,
-        latency=best_lat / p.latency_ms if p.latency_ms > 0 else 0.5,
-        total=value,
-    )
-    return Pick(head, scores, f"{goal.value}: predicted {p.latency_ms:.1f} ms, confidence {p.confidence:.2f}")
+    def score(h: Head, load: float) -> float:
+        return parts(h, load)[0]
+
+    head = _best(cs, ctx, f"adaptive:{goal.value}:{klass}", score)
+    if head is None:
+        return None
+    load = ctx.memory.load(head)
+    total, lat = parts(head, load)
+    r = rows[head.head_id]
+    scores = Scores(_free(load), head.cache_hit_rate, quota_score(head), 1.0,
+                    best_lat / lat if lat > 0 and best_lat > 0 else 0.5, total)  # fmt: skip
+    return Pick(head, scores, f"{goal.value}: predicted {lat:.1f} ms, confidence {r.confidence:.2f}")
 
 
 STRATEGY_FUNCTIONS: dict[str, Strategy] = {

@@ -201,7 +201,7 @@ class Router:
         return timeout_ms
 
     def _on_refresh(self, state: StateCache) -> None:
-        self.memory.pending = dict(state.inflight)
+        self.memory.reset_pending(dict(state.inflight))
         now = now_ms()
         self.metrics.active_heads.set(
             sum(1 for h in state.index.heads.values() if h.status == "healthy" and h.expires_at_ms >= now)
@@ -377,7 +377,7 @@ class Router:
         except (RedisError, OSError) as exc:
             log.warning("in-flight refresh failed: %s", exc)
             return
-        self.memory.pending = {k: int(v) for k, v in raw.items()}
+        self.memory.reset_pending({k: int(v) for k, v in raw.items()})
 
     async def _seen(self, job_ids: list[str]) -> set[str]:
         if not job_ids or self.s.dedupe_ttl_s <= 0:
@@ -462,7 +462,7 @@ class Router:
                 res = await pipe.execute()
             n_seen = sum(1 for o in acked if o.job_id and o.kind != "retry") if ttl_ms else 0
             inflight = res[n_seen + len(per_head)]
-            self.memory.pending = {k: int(v) for k, v in inflight.items()}
+            self.memory.reset_pending({k: int(v) for k, v in inflight.items()})
             self.metrics.external_calls.labels("redis", "ok").inc()
         except (RedisError, OSError) as exc:
             self.metrics.external_calls.labels("redis", "error").inc()

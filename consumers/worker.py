@@ -99,6 +99,8 @@ class OffsetTracker:
 
 @dataclass(slots=True)
 class WorkerStats:
+    cache_hit_rate: float = 0.0
+    quota_used: float = 0.0
     completed: int = 0
     failed: int = 0
     inflight: int = 0
@@ -130,6 +132,17 @@ class ModelWorker:
 
     def stop(self) -> None:
         self._stop.set()
+
+    def report(self, *, cache_hit_rate: float | None = None, quota_used: float | None = None) -> None:
+        """Tell the routers about this head's cache and quota (sent with the next heartbeat).
+
+        ``cache_hit_rate`` (0..1) feeds cache_aware and hybrid; ``quota_used`` (0..1 of the head's quota)
+        feeds quota_aware, and the policy's ``quota_limit`` stops routing to the head when reached.
+        """
+        if cache_hit_rate is not None:
+            self.stats.cache_hit_rate = min(1.0, max(0.0, cache_hit_rate))
+        if quota_used is not None:
+            self.stats.quota_used = min(1.0, max(0.0, quota_used))
 
     async def run(self) -> None:
         s, c = self.s, self.config
@@ -318,6 +331,7 @@ class ModelWorker:
             await asyncio.sleep(interval)
             st = self.stats
             stats = HeadStats(inflight=st.inflight, latency_ms=st.latency_ewma_ms, completed=st.completed,
+                              cache_hit_rate=st.cache_hit_rate, quota_used=st.quota_used,
                               profile=self.learner.profile() if self.learner.n else None)  # fmt: skip
             try:
                 alive = await self.registry.heartbeat(self.head_id, stats, slot)

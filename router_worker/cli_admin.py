@@ -236,11 +236,10 @@ def explain(
             keys = Keys(rt.settings.redis_prefix)
             heads, profiles, inflight = await _registry(rt).snapshot()
             policy = await PolicyStore(rt.redis, keys).get()
-            pins = cast(dict[str, str], await rt.redis.hgetall(keys.affinity))
+            pinned = cast(str | None, await rt.redis.get(keys.affinity(session))) if session else None
         memory = RouterMemory(pending=inflight)
-        for sess, val in pins.items():
-            head_id, _, exp = val.partition("|")
-            memory.affinity[sess] = (head_id, int(exp or 0))
+        if session and pinned:
+            memory.affinity[session] = (pinned, now_ms() + int(policy.affinity_timeout_s * 1000))
         index = HeadIndex.build(heads, profiles)
         d = decide(job, index, policy, memory, now_ms(), random.Random(), explain=True)
         table = Table(title=f"candidates for {model} (policy v{policy.version})")

@@ -3,11 +3,13 @@
 Order of work for one job:
 1. resolve the strategy (policy rule or default; the job's override if the policy allows it; an A/B test
    chooses a variant model or strategy, consistently per session or job);
-2. for the model, then each fallback model: the *static* candidate set (serves the model, healthy status,
-   meets the job's capability criteria, nearest region tier for ``geo_preferred``), cached per head
-   snapshot and policy version;
-3. the *dynamic* filters (heartbeat not expired, load under ``max_load_threshold``, quota under the limit);
-4. the strategy picks among what is left; nothing left anywhere is an explicit no-candidate decision.
+2. for the model, then each fallback model: the *static* candidate sets (serves the model, healthy status,
+   meets the job's capability criteria, under the quota limit; one set per region tier for
+   ``geo_preferred``), cached per head snapshot and policy (seed 000's decision cache);
+3. the strategy picks within a set, honouring the *dynamic* filters (heartbeat alive, load under
+   ``max_load_threshold``) through the set's lazy heap or rejection sampling, so a pick is O(log n);
+4. no pick anywhere is an explicit outcome: unknown model, saturated (live heads all at their threshold:
+   the router holds the job back), or no capacity.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ class HeadIndex:
     heads: dict[str, Head]
     by_model: dict[str, Candidates]
     profiles: Mapping[str, Profile] = field(default_factory=dict)
-    cache: dict[tuple[object, ...], CandidateSet] = field(default_factory=dict)
+    cache: dict[tuple[object, ...], tuple[CandidateSet, ...]] = field(default_factory=dict)
     hits: int = 0
     misses: int = 0
 
@@ -98,9 +100,10 @@ def _meta_key(job: Job) -> tuple[object, ...]:
 
 def _static_candidates(
     heads: Candidates, job: Job, strategy: str, policy: Policy, explain: bool
-) -> CandidateSet:
+) -> tuple[CandidateSet, ...]:
     """Filters that depend only on the snapshot, the job's criteria and the policy (so they can be cached):
-    status, capabilities, quota, zero weight, and the region tier for ``geo_preferred``."""
+    status, capabilities, quota, zero weight. ``geo_preferred`` gets one set per region tier, nearest first
+    (the preferred region, its fallbacks, then every other region), tried in order at decision time."""
     excluded: list[tuple[str, str]] = []
     meta = job.metadata or {}
     ok: list[Head] = []
@@ -124,22 +127,19 @@ def _static_candidates(
                 excluded.append((h.head_id, "head weight 0 in policy"))
             continue
         ok.append(h)
-    region_fallback = False
-    if strategy == "geo_preferred" and ok:
-        tiers = region_tiers(job, policy)
-        chosen: list[Head] = []
-        for i, region in enumerate(tiers):
-            chosen = [h for h in ok if h.region == region]
-            if chosen:
-                region_fallback = i > 0
-                break
-        if not chosen:  # no head in any listed region: any region, marked as a fallback
-            chosen, region_fallback = ok, bool(tiers)
-        if explain:
-            keep = {h.head_id for h in chosen}
-            excluded.extend((h.head_id, f"region {h.region} farther") for h in ok if h.head_id not in keep)
-        ok = chosen
-    return CandidateSet.of(tuple(ok), tuple(excluded), region_fallback)
+    excl = tuple(excluded)
+    if strategy != "geo_preferred" or not ok:
+        return (CandidateSet.of(tuple(ok), excl),)
+    tiers: list[CandidateSet] = []
+    listed = region_tiers(job, policy)
+    for i, region in enumerate(listed):
+        in_region = tuple(h for h in ok if h.region == region)
+        if in_region:
+            tiers.append(CandidateSet.of(in_region, excl if not tiers else (), region_fallback=i > 0))
+    rest = tuple(h for h in ok if h.region not in listed)
+    if rest:
+        tiers.append(CandidateSet.of(rest, excl if not tiers else (), region_fallback=bool(listed)))
+    return tuple(tiers)
 
 
 def region_tiers(job: Job, policy: Policy) -> list[str]:
@@ -243,37 +243,41 @@ def decide(
             continue
         known = True
         key = (model, job.region, r.strategy, _meta_key(job), policy.version, id(policy))
-        cs = None if explain else index.cache.get(key)
-        if cs is None:
+        tiers = None if explain else index.cache.get(key)
+        if tiers is None:
             index.misses += 1
-            cs = _static_candidates(heads, job, r.strategy, policy, explain)
+            tiers = _static_candidates(heads, job, r.strategy, policy, explain)
             if not explain:
-                index.cache[key] = cs
+                index.cache[key] = tiers
         else:
             index.hits += 1
-        if explain:
-            excluded.extend(cs.excluded)
-            excluded.extend(_dynamic_exclusions(cs, memory, limit, now_ms))
-        if not cs.heads:
-            continue
         ctx = Context(job, policy, memory, now_ms, rng, policy.goal_for(model), index.profiles)
-        pick = strategy_fn(cs, ctx)
-        if pick is None:
-            saturated = saturated or _any_alive(cs, now_ms)
-            continue
-        prefix = r.note + (f"fallback model {model}; " if tier > 0 else "") if (r.note or tier) else ""
-        return Decision(
-            Outcome.ROUTED,
-            r.strategy,
-            prefix + pick.reason if prefix else pick.reason,
-            head=pick.head,
-            model_id=pick.head.model_id,
-            scores=pick.scores,
-            attempt=attempt,
-            fallback=tier > 0 or cs.region_fallback,
-            excluded=tuple(excluded),
-            sticky=pick.sticky,
-        )
+        for cs in tiers:
+            if explain:
+                excluded.extend(cs.excluded)
+            if not cs.heads:
+                continue
+            pick = strategy_fn(cs, ctx)
+            if pick is None:
+                if explain:
+                    excluded.extend(_dynamic_exclusions(cs, memory, limit, now_ms))
+                saturated = saturated or _any_alive(cs, now_ms)
+                continue
+            if explain:
+                excluded.extend(_dynamic_exclusions(cs, memory, limit, now_ms))
+            prefix = r.note + (f"fallback model {model}; " if tier > 0 else "") if (r.note or tier) else ""
+            return Decision(
+                Outcome.ROUTED,
+                r.strategy,
+                prefix + pick.reason if prefix else pick.reason,
+                head=pick.head,
+                model_id=pick.head.model_id,
+                scores=pick.scores,
+                attempt=attempt,
+                fallback=tier > 0 or cs.region_fallback,
+                excluded=tuple(excluded),
+                sticky=pick.sticky,
+            )
     names = " or ".join(models)
     if not known:
         return Decision(Outcome.UNKNOWN_MODEL, r.strategy, f"no head serves {names}", attempt=attempt,

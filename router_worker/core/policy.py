@@ -111,6 +111,9 @@ class Policy(_Strict):
     """Heads at or over this load (in-flight / capacity) get no new jobs."""
     min_cache_hit_rate: Fraction = 0.3
     """cache_aware prefers heads at or above this hit rate."""
+    load_weight: Annotated[float, Field(ge=0.0)] = 0.1
+    """cache_aware and quota_aware: how much a unit of load (in-flight / capacity) counts against the hit
+    rate or quota headroom. Small: the warmest head keeps its jobs until its queue is clearly longer."""
     quota_limit: Fraction = 0.95
     """Heads whose quota use reaches this get no new jobs."""
     affinity_timeout_s: Annotated[float, Field(gt=0)] = 300.0

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import bisect
 import hashlib
-import math
 import random
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -177,24 +176,28 @@ def hybrid(cs: CandidateSet, ctx: Context) -> Pick | None:
 
 def cache_aware(cs: CandidateSet, ctx: Context) -> Pick | None:
     floor = ctx.policy.min_cache_hit_rate
+    lw = ctx.policy.load_weight
 
     def score(h: Head, load: float) -> float:
-        # Heads at or above the floor always rank first; within a tier, hit rate times free capacity.
-        return (2.0 if h.cache_hit_rate >= floor else 0.0) + h.cache_hit_rate * _free(load)
+        # Heads at or above the floor always rank first; within a tier the warmest head wins until its
+        # queue outweighs its hit rate (load_weight per unit of load).
+        return (2.0 if h.cache_hit_rate >= floor else 0.0) + h.cache_hit_rate - lw * load
 
     head = _best(cs, ctx, "cache_aware", score)
     if head is None:
         return None
     tier = "at or above" if head.cache_hit_rate >= floor else "none at or above"
-    value = head.cache_hit_rate * _free(ctx.memory.load(head))
+    value = head.cache_hit_rate - lw * ctx.memory.load(head)
     return Pick(
         head, scores_of(head, ctx, value), f"cache hit rate {head.cache_hit_rate:.2f} ({tier} {floor:.2f})"
     )
 
 
 def quota_aware(cs: CandidateSet, ctx: Context) -> Pick | None:
+    lw = ctx.policy.load_weight
+
     def score(h: Head, load: float) -> float:
-        return quota_score(h) * _free(load)
+        return quota_score(h) - lw * load
 
     head = _best(cs, ctx, "quota_aware", score)
     if head is None:
@@ -314,10 +317,15 @@ def prefix_aware(cs: CandidateSet, ctx: Context) -> Pick | None:
     return pick
 
 
+_CLASS_BOUNDS = (2.0, 16.0, 256.0)
+_CLASS_SIZES = (1.0, 5.0, 64.0, 1024.0)
+"""Four size classes (1, 2-15, 16-255, 256+) and the size each is scored at: predicted latency depends on
+size, and each class keeps its own heap, rebuilt once per load epoch. Single-item jobs, the commonest, are
+scored exactly."""
+
+
 def _size_class(size: float) -> int:
-    """Jobs are ranked per size class (powers of 16, four classes): predicted latency depends on size, and
-    each class keeps its own heap, rebuilt once per load epoch."""
-    return min(3, int(math.log(size, 16))) if size >= 16 else 0
+    return bisect.bisect_right(_CLASS_BOUNDS, size)
 
 
 @dataclass(frozen=True, slots=True)
@@ -339,7 +347,7 @@ def _adaptive_table(
     key = f"adaptive:{klass}"
     memo = cs.memo.get(key)
     if memo is None:
-        size = 4.0 * 16**klass  # the geometric middle of the class
+        size = _CLASS_SIZES[klass]
         rows: dict[str, _AdaptiveRow] = {}
         for h in cs.heads:
             prof = ctx.profiles.get(h.head_id)

@@ -85,6 +85,8 @@ class _Out:
     kind: str  # routed | retry | dlq
     job_id: str | None = None
     head_id: str | None = None
+    pin: tuple[str, str] | None = None
+    """(session, head) when the decision pinned a session."""
 
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -223,6 +225,7 @@ class Router:
         # 1. decode and validate everything (no I/O); defer retry records that are not due yet
         work: list[tuple[TopicPartition, list[tuple[Any, Job | EnvelopeError, str, int]]]] = []
         job_ids: list[str] = []
+        sessions: set[str] = set()
         for tp, records in batch.items():
             retry_tier = tp.topic in self._retry_set
             items: list[tuple[Any, Job | EnvelopeError, str, int]] = []
@@ -238,6 +241,8 @@ class Router:
                 try:
                     job: Job | EnvelopeError = decode_job(rec.value, ctype, s.kafka_max_message_bytes)
                     job_ids.append(job.job_id)  # type: ignore[union-attr]
+                    if job.session_id:  # type: ignore[union-attr]
+                        sessions.add(job.session_id)  # type: ignore[union-attr]
                 except EnvelopeError as exc:
                     if bad_logged < _LOG_BAD_PER_BATCH:
                         log.warning("bad job at %s[%d]@%d, dead-lettered: %s", tp.topic, tp.partition, rec.offset,
@@ -249,8 +254,8 @@ class Router:
         if bad_logged > _LOG_BAD_PER_BATCH:
             log.warning("... and %d more bad jobs in this batch", bad_logged - _LOG_BAD_PER_BATCH)
 
-        # 2. duplicates: one round trip for the whole batch
-        seen = await self._seen(job_ids)
+        # 2. one round trip for the whole batch: duplicates, and the sessions' pins set by any router
+        seen = await self._prefetch(job_ids, sessions, now)
 
         # 3. decide and queue publishes, partition by partition in offset order
         policy = self.state.policy
@@ -302,7 +307,7 @@ class Router:
                     assert head is not None
                     outs.append(_Out(self.topics.model(head.model_id), rec.value, rec.key, head.partition,
                                      routed_headers(rec.headers, job.job_id, d, ctype, now), "routed",
-                                     job.job_id, head.head_id))  # fmt: skip
+                                     job.job_id, head.head_id, d.sticky))  # fmt: skip
                     decisions_tally[(d.strategy, job.model_type, head.region)] += 1
                     if s.audit_decisions:
                         audits.append(decision_record(d, self.router_id, job.job_id, job.model_type, job.region,
@@ -379,16 +384,35 @@ class Router:
             return
         self.memory.reset_pending({k: int(v) for k, v in raw.items()})
 
-    async def _seen(self, job_ids: list[str]) -> set[str]:
-        if not job_ids or self.s.dedupe_ttl_s <= 0:
+    async def _prefetch(self, job_ids: list[str], sessions: set[str], now: int) -> set[str]:
+        """Which job ids were routed before, and load the pins of this batch's sessions into memory."""
+        dedupe = bool(job_ids) and self.s.dedupe_ttl_s > 0
+        if not dedupe and not sessions:
             return set()
+        order = list(sessions)
         try:
-            found = await self.redis.mget([self.keys.seen(j) for j in job_ids])
+            async with self.redis.pipeline(transaction=False) as pipe:
+                if dedupe:
+                    pipe.mget([self.keys.seen(j) for j in job_ids])
+                if order:
+                    pipe.mget([self.keys.affinity(sid) for sid in order])
+                res = await pipe.execute()
         except (RedisError, OSError) as exc:
             self.metrics.external_calls.labels("redis", "error").inc()
-            log.warning("duplicate check skipped, Redis unavailable: %s", exc)
+            log.warning("duplicate check and pin lookup skipped, Redis unavailable: %s", exc)
             return set()
-        return {j for j, v in zip(job_ids, found, strict=True) if v is not None}
+        seen: set[str] = set()
+        if dedupe:
+            seen = {j for j, v in zip(job_ids, res[0], strict=True) if v is not None}
+        if order:
+            pins = self.memory.affinity
+            expires = now + int(self.state.policy.affinity_timeout_s * 1000)
+            for sid, head_id in zip(order, res[-1], strict=True):
+                if head_id is None:
+                    pins.pop(sid, None)  # expired in Redis: expired everywhere
+                else:
+                    pins[sid] = (head_id, expires)
+        return seen
 
     async def _publish(self, producer: AIOKafkaProducer, outs: list[_Out]) -> list[_Out]:
         """Send all, gather the acks; re-send the failures a few times. Returns what was acknowledged."""
@@ -455,13 +479,18 @@ class Router:
                     for o in acked:
                         if o.job_id and o.kind != "retry":
                             pipe.set(self.keys.seen(o.job_id), 1, px=ttl_ms)
+                pin_ms = int(self.state.policy.affinity_timeout_s * 1000)
+                for o in acked:
+                    if o.pin is not None:  # sliding timeout: every routed job of a session renews its pin
+                        pipe.set(self.keys.affinity(o.pin[0]), o.pin[1], px=pin_ms)
                 for head_id, n in per_head.items():
                     pipe.hincrby(self.keys.inflight, head_id, n)
                 pipe.hgetall(self.keys.inflight)
                 self.audit.publish_into(pipe, lines)
                 res = await pipe.execute()
             n_seen = sum(1 for o in acked if o.job_id and o.kind != "retry") if ttl_ms else 0
-            inflight = res[n_seen + len(per_head)]
+            n_pins = sum(1 for o in acked if o.pin is not None)
+            inflight = res[n_seen + n_pins + len(per_head)]
             self.memory.reset_pending({k: int(v) for k, v in inflight.items()})
             self.metrics.external_calls.labels("redis", "ok").inc()
         except (RedisError, OSError) as exc:

@@ -7,7 +7,7 @@ in one Redis Cluster slot and the pipelines and scripts that touch several of th
 | ``{p}:head:<id>`` | hash | one head's registration, status, load, stats and learned profile |
 | ``{p}:slot:<topic>:<partition>`` | string | the head owning that model-topic partition (expires with it) |
 | ``{p}:inflight`` | hash | head id -> jobs routed to it and not yet completed (routers add, heads release) |
-| ``{p}:affinity`` | hash | session id -> ``head_id|expires_at_ms`` shared by every router |
+| ``{p}:aff:<session>`` | string | the head a session is pinned to, shared by every router (expires) |
 | ``{p}:policy`` | string | the current policy (JSON) |
 | ``{p}:policy:history`` | list | earlier policies, newest first (capped) |
 | ``{p}:seen:<job_id>`` | string | idempotency marker of a routed job (expires) |
@@ -41,9 +41,8 @@ class Keys:
     def inflight(self) -> str:
         return f"{self.tag}:inflight"
 
-    @property
-    def affinity(self) -> str:
-        return f"{self.tag}:affinity"
+    def affinity(self, session_id: str) -> str:
+        return f"{self.tag}:aff:{session_id}"
 
     @property
     def policy(self) -> str:

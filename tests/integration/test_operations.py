@@ -1,0 +1,151 @@
+"""Operators' commands against running routers: policy changes and head removals take effect everywhere."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import orjson
+import pytest
+from redis.asyncio import Redis
+
+from producers.producer import JobProducer
+from router_worker.settings import Settings
+from tests.helpers import Served, make_router, make_worker, running, wait_until
+
+pytestmark = pytest.mark.integration
+
+
+def cli_env(s: Settings) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        ROUTER_KAFKA_BOOTSTRAP_SERVERS=s.kafka_bootstrap_servers or "",
+        ROUTER_REDIS_URL=s.redis_url or "",
+        ROUTER_TOPIC_PREFIX=s.topic_prefix,
+        ROUTER_REDIS_PREFIX=s.redis_prefix,
+        ROUTER_AUDIT_FILE=s.audit_file,
+        ROUTER_LOG_LEVEL="WARNING",
+        COLUMNS="200",
+    )
+    return env
+
+
+def cli(s: Settings, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run([sys.executable, "-m", "router_worker.cli", *args], env=cli_env(s), capture_output=True,
+                          text=True, timeout=60)  # fmt: skip
+    if check:
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc
+
+
+async def _cli(s: Settings, *args: str, check: bool = True) -> tuple[subprocess.CompletedProcess[str], float]:
+    proc = await asyncio.to_thread(cli, s, *args, check=check)
+    return proc, time.monotonic()
+
+
+async def test_policy_change_and_head_removal_reach_every_router_within_a_second(
+    settings: Settings, redis: Redis, tmp_path: Path
+) -> None:
+    served = Served()
+    workers = [
+        make_worker(settings, redis, served, "m", "r1", capacity=64, head_id=f"h{i}") for i in range(3)
+    ]
+    routers = [make_router(settings, redis) for _ in range(2)]
+    async with running(*workers), running(*routers):
+        assert all(r.state.policy.version == 0 for r in routers)
+
+        # 1. a policy change through the CLI
+        policy_file = tmp_path / "policy.yaml"
+        policy_file.write_text("default_strategy: round_robin\nmax_load_threshold: 0.95\n")
+        _, done_at = await _cli(settings, "policy", "set", str(policy_file))
+        await wait_until(lambda: all(r.state.policy.version == 1 for r in routers), timeout=1.0, every=0.005)
+        lag = time.monotonic() - done_at
+        assert lag < 1.0, lag
+        assert all(r.state.policy.default_strategy == "round_robin" for r in routers)
+
+        # 2. an invalid policy is refused with the field named, and the current one stays
+        bad = tmp_path / "bad.json"
+        bad.write_text(json.dumps({"default_strategy": "fastest", "max_load_threshold": -1}))
+        proc, _ = await _cli(settings, "policy", "set", str(bad), check=False)
+        assert proc.returncode == 1
+        assert "default_strategy" in proc.stderr
+        assert "max_load_threshold" in proc.stderr
+        shown = json.loads((await _cli(settings, "policy", "show"))[0].stdout)
+        assert shown["version"] == 1
+        assert shown["default_strategy"] == "round_robin"
+
+        # 3. route some jobs, then remove a head through the CLI
+        async with JobProducer(settings) as p:
+            for i in range(300):
+                await p.submit("m", i, job_id=f"before-{i}")
+        await wait_until(lambda: len(served.rows) >= 300)
+        assert {r[1] for r in served.rows} == {"h0", "h1", "h2"}
+        assert all(r[4]["x-route-strategy"] == b"round_robin" for r in served.rows)
+
+        _, done_at = await _cli(settings, "heads", "remove", "h1")
+        await wait_until(
+            lambda: all("h1" not in r.state.index.heads for r in routers), timeout=1.0, every=0.005
+        )
+        assert time.monotonic() - done_at < 1.0
+        served.rows.clear()
+        async with JobProducer(settings) as p:
+            for i in range(600):
+                await p.submit("m", i, job_id=f"after-{i}")
+        await wait_until(lambda: len(served.rows) >= 600)
+        assert {r[1] for r in served.rows} == {"h0", "h2"}, "no router routes to the removed head"
+
+    audit_events = [
+        orjson.loads(line)["event"] for line in Path(settings.audit_file).read_bytes().splitlines()
+    ]
+    assert "policy_changed" in audit_events
+    assert "head_removed" in audit_events
+
+
+async def test_explain_prints_candidates_exclusions_scores_and_the_pick(
+    settings: Settings, redis: Redis
+) -> None:
+    served = Served()
+    workers = [make_worker(settings, redis, served, "llama", region, head_id=f"llama-{region}", capacity=8)
+               for region in ("eu", "us")]  # fmt: skip
+    async with running(*workers):
+        await _cli(settings, "heads", "drain", "llama-us")
+        proc, _ = await _cli(
+            settings, "explain", "--model", "llama", "--region", "eu", "--strategy", "geo_preferred"
+        )
+        out = proc.stdout
+        assert "llama-eu" in out
+        assert "PICK" in out
+        assert "excluded: status draining" in out
+        assert "outcome: routed" in out
+        assert "strategy: geo_preferred" in out
+        assert "scores: {'load'" in out
+        proc, _ = await _cli(settings, "explain", "--model", "nobody")
+        assert "outcome: unknown_model" in proc.stdout
+        ls = json.loads((await _cli(settings, "heads", "ls", "--json"))[0].stdout)
+        assert {h["head_id"]: h["status"] for h in ls} == {"llama-eu": "healthy", "llama-us": "draining"}
+
+
+async def test_audit_tail_follows_the_channel(settings: Settings, redis: Redis) -> None:
+    cmd = [sys.executable, "-m", "router_worker.cli", "audit", "tail", "-n", "2"]
+    proc = subprocess.Popen(
+        cmd, env=cli_env(settings), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        for _ in range(200):  # wait until the tail has subscribed
+            subscribers = await redis.pubsub_numsub(settings.audit_channel)
+            if subscribers and subscribers[0][1]:
+                break
+            await asyncio.sleep(0.05)
+        await _cli(settings, "heads", "register", "hx", "--model", "m")
+        await _cli(settings, "heads", "drain", "hx")
+        out, err = proc.communicate(timeout=20)
+    finally:
+        proc.kill()
+    records = [orjson.loads(line) for line in out.splitlines()]
+    assert [r["event"] for r in records] == ["head_registered", "head_drained"], err
+    assert all(r["actor"] == "cli" and r["head_id"] == "hx" and r["ts"] > 0 for r in records)

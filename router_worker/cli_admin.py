@@ -15,6 +15,7 @@ from rich.table import Table
 from router_worker.cli import ConfigOpt, _run, _settings, console, err
 from router_worker.core.model import HeadStatus
 from router_worker.runtime import Runtime, runtime
+from router_worker.state.catalog import ModelCatalog
 from router_worker.state.heads import HeadRecord, HeadRegistry, now_ms
 from router_worker.state.keys import Keys
 from router_worker.state.policy_store import PolicyError, PolicyStore, load_policy_file
@@ -22,6 +23,8 @@ from router_worker.state.policy_store import PolicyError, PolicyStore, load_poli
 heads_app = typer.Typer(help="List, register, drain and remove heads.", no_args_is_help=True)
 policy_app = typer.Typer(help="Show, set and validate the routing policy.", no_args_is_help=True)
 audit_app = typer.Typer(help="Follow the audit channel.", no_args_is_help=True)
+models_app = typer.Typer(help="Register models with their characteristics (what heads they need).",
+                         no_args_is_help=True)  # fmt: skip
 
 OPERATOR = "cli"
 
@@ -122,6 +125,49 @@ def heads_drain(head_id: str, config: ConfigOpt = None) -> None:
 def heads_remove(head_id: str, config: ConfigOpt = None) -> None:
     """Remove a head: routers stop routing to it at once."""
     _admin_op(config, head_id, "remove")
+
+
+@models_app.command("register")
+def models_register(
+    model_id: str,
+    params: Annotated[int, typer.Option("--params", help="Parameter count.")] = 0,
+    backend: Annotated[list[str] | None, typer.Option("--backend", help="A backend that can run it.")] = None,
+    prefer: Annotated[list[str] | None, typer.Option("--prefer", help="A preferred backend.")] = None,
+    quantization: Annotated[
+        str | None, typer.Option(help="Quantization it is served in (INT8, FP16).")
+    ] = None,
+    min_context: Annotated[int, typer.Option()] = 0,
+    dynamic_shapes: Annotated[bool, typer.Option("--dynamic-shapes")] = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Register (or replace) a model's characteristics: routers use them at once."""
+    from router_worker.core.catalog import ModelSpec
+    from router_worker.state.catalog import ModelCatalog
+
+    spec = ModelSpec(model_id=model_id, parameter_count=params, backends=backend or [], preferred_backends=prefer or [],
+                     quantization=quantization, min_context=min_context, dynamic_shapes=dynamic_shapes)  # fmt: skip
+
+    async def main() -> None:
+        async with runtime(_settings(config), allow_embedded=False) as rt:
+            await ModelCatalog(rt.redis, Keys(rt.settings.redis_prefix)).register(spec, OPERATOR)
+            await rt.audit().emit("model_registered", OPERATOR, model_id=model_id, actor=OPERATOR)
+
+    _run(main)
+    console.print(f"registered model {model_id}")
+
+
+@models_app.command("ls")
+def models_ls(config: ConfigOpt = None) -> None:
+    """List registered models (JSON, one a line)."""
+    from router_worker.state.catalog import ModelCatalog
+
+    async def main() -> None:
+        async with runtime(_settings(config), allow_embedded=False) as rt:
+            specs = await ModelCatalog(rt.redis, Keys(rt.settings.redis_prefix)).all()
+        for spec in specs.values():
+            print(spec.model_dump_json())
+
+    _run(main)
 
 
 @policy_app.command("show")
@@ -236,11 +282,12 @@ def explain(
             keys = Keys(rt.settings.redis_prefix)
             heads, profiles, inflight = await _registry(rt).snapshot()
             policy = await PolicyStore(rt.redis, keys).get()
+            specs = await ModelCatalog(rt.redis, keys).all()
             pinned = cast(str | None, await rt.redis.get(keys.affinity(session))) if session else None
         memory = RouterMemory(pending=inflight)
         if session and pinned:
             memory.affinity[session] = (pinned, now_ms() + int(policy.affinity_timeout_s * 1000))
-        index = HeadIndex.build(heads, profiles)
+        index = HeadIndex.build(heads, profiles, specs)
         d = decide(job, index, policy, memory, now_ms(), random.Random(), explain=True)
         table = Table(title=f"candidates for {model} (policy v{policy.version})")
         for col in ("head", "model", "region", "status", "load", "latency ms", "cache", "quota", "verdict"):
@@ -287,5 +334,6 @@ def register(app: typer.Typer) -> None:
     app.add_typer(heads_app, name="heads")
     app.add_typer(policy_app, name="policy")
     app.add_typer(audit_app, name="audit")
+    app.add_typer(models_app, name="models")
     app.command("explain")(explain)
     app.command("bench")(bench)

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 from router_worker.core.adaptive import Profile
 from router_worker.core.candidates import CandidateSet
+from router_worker.core.catalog import ModelSpec, spec_miss
 from router_worker.core.model import Decision, Head, HeadStatus, Outcome, RouterMemory
 from router_worker.core.policy import STRATEGIES, Policy
 from router_worker.core.strategies import STRATEGY_FUNCTIONS, Context, unit_interval
@@ -41,12 +42,14 @@ class HeadIndex:
     heads: dict[str, Head]
     by_model: dict[str, Candidates]
     profiles: Mapping[str, Profile] = field(default_factory=dict)
+    models: Mapping[str, ModelSpec] = field(default_factory=dict)
     cache: dict[tuple[object, ...], tuple[CandidateSet, ...]] = field(default_factory=dict)
     hits: int = 0
     misses: int = 0
 
     @classmethod
-    def build(cls, heads: Iterable[Head], profiles: Mapping[str, Profile] | None = None) -> HeadIndex:
+    def build(cls, heads: Iterable[Head], profiles: Mapping[str, Profile] | None = None,
+              models: Mapping[str, ModelSpec] | None = None) -> HeadIndex:  # fmt: skip
         ordered = sorted(heads, key=lambda h: h.head_id)
         by_model: dict[str, list[Head]] = {}
         for h in ordered:
@@ -58,6 +61,7 @@ class HeadIndex:
             heads={h.head_id: h for h in ordered},
             by_model={k: tuple(v) for k, v in by_model.items()},
             profiles=profiles or {},
+            models=models or {},
         )
 
 
@@ -99,13 +103,21 @@ def _meta_key(job: Job) -> tuple[object, ...]:
 
 
 def _static_candidates(
-    heads: Candidates, job: Job, strategy: str, policy: Policy, explain: bool
+    heads: Candidates,
+    job: Job,
+    strategy: str,
+    policy: Policy,
+    explain: bool,
+    spec: ModelSpec | None = None,
+    model: str = "",
 ) -> tuple[CandidateSet, ...]:
     """Filters that depend only on the snapshot, the job's criteria and the policy (so they can be cached):
     status, capabilities, quota, zero weight. ``geo_preferred`` gets one set per region tier, nearest first
     (the preferred region, its fallbacks, then every other region), tried in order at decision time."""
     excluded: list[tuple[str, str]] = []
     meta = job.metadata or {}
+    rule = policy.rule_for(model or job.model_type)
+    max_latency = rule.max_latency_ms if rule is not None else None
     ok: list[Head] = []
     for h in heads:
         if h.status is not HeadStatus.HEALTHY:
@@ -118,6 +130,16 @@ def _static_candidates(
                 if explain:
                     excluded.append((h.head_id, miss))
                 continue
+        if spec is not None:
+            miss = spec_miss(h, spec)
+            if miss:
+                if explain:
+                    excluded.append((h.head_id, miss))
+                continue
+        if max_latency is not None and h.latency_ms > max_latency:
+            if explain:
+                excluded.append((h.head_id, f"latency {h.latency_ms:.1f} ms > rule max {max_latency:.1f} ms"))
+            continue
         if h.quota_used >= policy.quota_limit:
             if explain:
                 excluded.append((h.head_id, f"quota {h.quota_used:.2f} >= {policy.quota_limit:.2f}"))
@@ -246,12 +268,15 @@ def decide(
         tiers = None if explain else index.cache.get(key)
         if tiers is None:
             index.misses += 1
-            tiers = _static_candidates(heads, job, r.strategy, policy, explain)
+            tiers = _static_candidates(
+                heads, job, r.strategy, policy, explain, index.models.get(model), model
+            )
             if not explain:
                 index.cache[key] = tiers
         else:
             index.hits += 1
-        ctx = Context(job, policy, memory, now_ms, rng, policy.goal_for(model), index.profiles)
+        ctx = Context(job, policy, memory, now_ms, rng, policy.goal_for(model), index.profiles,
+                      index.models.get(model))  # fmt: skip
         for cs in tiers:
             if explain:
                 excluded.extend(cs.excluded)

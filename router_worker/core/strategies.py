@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 from router_worker.core.adaptive import Profile, job_size, predict
 from router_worker.core.candidates import CandidateSet
+from router_worker.core.catalog import ModelSpec, backend_bonus
 from router_worker.core.model import Head, Pick, RouterMemory, Scores
 from router_worker.core.policy import Goal, Policy
 from schemas.envelope import Job
@@ -35,6 +36,8 @@ class Context:
     goal: Goal = Goal.BALANCED
     profiles: Mapping[str, Profile] = field(default_factory=dict)
     """head id -> learned profile (adaptive)."""
+    spec: ModelSpec | None = None
+    """The registered characteristics of the model being routed, if any."""
 
     @property
     def limit(self) -> float:
@@ -138,10 +141,10 @@ def geo_preferred(cs: CandidateSet, ctx: Context) -> Pick | None:
 def model_specific(cs: CandidateSet, ctx: Context) -> Pick | None:
     # Capability criteria were applied by the static filter; among the heads that meet them, favour the
     # policy's backend weights, then the lighter load.
-    policy = ctx.policy
+    policy, spec = ctx.policy, ctx.spec
 
     def score(h: Head, load: float) -> float:
-        return _backend_weight(h, policy) * _free(load)
+        return _backend_weight(h, policy) * backend_bonus(h, spec) * _free(load)
 
     head = _best(cs, ctx, "model_specific", score)
     if head is None:
@@ -353,8 +356,10 @@ def _adaptive_table(
             prof = ctx.profiles.get(h.head_id)
             base = predict(prof, h, 0.0, size)
             slope = prof.coef[2] if prof is not None and prof.samples >= 3 else 0.0
-            rows[h.head_id] = _AdaptiveRow(base.latency_ms, slope, base.confidence, base.power_w, h.capacity,
-                                           _backend_weight(h, ctx.policy))  # fmt: skip
+            weight = _backend_weight(h, ctx.policy) * backend_bonus(h, ctx.spec)
+            rows[h.head_id] = _AdaptiveRow(
+                base.latency_ms, slope, base.confidence, base.power_w, h.capacity, weight
+            )
         lat = [r.base_ms for r in rows.values() if r.base_ms > 0]
         pw = [r.power_w for r in rows.values() if r.power_w > 0]
         tp = [r.capacity * 1000.0 / r.base_ms for r in rows.values() if r.base_ms > 0]

@@ -16,8 +16,10 @@ import orjson
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from router_worker.core.catalog import ModelSpec
 from router_worker.core.engine import EMPTY_INDEX, HeadIndex
 from router_worker.core.policy import DEFAULT_POLICY, Policy
+from router_worker.state.catalog import ModelCatalog
 from router_worker.state.heads import HeadRegistry
 from router_worker.state.policy_store import PolicyStore
 
@@ -30,6 +32,9 @@ class StateCache:
         self.redis = redis
         self.registry = registry
         self.policies = policies
+        self.catalog = ModelCatalog(redis, registry.keys)
+        self.models: dict[str, ModelSpec] = {}
+        self._models_dirty = True
         self.refresh_s = refresh_ms / 1000
         self.on_refresh = on_refresh
         self.index: HeadIndex = EMPTY_INDEX
@@ -61,8 +66,11 @@ class StateCache:
         if self._policy_dirty:
             self._policy_dirty = False
             self.policy = await self.policies.get()
+        if self._models_dirty:
+            self._models_dirty = False
+            self.models = await self.catalog.all()
         heads, profiles, inflight = await self.registry.snapshot()
-        self.index = HeadIndex.build(heads, profiles)
+        self.index = HeadIndex.build(heads, profiles, self.models)
         self.inflight = inflight
         self.refreshes += 1
         if self.on_refresh is not None:
@@ -90,9 +98,11 @@ class StateCache:
                         continue
                     if event == "policy_changed":
                         self._policy_dirty = True
+                    elif event.startswith("model_"):
+                        self._models_dirty = True
                     self._wake.set()
             except (RedisError, OSError) as exc:
                 log.warning("event subscription lost, resubscribing: %s", exc)
-                self._policy_dirty = True
+                self._policy_dirty = self._models_dirty = True
                 self._wake.set()
                 await asyncio.sleep(0.5)

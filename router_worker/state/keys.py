@@ -8,6 +8,7 @@ in one Redis Cluster slot and the pipelines and scripts that touch several of th
 | ``{p}:slot:<topic>:<partition>`` | string | the head owning that model-topic partition (expires with it) |
 | ``{p}:inflight`` | hash | head id -> jobs routed to it and not yet completed (routers add, heads release) |
 | ``{p}:aff:<session>`` | string | the head a session is pinned to, shared by every router (expires) |
+| ``{p}:models`` | hash | model id -> registered characteristics (JSON) |
 | ``{p}:policy`` | string | the current policy (JSON) |
 | ``{p}:policy:history`` | list | earlier policies, newest first (capped) |
 | ``{p}:seen:<job_id>`` | string | idempotency marker of a routed job (expires) |
@@ -43,6 +44,10 @@ class Keys:
 
     def affinity(self, session_id: str) -> str:
         return f"{self.tag}:aff:{session_id}"
+
+    @property
+    def models(self) -> str:
+        return f"{self.tag}:models"
 
     @property
     def policy(self) -> str:

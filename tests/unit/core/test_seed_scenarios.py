@@ -240,3 +240,46 @@ def test_rules_by_model_pattern() -> None:
     _, d = run([head("r", "resnet50")], jobs(1, "resnet50"), policy)
     assert d[0].strategy == "adaptive"
     assert "maximize_throughput" in d[0].reason
+
+
+def test_registered_model_characteristics_narrow_and_tilt_the_candidates() -> None:
+    from router_worker.core.catalog import ModelSpec
+
+    spec = ModelSpec(model_id="resnet50", backends=["gpu", "neural_engine"], preferred_backends=["neural_engine"],
+                     quantization="int8")  # fmt: skip
+    int8, fp16 = frozenset({"INT8"}), frozenset({"FP16"})
+    heads = [head("cpu1", "resnet50", backend="cpu", quantizations=int8, capacity=100),
+             head("gpu1", "resnet50", backend="gpu", quantizations=int8, capacity=100),
+             head("gpu2", "resnet50", backend="gpu", quantizations=fp16, capacity=100),
+             head("ne1", "resnet50", backend="neural_engine", quantizations=int8, capacity=100)]  # fmt: skip
+    index = HeadIndex.build(heads, models={"resnet50": spec})
+    policy = Policy()
+    mem = RouterMemory()
+    picks: dict[str, int] = {}
+    rng = random.Random(0)
+    for i in range(40):
+        job = Job(job_id=str(i), model_type="resnet50", strategy="model_specific")
+        d = decide(job, index, policy, mem, 1_000, rng)
+        assert d.head is not None
+        picks[d.head.head_id] = picks.get(d.head.head_id, 0) + 1
+        record(d, mem, job, policy, 1_000)
+    assert set(picks) <= {"gpu1", "ne1"}, "cpu can not run it; gpu2 lacks INT8"
+    d = decide(Job(job_id="x", model_type="resnet50", strategy="model_specific"), index, policy, RouterMemory(),
+               1_000, rng)  # fmt: skip
+    assert d.head is not None
+    assert d.head.head_id == "ne1", "the preferred backend wins when loads are equal"
+    explained = decide(
+        Job(job_id="y", model_type="resnet50"), index, policy, RouterMemory(), 1_000, rng, explain=True
+    )
+    why = dict(explained.excluded)
+    assert why["cpu1"] == "backend cpu can not run resnet50"
+    assert why["gpu2"] == "no INT8 support for resnet50"
+
+
+def test_rule_max_latency_excludes_slow_heads() -> None:
+    from router_worker.core.policy import Rule
+
+    policy = Policy(rules=[Rule(pattern="bert_*", strategy="round_robin", max_latency_ms=50)])
+    heads = [head("fast", "bert_base", latency_ms=20), head("slow", "bert_base", latency_ms=80)]
+    picks, _ = run(heads, jobs(10, "bert_base"), policy, finish_p=1.0)
+    assert set(picks) == {"fast"}

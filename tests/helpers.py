@@ -26,12 +26,14 @@ class Served:
 
     rows: list[tuple[str, str, str, int, dict[str, bytes]]] = field(default_factory=list)
     """(job_id, head_id, model_type, partition, headers)."""
+    session_of: dict[str, str | None] = field(default_factory=dict)
 
     def handler_for(self, delay_s: float = 0.0) -> Callable[[Job, JobContext], Any]:
         async def handle(job: Job, ctx: JobContext) -> Any:
             if delay_s:
                 await asyncio.sleep(delay_s)
             self.rows.append((job.job_id, ctx.head_id, job.model_type, ctx.partition, dict(ctx.headers)))
+            self.session_of[job.job_id] = job.session_id
             return {"ok": True}
 
         return handle

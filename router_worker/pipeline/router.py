@@ -117,7 +117,7 @@ class Router:
         self.registry = HeadRegistry(redis, self.keys, settings.head_ttl_ms)
         self.policies = PolicyStore(redis, self.keys)
         self.state = StateCache(
-            redis, self.registry, self.policies, settings.head_refresh_ms, self._on_refresh
+            redis, self.registry, self.policies, settings.head_refresh_ms, self._on_refresh, self._on_event
         )
         self.memory = RouterMemory()
         self.router_id = settings.effective_router_id
@@ -201,6 +201,12 @@ class Router:
         if self.paused_until:
             timeout_ms = max(0, min(timeout_ms, min(self.paused_until.values()) - now))
         return timeout_ms
+
+    def _on_event(self, event: str) -> None:
+        if event == "head_registered":
+            self.metrics.head_registrations.inc()
+        elif event in ("head_status", "head_removed"):
+            self.metrics.head_status_updates.inc()
 
     def _on_refresh(self, state: StateCache) -> None:
         self.memory.reset_pending(dict(state.inflight))

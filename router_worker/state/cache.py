@@ -28,7 +28,8 @@ log = logging.getLogger(__name__)
 
 class StateCache:
     def __init__(self, redis: Redis, registry: HeadRegistry, policies: PolicyStore, refresh_ms: int,
-                 on_refresh: Callable[[StateCache], None] | None = None) -> None:  # fmt: skip
+                 on_refresh: Callable[[StateCache], None] | None = None,
+                 on_event: Callable[[str], None] | None = None) -> None:  # fmt: skip
         self.redis = redis
         self.registry = registry
         self.policies = policies
@@ -37,6 +38,7 @@ class StateCache:
         self._models_dirty = True
         self.refresh_s = refresh_ms / 1000
         self.on_refresh = on_refresh
+        self.on_event = on_event
         self.index: HeadIndex = EMPTY_INDEX
         self.policy: Policy = DEFAULT_POLICY
         self.inflight: dict[str, int] = {}
@@ -96,6 +98,8 @@ class StateCache:
                         event = orjson.loads(msg["data"]).get("event", "")
                     except (orjson.JSONDecodeError, AttributeError):
                         continue
+                    if self.on_event is not None:
+                        self.on_event(event)
                     if event == "policy_changed":
                         self._policy_dirty = True
                     elif event.startswith("model_"):

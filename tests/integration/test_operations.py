@@ -66,6 +66,7 @@ async def test_policy_change_and_head_removal_reach_every_router_within_a_second
         await wait_until(lambda: all(r.state.policy.version == 1 for r in routers), timeout=1.0, every=0.005)
         lag = time.monotonic() - done_at
         assert lag < 1.0, lag
+        print(f"policy change reached both routers {lag * 1000:.1f} ms after the CLI exited")
         assert all(r.state.policy.default_strategy == "round_robin" for r in routers)
 
         # 2. an invalid policy is refused with the field named, and the current one stays
@@ -91,7 +92,9 @@ async def test_policy_change_and_head_removal_reach_every_router_within_a_second
         await wait_until(
             lambda: all("h1" not in r.state.index.heads for r in routers), timeout=1.0, every=0.005
         )
-        assert time.monotonic() - done_at < 1.0
+        lag = time.monotonic() - done_at
+        assert lag < 1.0, lag
+        print(f"head removal reached both routers {lag * 1000:.1f} ms after the CLI exited")
         served.rows.clear()
         async with JobProducer(settings) as p:
             for i in range(600):

@@ -23,6 +23,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from redis.asyncio import Redis
 
 from router_worker.audit import AuditSink
+from router_worker.clock import now_ms
 from router_worker.core.adaptive import ProfileLearner, job_size
 from router_worker.pipeline.kafka import ensure_topics, make_consumer, make_producer
 from router_worker.pipeline.messages import H_ATTEMPT, H_DECIDED_AT, header_int, retry_headers
@@ -33,10 +34,6 @@ from router_worker.topics import Topics
 from schemas.envelope import MSGPACK, EnvelopeError, Job, content_type_of, decode_job
 
 log = logging.getLogger(__name__)
-
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 import uuid
 from collections.abc import Coroutine, Iterable, Mapping
 from concurrent.futures import Future
@@ -17,16 +16,13 @@ from typing import Any, TypeVar
 
 from aiokafka import AIOKafkaProducer
 
+from router_worker.clock import now_ms
 from router_worker.pipeline.kafka import make_producer
 from router_worker.settings import Settings
 from router_worker.topics import Topics
 from schemas.envelope import MSGPACK, encode_job, validate
 
 T = TypeVar("T")
-
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 def build_job(model_type: str, payload: Any = None, *, job_id: str | None = None,

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import logging.handlers
-import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -19,13 +18,10 @@ import orjson
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from router_worker.clock import now_ms
 from router_worker.core.model import Decision
 
 log = logging.getLogger(__name__)
-
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 def audit_record(event: str, router_id: str, **fields: Any) -> dict[str, Any]:

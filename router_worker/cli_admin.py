@@ -13,10 +13,11 @@ import typer
 from rich.table import Table
 
 from router_worker.cli import ConfigOpt, _run, _settings, console, err
+from router_worker.clock import now_ms
 from router_worker.core.model import HeadStatus
 from router_worker.runtime import Runtime, runtime
 from router_worker.state.catalog import ModelCatalog
-from router_worker.state.heads import HeadRecord, HeadRegistry, now_ms
+from router_worker.state.heads import HeadRecord, HeadRegistry
 from router_worker.state.keys import Keys
 from router_worker.state.policy_store import PolicyError, PolicyStore, load_policy_file
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,6 +41,23 @@ class Served:
 
     def job_ids(self) -> list[str]:
         return [r[0] for r in self.rows]
+
+
+def cli_env(s: Settings, **extra: str) -> dict[str, str]:
+    """The environment for a child process (a CLI command, a router) that joins this test's deployment."""
+    env = dict(os.environ)
+    env.update(
+        ROUTER_KAFKA_BOOTSTRAP_SERVERS=s.kafka_bootstrap_servers or "",
+        ROUTER_REDIS_URL=s.redis_url or "",
+        ROUTER_TOPIC_PREFIX=s.topic_prefix,
+        ROUTER_REDIS_PREFIX=s.redis_prefix,
+        ROUTER_GROUP_ID=s.group_id,
+        ROUTER_AUDIT_FILE=s.audit_file,
+        ROUTER_LOG_LEVEL="WARNING",
+        COLUMNS="200",
+    )
+    env.update(extra)
+    return env
 
 
 def make_router(s: Settings, redis: Redis, **kw: Any) -> Router:

@@ -25,6 +25,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from router_worker.audit import AuditSink, decision_record
+from router_worker.clock import now_ms
 from router_worker.core.engine import decide, record
 from router_worker.core.model import Decision, Outcome, RouterMemory
 from router_worker.metrics import Metrics
@@ -49,10 +50,6 @@ from schemas.envelope import DeadLetterReason, EnvelopeError, Job, content_type_
 log = logging.getLogger(__name__)
 
 _LOG_BAD_PER_BATCH = 10
-
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 class PublishFailed(RuntimeError):

@@ -6,7 +6,6 @@ events channel so routers refresh at once instead of waiting for their periodic 
 
 from __future__ import annotations
 
-import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, cast
@@ -14,13 +13,10 @@ from typing import Any, cast
 import orjson
 from redis.asyncio import Redis
 
+from router_worker.clock import now_ms
 from router_worker.core.adaptive import Profile
 from router_worker.core.model import Head, HeadStatus
 from router_worker.state.keys import Keys
-
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 @dataclass(frozen=True, slots=True)

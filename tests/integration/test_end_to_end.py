@@ -15,7 +15,7 @@ from redis.asyncio import Redis
 from producers.producer import JobProducer
 from router_worker.settings import Settings
 from schemas.envelope import JSON, MSGPACK
-from tests.helpers import Served, make_router, make_worker, running, wait_until
+from tests.helpers import Served, cli_env, make_router, make_worker, running, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -84,18 +84,12 @@ async def test_two_router_processes_share_the_partitions_and_route_every_job_onc
 ) -> None:
     served = Served()
     workers = [make_worker(settings, redis, served, "m", region, capacity=32) for region in ("a", "b", "c")]
-    env_base = dict(os.environ)
-    env_base.update(
-        ROUTER_KAFKA_BOOTSTRAP_SERVERS=settings.kafka_bootstrap_servers or "",
-        ROUTER_REDIS_URL=settings.redis_url or "",
-        ROUTER_TOPIC_PREFIX=settings.topic_prefix,
-        ROUTER_REDIS_PREFIX=settings.redis_prefix,
-        ROUTER_GROUP_ID=settings.group_id,
+    env_base = cli_env(
+        settings,
         ROUTER_REQUESTS_PARTITIONS=str(settings.requests_partitions),
         ROUTER_KAFKA_SESSION_TIMEOUT_MS="6000",
         ROUTER_KAFKA_HEARTBEAT_INTERVAL_MS="500",
         ROUTER_HEAD_REFRESH_MS="200",
-        ROUTER_LOG_LEVEL="WARNING",
     )
     audit_files = [str(tmp_path) + f"/audit-{i}.log" for i in range(2)]  # type: ignore[operator]
     procs = []

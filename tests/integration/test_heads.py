@@ -8,11 +8,12 @@ import random
 import pytest
 from redis.asyncio import Redis
 
+from router_worker.clock import now_ms
 from router_worker.core.engine import HeadIndex, decide
 from router_worker.core.model import HeadStatus, Outcome, RouterMemory
 from router_worker.core.policy import DEFAULT_POLICY
 from router_worker.settings import Settings
-from router_worker.state.heads import HeadRecord, HeadRegistry, HeadStats, now_ms
+from router_worker.state.heads import HeadRecord, HeadRegistry, HeadStats
 from router_worker.state.keys import Keys
 from schemas.envelope import Job
 

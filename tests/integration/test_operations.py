@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import subprocess
 import sys
 import time
@@ -16,23 +15,9 @@ from redis.asyncio import Redis
 
 from producers.producer import JobProducer
 from router_worker.settings import Settings
-from tests.helpers import Served, make_router, make_worker, running, wait_until
+from tests.helpers import Served, cli_env, make_router, make_worker, running, wait_until
 
 pytestmark = pytest.mark.integration
-
-
-def cli_env(s: Settings) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(
-        ROUTER_KAFKA_BOOTSTRAP_SERVERS=s.kafka_bootstrap_servers or "",
-        ROUTER_REDIS_URL=s.redis_url or "",
-        ROUTER_TOPIC_PREFIX=s.topic_prefix,
-        ROUTER_REDIS_PREFIX=s.redis_prefix,
-        ROUTER_AUDIT_FILE=s.audit_file,
-        ROUTER_LOG_LEVEL="WARNING",
-        COLUMNS="200",
-    )
-    return env
 
 
 def cli(s: Settings, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:

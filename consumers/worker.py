@@ -25,11 +25,13 @@ from redis.asyncio import Redis
 from router_worker.audit import AuditSink
 from router_worker.clock import now_ms
 from router_worker.core.adaptive import ProfileLearner, job_size
+from router_worker.pipeline.gaps import GapGuard
 from router_worker.pipeline.kafka import ensure_topics, make_consumer, make_producer
 from router_worker.pipeline.messages import H_ATTEMPT, H_DECIDED_AT, header_int, retry_headers
 from router_worker.settings import Settings
 from router_worker.state.heads import HeadRecord, HeadRegistry, HeadStats
 from router_worker.state.keys import Keys
+from router_worker.tasks import cancel_and_wait
 from router_worker.topics import Topics
 from schemas.envelope import MSGPACK, EnvelopeError, Job, content_type_of, decode_job
 
@@ -174,10 +176,7 @@ class ModelWorker:
         finally:
             self.ready.clear()
             await self._drain_pool(pool)
-            for t in (beat, releaser):
-                t.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await t
+            await cancel_and_wait((beat, releaser))
             with contextlib.suppress(Exception):
                 await self._commit(consumer, tp)
             await self.registry.remove(self.head_id, actor="worker")
@@ -191,11 +190,17 @@ class ModelWorker:
 
     async def _fetch_loop(self, consumer: AIOKafkaConsumer, tp: TopicPartition) -> None:
         last_commit = time.monotonic()
+        gaps = GapGuard(self.s.gap_wait_ms)
+        gaps.expect(tp, await consumer.committed(tp))
         while not self._stop.is_set():
             batch = await consumer.getmany(tp, timeout_ms=100, max_records=self.config.capacity)
-            for rec in batch.get(tp, ()):
+            records, gap_at = gaps.admit(tp, batch.get(tp, ()), now_ms())
+            for rec in records:
                 self._tracker.started(rec.offset)
                 await self._queue.put(rec)  # blocks when the pool is full: natural back-pressure
+            if gap_at is not None:  # a routed job is not visible yet: read again from it (see gaps.py)
+                consumer.seek(tp, gap_at)
+                await asyncio.sleep(0.005)
             if time.monotonic() - last_commit > 0.2:
                 await self._commit(consumer, tp)
                 last_commit = time.monotonic()
@@ -209,10 +214,8 @@ class ModelWorker:
     async def _drain_pool(self, pool: list[asyncio.Task[None]]) -> None:
         for _ in pool:
             await self._queue.put(None)
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(asyncio.gather(*pool, return_exceptions=True), self.s.shutdown_timeout_s)
-        for t in pool:
-            t.cancel()
+        await asyncio.wait(pool, timeout=self.s.shutdown_timeout_s)
+        await cancel_and_wait(pool)
 
     async def _serve(self, tp: TopicPartition) -> None:
         while True:
@@ -309,7 +312,7 @@ class ModelWorker:
     async def _release_loop(self) -> None:
         """Give finished jobs back to the shared in-flight count often, so routers see capacity return fast."""
         interval = self.s.head_release_ms / 1000
-        while True:
+        while not self._stop.is_set():
             await asyncio.sleep(interval)
             st = self.stats
             if not st.released:
@@ -324,7 +327,7 @@ class ModelWorker:
     async def _heartbeat_loop(self) -> None:
         interval = self.s.head_heartbeat_ms / 1000
         slot = (self.topic, self.partition)
-        while True:
+        while not self._stop.is_set():
             await asyncio.sleep(interval)
             st = self.stats
             stats = HeadStats(inflight=st.inflight, latency_ms=st.latency_ewma_ms, completed=st.completed,

@@ -11,23 +11,28 @@ import asyncio
 import contextlib
 import random
 import time
+import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
-from aiokafka import AIOKafkaConsumer
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from consumers.worker import ModelWorker, WorkerConfig
 from producers.producer import JobProducer
+from router_worker.clock import now_ms
 from router_worker.metrics import Metrics
+from router_worker.pipeline.gaps import GapGuard
 from router_worker.pipeline.kafka import make_consumer
 from router_worker.pipeline.router import Router
 from router_worker.runtime import Runtime
 from router_worker.services import build_router, build_worker, run_router
+from router_worker.settings import Settings
+from router_worker.tasks import cancel_and_wait
 from router_worker.topics import Topics
 
 DEMO_HEADS: tuple[WorkerConfig, ...] = (
@@ -45,6 +50,8 @@ DEMO_HEADS: tuple[WorkerConfig, ...] = (
 @dataclass(slots=True)
 class Completions:
     expected: int
+    prefix: str = ""
+    """Only completion records of this run's job ids count."""
     seen: set[str] = field(default_factory=set)
     latencies: list[float] = field(default_factory=list)
     by_head: Counter[str] = field(default_factory=Counter)
@@ -55,6 +62,8 @@ class Completions:
 
     def add(self, doc: dict[str, Any]) -> None:
         job_id = doc.get("job_id", "")
+        if not job_id.startswith(self.prefix):
+            return
         if job_id in self.seen:
             self.duplicates += 1
             return
@@ -69,13 +78,40 @@ class Completions:
             self.done.set()
 
 
-async def follow_results(consumer: AIOKafkaConsumer, out: Completions) -> None:
+async def _follow_from_now(s: Settings, topic: str) -> tuple[AIOKafkaConsumer, GapGuard]:
+    """A consumer of every partition of ``topic`` positioned at today's end offsets, fixed before any job is
+    published ("latest" would be resolved lazily, at each partition's first fetch, and could skip a record)."""
+    consumer = make_consumer(s, group_id=None)
+    await consumer.start()
+    # A topic created a moment ago may show no or some partitions in the first metadata: wait for all.
+    parts: set[int] = set()
+    for _ in range(100):
+        await consumer.topics()
+        parts = consumer.partitions_for_topic(topic) or set()
+        if len(parts) >= s.requests_partitions:
+            break
+        await asyncio.sleep(0.05)
+    if not parts:
+        raise RuntimeError(f"topic {topic} has no partitions")
+    tps = [TopicPartition(topic, p) for p in sorted(parts)]
+    consumer.assign(tps)
+    gaps = GapGuard(s.gap_wait_ms)
+    for tp, end in (await consumer.end_offsets(tps)).items():
+        consumer.seek(tp, end)
+        gaps.expect(tp, end)
+    return consumer, gaps
+
+
+async def follow_results(consumer: AIOKafkaConsumer, gaps: GapGuard, out: Completions) -> None:
     while True:
         batch = await consumer.getmany(timeout_ms=100, max_records=1000)
-        for records in batch.values():
+        for tp, fetched in batch.items():
+            records, gap_at = gaps.admit(tp, fetched, now_ms())
             for rec in records:
                 with contextlib.suppress(Exception):
                     out.add(msgpack.unpackb(rec.value, raw=False))
+            if gap_at is not None:
+                consumer.seek(tp, gap_at)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -99,11 +135,10 @@ async def run_demo(rt: Runtime, jobs: int, routers: int, console: Console, rate:
     tasks += [asyncio.create_task(run_router(rt, r), name=f"router-{i}") for i, r in enumerate(router_objs)]
     await asyncio.wait_for(asyncio.gather(*(r.ready.wait() for r in router_objs)), 30)
 
-    results = make_consumer(s, topics.results, group_id=None, auto_offset_reset="latest")
-    await results.start()
-    await results.seek_to_end()
-    out = Completions(expected=jobs)
-    follower = asyncio.create_task(follow_results(results, out))
+    run_id = uuid.uuid4().hex[:8]  # job ids unique per run: a rerun against the same Redis is not a duplicate
+    results, gaps = await _follow_from_now(s, topics.results)
+    out = Completions(expected=jobs, prefix=f"demo-{run_id}-")
+    follower = asyncio.create_task(follow_results(results, gaps, out))
     pace = f"at {rate:,.0f} jobs/s" if rate > 0 else "in one burst"
     console.print(f"[bold]router-worker demo[/]: {routers} routers, {len(workers)} heads, {jobs} jobs {pace} "
                   f"(kafka {s.kafka_bootstrap_servers}, redis {s.redis_url})")  # fmt: skip
@@ -115,7 +150,7 @@ async def run_demo(rt: Runtime, jobs: int, routers: int, console: Console, rate:
                 await producer.submit(
                     model, payload=b"x" * rng.randint(16, 512), region=rng.choice(("us-east", "eu-west")),
                     session_id=f"user-{rng.randint(1, 50)}", estimated_tokens=rng.randint(0, 400),
-                    tenant=rng.choice(("acme", "globex")), job_id=f"demo-{seed}-{i}",
+                    tenant=rng.choice(("acme", "globex")), job_id=f"demo-{run_id}-{i}",
                 )  # fmt: skip
                 if rate > 0 and i % 50 == 49:  # pace in small bursts: the latencies then measure routing
                     ahead = t0 + (i + 1) / rate - time.perf_counter()
@@ -141,7 +176,8 @@ async def run_demo(rt: Runtime, jobs: int, routers: int, console: Console, rate:
             r.stop()
         for w in workers:
             w.stop()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.wait(tasks, timeout=2 * s.shutdown_timeout_s)
+        await cancel_and_wait(tasks)
     print_summary(console, out, router_objs, jobs, published, elapsed)
     return out
 
@@ -173,5 +209,12 @@ def print_summary(console: Console, out: Completions, routers: list[Router], job
         summary.add_row(f"end-to-end latency p{q}", f"{percentile(out.latencies, q):.1f} ms")
     console.print(summary)
     ok = len(out.seen) == jobs and out.duplicates == 0
-    console.print("[bold green]all jobs routed and completed exactly once[/]" if ok
-                  else f"[bold red]{jobs - len(out.seen)} jobs not completed[/]")  # fmt: skip
+    if ok:
+        console.print("[bold green]all jobs routed and completed exactly once[/]")
+    else:
+        console.print(f"[bold red]{jobs - len(out.seen)} jobs not completed[/] (routers routed {routed}, "
+                      f"dead-lettered {sum(r.stats.dead_lettered for r in routers)})")  # fmt: skip
+        missing = sorted({f"{out.prefix}{i}" for i in range(jobs)} - out.seen)
+        console.print(f"missing: {missing[:10]}")
+        for i, r in enumerate(routers):
+            console.print(f"router {i + 1}: {r.stats}")

@@ -90,6 +90,12 @@ class Settings(BaseSettings):
         le=10_000,
         description="Pause of a partition whose next job finds every head at its load limit.",
     )
+    gap_wait_ms: int = Field(
+        200,
+        ge=0,
+        le=60_000,
+        description="How long a consumer waits for a missing offset to appear before accepting the gap.",
+    )
     max_attempts: int = Field(6, ge=1, description="Routing attempts before a job is dead-lettered.")
     dedupe_ttl_s: int = Field(86_400, ge=0, description="How long a routed job_id is remembered (0: off).")
 

@@ -72,9 +72,6 @@ class Scores:
         }
 
 
-NO_SCORES = Scores()
-
-
 class Outcome(StrEnum):
     ROUTED = "routed"
     UNKNOWN_MODEL = "unknown_model"

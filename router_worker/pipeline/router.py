@@ -15,12 +15,12 @@ import logging
 import random
 import time
 from collections import Counter as Tally
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import KafkaError
+from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
@@ -30,6 +30,7 @@ from router_worker.core.engine import decide, record
 from router_worker.core.model import Decision, Outcome, RouterMemory
 from router_worker.metrics import Metrics
 from router_worker.pipeline.checkpoint import Checkpoint
+from router_worker.pipeline.gaps import GapGuard
 from router_worker.pipeline.kafka import ensure_topics, make_consumer, make_producer
 from router_worker.pipeline.messages import (
     H_ATTEMPT,
@@ -50,6 +51,13 @@ from schemas.envelope import DeadLetterReason, EnvelopeError, Job, content_type_
 log = logging.getLogger(__name__)
 
 _LOG_BAD_PER_BATCH = 10
+_GAP_RETRY_MS = 5
+
+
+def dedupe_key(job_id: str, attempt: int) -> str:
+    """What "routed once" means: once per job id and attempt. A job a head hands back, or the router
+    retries, is routed again as its next attempt; a replay of any one attempt is skipped."""
+    return job_id if attempt <= 1 else f"{job_id}#{attempt}"
 
 
 class PublishFailed(RuntimeError):
@@ -66,6 +74,8 @@ class RouterStats:
     deferred: int = 0
     saturated: int = 0
     rewinds: int = 0
+    gap_waits: int = 0
+    commit_failures: int = 0
     by_head: Tally[str] = field(default_factory=Tally)
     dead_by_reason: Tally[str] = field(default_factory=Tally)
 
@@ -84,6 +94,7 @@ class _Out:
     head_id: str | None = None
     pin: tuple[str, str] | None = None
     """(session, head) when the decision pinned a session."""
+    attempt: int = 1
 
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -96,9 +107,17 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         async with self.router.batch_lock:
             for tp in revoked:
                 self.router.paused_until.pop(tp, None)
+                self.router.gaps.forget(tp)
 
     async def on_partitions_assigned(self, assigned: Any) -> None:
         log.info("router %s assigned %d partitions", self.router.router_id, len(assigned))
+        consumer = self.router._consumer
+        for tp in assigned:  # reading resumes at the committed offset: the first record must be that one
+            committed = None
+            if consumer is not None:
+                with contextlib.suppress(KafkaError):
+                    committed = await consumer.committed(tp)
+            self.router.gaps.expect(tp, committed)
 
 
 class Router:
@@ -121,6 +140,7 @@ class Router:
         self.stats = RouterStats()
         self.batch_lock = asyncio.Lock()
         self.paused_until: dict[TopicPartition, int] = {}
+        self.gaps = GapGuard(settings.gap_wait_ms)
         self.ready = asyncio.Event()
         self._stop = asyncio.Event()
         self._retry_topics = [self.topics.retry(i + 1) for i in range(len(settings.retry_backoff_ms))]
@@ -145,9 +165,9 @@ class Router:
         producer = make_producer(s)
         consumer = make_consumer(s, group_id=s.group_id)
         consumer.subscribe([self.topics.requests, *self._retry_topics], listener=_Rebalance(self))
+        self._consumer, self._producer = consumer, producer
         await producer.start()
         await consumer.start()
-        self._consumer, self._producer = consumer, producer
         await self.audit.emit("router_started", self.router_id, group_id=s.group_id)
         self.ready.set()
         try:
@@ -184,6 +204,11 @@ class Router:
                     log.error("publish failed, batch will be read again in %.1fs: %s", backoff, exc)
                     await asyncio.sleep(backoff)
                     backoff = min(backoff * 2, 5.0)
+                except (CommitFailedError, IllegalStateError) as exc:
+                    # The group rebalanced under us: every publish of the batch was acknowledged and marked
+                    # seen, so the partition's next owner skips them as duplicates. Nothing is lost.
+                    self.stats.commit_failures += 1
+                    log.warning("commit refused after a rebalance (the next owner dedupes): %s", exc)
 
     def _resume_due(self, consumer: AIOKafkaConsumer, timeout_ms: int) -> int:
         """Resume retry partitions whose back-off elapsed; return how long the next fetch may wait."""
@@ -229,21 +254,23 @@ class Router:
         work: list[tuple[TopicPartition, list[tuple[Any, Job | EnvelopeError, str, int]]]] = []
         job_ids: list[str] = []
         sessions: set[str] = set()
-        for tp, records in batch.items():
+        for tp, fetched in batch.items():
             retry_tier = tp.topic in self._retry_set
             items: list[tuple[Any, Job | EnvelopeError, str, int]] = []
+            records, gap_at = self.gaps.admit(tp, fetched, now)
             for rec in records:
                 if retry_tier:
                     not_before = header_int(rec.headers, H_NOT_BEFORE)
                     if not_before > now:
                         self._hold(consumer, tp, rec.offset, not_before)
                         self.stats.deferred += 1
+                        gap_at = None  # held earlier than the gap: the gap is re-read anyway
                         break
                 attempt = header_int(rec.headers, H_ATTEMPT, 0) + 1 if retry_tier else 1
                 ctype = content_type_of(rec.headers)
                 try:
                     job: Job | EnvelopeError = decode_job(rec.value, ctype, s.kafka_max_message_bytes)
-                    job_ids.append(job.job_id)  # type: ignore[union-attr]
+                    job_ids.append(dedupe_key(job.job_id, attempt))  # type: ignore[union-attr]
                     if job.session_id:  # type: ignore[union-attr]
                         sessions.add(job.session_id)  # type: ignore[union-attr]
                 except EnvelopeError as exc:
@@ -253,6 +280,9 @@ class Router:
                     bad_logged += 1
                     job = exc
                 items.append((rec, job, ctype, attempt))
+            if gap_at is not None:  # an offset is missing: read again from it shortly (see gaps.py)
+                self._hold(consumer, tp, gap_at, now + _GAP_RETRY_MS)
+                self.stats.gap_waits += 1
             work.append((tp, items))
         if bad_logged > _LOG_BAD_PER_BATCH:
             log.warning("... and %d more bad jobs in this batch", bad_logged - _LOG_BAD_PER_BATCH)
@@ -275,7 +305,8 @@ class Router:
                     outs.append(self._dead(rec, tp, job.reason, job.detail, attempt, audits, None))
                     cp.done(tp, rec.offset)
                     continue
-                if job.job_id in seen or job.job_id in in_batch:
+                key = dedupe_key(job.job_id, attempt)
+                if key in seen or key in in_batch:
                     self.stats.duplicates += 1
                     audits.append({"ts": now, "event": "duplicate", "router_id": self.router_id,
                                    "job_id": job.job_id, "model_type": job.model_type})  # fmt: skip
@@ -302,7 +333,7 @@ class Router:
                     self.stats.saturated += 1
                     self._refresh_inflight = True
                     break
-                in_batch.add(job.job_id)
+                in_batch.add(key)
                 cp.done(tp, rec.offset)
                 if d.outcome is Outcome.ROUTED:
                     record(d, memory, job, policy, now)
@@ -310,7 +341,7 @@ class Router:
                     assert head is not None
                     outs.append(_Out(self.topics.model(head.model_id), rec.value, rec.key, head.partition,
                                      routed_headers(rec.headers, job.job_id, d, ctype, now), "routed",
-                                     job.job_id, head.head_id, d.sticky))  # fmt: skip
+                                     job.job_id, head.head_id, d.sticky, attempt))  # fmt: skip
                     decisions_tally[(d.strategy, job.model_type, head.region)] += 1
                     if s.audit_decisions:
                         audits.append(decision_record(d, self.router_id, job.job_id, job.model_type, job.region,
@@ -334,6 +365,8 @@ class Router:
 
         if len(acked) < len(outs):
             cp.rewind(consumer)
+            for tp, off in cp.first.items():
+                self.gaps.expect(tp, off)
             raise PublishFailed(f"{len(outs) - len(acked)} of {len(outs)} publishes were not acknowledged")
 
         # 6. commit the next offsets: everything before them is on the broker
@@ -347,6 +380,7 @@ class Router:
         consumer.seek(tp, offset)
         consumer.pause(tp)
         self.paused_until[tp] = until_ms
+        self.gaps.expect(tp, offset)
 
     # --- helpers ---------------------------------------------------------------------------------------------
 
@@ -360,7 +394,7 @@ class Router:
         headers = dead_letter_headers(rec.headers, reason.value, detail, tp.topic, tp.partition, rec.offset,
                                       attempt)  # fmt: skip
         return _Out(self.topics.dlq, rec.value, rec.key, None, headers, "dlq", job.job_id if job else None,
-                    reason.value)  # fmt: skip
+                    reason.value, attempt=attempt)  # fmt: skip
 
     def _retry_or_dead(self, rec: Any, tp: TopicPartition, job: Job, d: Decision, attempt: int, now: int,
                        audits: list[dict[str, Any]]) -> _Out:  # fmt: skip
@@ -389,7 +423,7 @@ class Router:
 
     async def _prefetch(self, job_ids: list[str], sessions: set[str], now: int) -> set[str]:
         """Which job ids were routed before, and load the pins of this batch's sessions into memory."""
-        dedupe = bool(job_ids) and self.s.dedupe_ttl_s > 0
+        dedupe = bool(job_ids) and self.s.dedupe_ttl_s > 0  # job_ids: dedupe keys (see dedupe_key)
         if not dedupe and not sessions:
             return set()
         order = list(sessions)
@@ -481,7 +515,7 @@ class Router:
                 if ttl_ms:
                     for o in acked:
                         if o.job_id and o.kind != "retry":
-                            pipe.set(self.keys.seen(o.job_id), 1, px=ttl_ms)
+                            pipe.set(self.keys.seen(dedupe_key(o.job_id, o.attempt)), 1, px=ttl_ms)
                 pin_ms = int(self.state.policy.affinity_timeout_s * 1000)
                 for o in acked:
                     if o.pin is not None:  # sliding timeout: every routed job of a session renews its pin
@@ -505,6 +539,3 @@ def _failed(exc: BaseException) -> Awaitable[Any]:
     fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
     fut.set_exception(exc)
     return fut
-
-
-RouterFactory = Callable[[Settings], Router]

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
+from typing import Any
 
 import orjson
 from redis.asyncio import Redis
@@ -22,6 +23,7 @@ from router_worker.core.policy import DEFAULT_POLICY, Policy
 from router_worker.state.catalog import ModelCatalog
 from router_worker.state.heads import HeadRegistry
 from router_worker.state.policy_store import PolicyStore
+from router_worker.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +48,13 @@ class StateCache:
         self._wake = asyncio.Event()
         self._policy_dirty = True
         self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = False
+        self._pubsub: Any = None
 
     async def start(self) -> None:
         pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
         await pubsub.subscribe(self.registry.keys.events)
+        self._pubsub = pubsub
         await self.refresh()
         self._tasks = [
             asyncio.create_task(self._listen(pubsub), name="state-events"),
@@ -57,12 +62,13 @@ class StateCache:
         ]
 
     async def stop(self) -> None:
-        for t in self._tasks:
-            t.cancel()
-        for t in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await t
+        self._stopping = True
+        await cancel_and_wait(self._tasks)
         self._tasks = []
+        if self._pubsub is not None:
+            with contextlib.suppress(RedisError, OSError):
+                await self._pubsub.aclose()
+            self._pubsub = None
 
     async def refresh(self) -> None:
         if self._policy_dirty:
@@ -79,7 +85,7 @@ class StateCache:
             self.on_refresh(self)
 
     async def _loop(self) -> None:
-        while True:
+        while not self._stopping:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.refresh_s)
             self._wake.clear()
@@ -91,7 +97,7 @@ class StateCache:
 
     async def _listen(self, pubsub: object) -> None:
         ps = pubsub  # redis.asyncio.client.PubSub
-        while True:
+        while not self._stopping:
             try:
                 async for msg in ps.listen():  # type: ignore[attr-defined]
                     try:

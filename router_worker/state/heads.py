@@ -7,7 +7,7 @@ events channel so routers refresh at once instead of waiting for their periodic 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Any, cast
 
 import orjson
@@ -268,7 +268,3 @@ class HeadRegistry:
             pipe.hgetall(self.keys.inflight)
             res = await pipe.execute()
         return {k: int(v) for k, v in res[-1].items()}
-
-
-def with_status(head: Head, status: HeadStatus) -> Head:
-    return replace(head, status=status)

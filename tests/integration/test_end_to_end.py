@@ -126,3 +126,22 @@ async def test_two_router_processes_share_the_partitions_and_route_every_job_onc
     routed = await _group_members_routed(audit_files)
     assert sum(routed.values()) == n, routed
     assert set(routed) == {"proc-0", "proc-1"}, f"both members routed: {routed}"
+
+
+async def test_the_same_job_id_is_routed_once(settings: Settings, redis: Redis) -> None:
+    served = Served()
+    worker = make_worker(settings, redis, served, "m", capacity=16)
+    router = make_router(settings, redis)
+    async with running(worker, router):
+        async with JobProducer(settings) as p:
+            for _ in range(3):  # a producer retrying, in one batch or across batches
+                await p.submit("m", "x", job_id="once")
+                await p.flush()
+                await asyncio.sleep(0.3)
+            for i in range(5):
+                await p.submit("m", i, job_id=f"other-{i}")
+        await wait_until(lambda: len(served.rows) >= 6)
+        await asyncio.sleep(0.5)
+    assert Counter(served.job_ids())["once"] == 1
+    assert len(served.rows) == 6
+    assert router.stats.duplicates == 2

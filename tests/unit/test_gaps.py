@@ -1,0 +1,73 @@
+"""The offset-gap guard: records after a missing offset wait until it appears, or until it is clearly gone."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from aiokafka import TopicPartition
+
+from router_worker.pipeline.gaps import GapGuard
+
+TP = TopicPartition("t", 0)
+
+
+@dataclass
+class Rec:
+    offset: int
+
+
+def recs(*offsets: int) -> list[Rec]:
+    return [Rec(o) for o in offsets]
+
+
+def test_contiguous_records_pass_untouched_without_copying() -> None:
+    g = GapGuard(wait_ms=100)
+    g.expect(TP, 10)
+    batch = recs(10, 11, 12)
+    admitted, hold = g.admit(TP, batch, 0)
+    assert admitted is batch
+    assert hold is None
+    assert g.expected[TP] == 13
+
+
+def test_a_gap_holds_the_records_after_it_until_the_missing_offset_appears() -> None:
+    g = GapGuard(wait_ms=100)
+    g.expect(TP, 10)
+    admitted, hold = g.admit(TP, recs(10, 11, 13, 14), now_ms=1_000)  # 12 is not visible yet
+    assert [r.offset for r in admitted] == [10, 11]
+    assert hold == 12
+    admitted, hold = g.admit(TP, recs(13, 14), now_ms=1_010)  # read again from 12: still missing
+    assert list(admitted) == []
+    assert hold == 12
+    admitted, hold = g.admit(TP, recs(12, 13, 14), now_ms=1_020)  # there it is
+    assert [r.offset for r in admitted] == [12, 13, 14]
+    assert hold is None
+    assert g.waits == 2
+    assert g.accepted == 0
+
+
+def test_a_gap_that_persists_is_accepted_as_real() -> None:
+    g = GapGuard(wait_ms=100)
+    g.expect(TP, 5)
+    assert g.admit(TP, recs(7, 8), now_ms=0) == ([], 5)
+    admitted, hold = g.admit(TP, recs(7, 8), now_ms=150)  # compaction or a transaction marker
+    assert [r.offset for r in admitted] == [7, 8]
+    assert hold is None
+    assert g.accepted == 1
+    assert g.expected[TP] == 9
+
+
+def test_unknown_start_accepts_anything_then_tracks() -> None:
+    g = GapGuard()
+    admitted, hold = g.admit(TP, recs(40, 41), now_ms=0)
+    assert [r.offset for r in admitted] == [40, 41]
+    assert hold is None
+    assert g.admit(TP, recs(43), now_ms=1) == ([], 42)
+
+
+def test_records_already_seen_are_never_admitted_twice() -> None:
+    g = GapGuard()
+    g.expect(TP, 10)
+    admitted, hold = g.admit(TP, recs(8, 9, 10, 11), now_ms=0)
+    assert [r.offset for r in admitted] == [10, 11]
+    assert hold is None

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -58,6 +60,14 @@ def cli_env(s: Settings, **extra: str) -> dict[str, str]:
     )
     env.update(extra)
     return env
+
+
+def cli(s: Settings, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run([sys.executable, "-m", "router_worker.cli", *args], env=cli_env(s), capture_output=True,
+                          text=True, timeout=60)  # fmt: skip
+    if check:
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc
 
 
 def make_router(s: Settings, redis: Redis, **kw: Any) -> Router:

@@ -15,17 +15,9 @@ from redis.asyncio import Redis
 
 from producers.producer import JobProducer
 from router_worker.settings import Settings
-from tests.helpers import Served, cli_env, make_router, make_worker, running, wait_until
+from tests.helpers import Served, cli, cli_env, make_router, make_worker, running, wait_until
 
 pytestmark = pytest.mark.integration
-
-
-def cli(s: Settings, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run([sys.executable, "-m", "router_worker.cli", *args], env=cli_env(s), capture_output=True,
-                          text=True, timeout=60)  # fmt: skip
-    if check:
-        assert proc.returncode == 0, proc.stdout + proc.stderr
-    return proc
 
 
 async def _cli(s: Settings, *args: str, check: bool = True) -> tuple[subprocess.CompletedProcess[str], float]:

@@ -94,6 +94,8 @@ class _Out:
     head_id: str | None = None
     pin: tuple[str, str] | None = None
     """(session, head) when the decision pinned a session."""
+    new_pin: bool = False
+    """The session had no pin: written only if still absent, so of two routers racing the first wins."""
     attempt: int = 1
 
 
@@ -336,12 +338,14 @@ class Router:
                 in_batch.add(key)
                 cp.done(tp, rec.offset)
                 if d.outcome is Outcome.ROUTED:
+                    new_pin = d.sticky is not None and d.sticky[0] not in memory.affinity
                     record(d, memory, job, policy, now)
                     head = d.head
                     assert head is not None
                     outs.append(_Out(self.topics.model(head.model_id), rec.value, rec.key, head.partition,
                                      routed_headers(rec.headers, job.job_id, d, ctype, now), "routed",
-                                     job.job_id, head.head_id, d.sticky, attempt))  # fmt: skip
+                                     job.job_id, head.head_id, pin=d.sticky, attempt=attempt,
+                                     new_pin=new_pin))  # fmt: skip
                     decisions_tally[(d.strategy, job.model_type, head.region)] += 1
                     if s.audit_decisions:
                         audits.append(decision_record(d, self.router_id, job.job_id, job.model_type, job.region,
@@ -519,7 +523,7 @@ class Router:
                 pin_ms = int(self.state.policy.affinity_timeout_s * 1000)
                 for o in acked:
                     if o.pin is not None:  # sliding timeout: every routed job of a session renews its pin
-                        pipe.set(self.keys.affinity(o.pin[0]), o.pin[1], px=pin_ms)
+                        pipe.set(self.keys.affinity(o.pin[0]), o.pin[1], px=pin_ms, nx=o.new_pin)
                 for head_id, n in per_head.items():
                     pipe.hincrby(self.keys.inflight, head_id, n)
                 pipe.hgetall(self.keys.inflight)

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from enum import StrEnum
 from fnmatch import fnmatchcase
 from functools import cached_property
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -156,13 +157,7 @@ class Policy(_Strict):
         return v
 
     def rule_for(self, model_type: str) -> Rule | None:
-        cache = self._rules
-        if model_type in cache:
-            return cache[model_type]
-        found = next((r for r in self.rules if fnmatchcase(model_type, r.pattern)), None)
-        if len(cache) < 4096:
-            cache[model_type] = found
-        return found
+        return _first_match(self._rules, model_type, self.rules, lambda r: r.pattern)
 
     def strategy_for(self, model_type: str) -> str:
         rule = self.rule_for(model_type)
@@ -180,13 +175,23 @@ class Policy(_Strict):
         return {}
 
     def ab_test_for(self, model_type: str) -> ABTest | None:
-        cache = self._ab_by_model
-        if model_type in cache:
-            return cache[model_type]
-        found = next((t for t in self.ab_tests if fnmatchcase(model_type, t.model)), None)
-        if len(cache) < 4096:
-            cache[model_type] = found
-        return found
+        return _first_match(self._ab_by_model, model_type, self.ab_tests, lambda t: t.model)
+
+
+T = TypeVar("T")
+_MEMO_LIMIT = 4096
+
+
+def _first_match(
+    memo: dict[str, T | None], model_type: str, items: list[T], pattern: Callable[[T], str]
+) -> T | None:
+    """The first item whose shell-style pattern matches ``model_type``, memoised per policy (bounded)."""
+    if model_type in memo:
+        return memo[model_type]
+    found = next((item for item in items if fnmatchcase(model_type, pattern(item))), None)
+    if len(memo) < _MEMO_LIMIT:
+        memo[model_type] = found
+    return found
 
 
 DEFAULT_POLICY = Policy()

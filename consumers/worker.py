@@ -104,6 +104,8 @@ class WorkerStats:
     failed: int = 0
     inflight: int = 0
     latency_ewma_ms: float = 0.0
+    completions_lost: int = 0
+    """Completion records the broker did not take (the jobs themselves were served)."""
     released: int = 0
     """Finished jobs not yet released from the shared in-flight count."""
 
@@ -304,10 +306,21 @@ class ModelWorker:
             value = msgpack.packb(doc, use_bin_type=True)
         topic = job.reply_to or self.topics.results
         try:
-            await self._producer.send(topic, value, key=job.job_id.encode(),
-                                      headers=[("content-type", MSGPACK.encode())])  # fmt: skip
+            fut = await self._producer.send(topic, value, key=job.job_id.encode(),
+                                            headers=[("content-type", MSGPACK.encode())])  # fmt: skip
         except Exception as exc:
-            log.warning("head %s: completion record for %s not sent: %s", self.head_id, job.job_id, exc)
+            self._completion_failed(job.job_id, exc)
+            return
+        # Not awaited (the job is done; the record rides the producer's batching), but never unobserved.
+        fut.add_done_callback(lambda f, job_id=job.job_id: self._on_completion_sent(job_id, f))
+
+    def _on_completion_sent(self, job_id: str, fut: asyncio.Future[Any]) -> None:
+        if not fut.cancelled() and fut.exception() is not None:
+            self._completion_failed(job_id, fut.exception())
+
+    def _completion_failed(self, job_id: str, exc: BaseException | None) -> None:
+        self.stats.completions_lost += 1
+        log.warning("head %s: completion record for %s not sent: %s", self.head_id, job_id, exc)
 
     async def _release_loop(self) -> None:
         """Give finished jobs back to the shared in-flight count often, so routers see capacity return fast."""

@@ -83,12 +83,11 @@ async def _follow_from_now(s: Settings, topic: str) -> tuple[AIOKafkaConsumer, G
     published ("latest" would be resolved lazily, at each partition's first fetch, and could skip a record)."""
     consumer = make_consumer(s, group_id=None)
     await consumer.start()
-    # A topic created a moment ago may show no or some partitions in the first metadata: wait for all.
     parts: set[int] = set()
-    for _ in range(100):
+    for _ in range(100):  # a topic created a moment ago may not be in the first metadata yet
         await consumer.topics()
         parts = consumer.partitions_for_topic(topic) or set()
-        if len(parts) >= s.requests_partitions:
+        if parts:
             break
         await asyncio.sleep(0.05)
     if not parts:

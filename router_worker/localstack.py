@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
-import os
 import shutil
 import signal
 import socket
@@ -170,11 +169,3 @@ async def wait_kafka_ready(bootstrap: str, within_s: float = 20.0) -> None:
         finally:
             await admin.close()
     raise LocalStackError(f"broker at {bootstrap} not ready: {last}")
-
-
-def child_env(stack: LocalStack) -> dict[str, str]:
-    """Environment for a child process that should use this stack."""
-    env = dict(os.environ)
-    env["ROUTER_KAFKA_BOOTSTRAP_SERVERS"] = stack.bootstrap_servers
-    env["ROUTER_REDIS_URL"] = stack.redis_url
-    return env

@@ -57,9 +57,6 @@ class CandidateSet:
             return False
         return mem.load(h) < limit
 
-    def eligible(self, mem: RouterMemory, limit: float, now_ms: int) -> list[Head]:
-        return [h for h in self.heads if self.ok(h, mem, limit, now_ms)]
-
     # --- argmax through a lazy heap -----------------------------------------------------------------------
 
     def best(self, name: str, score: ScoreFn, mem: RouterMemory, limit: float, now_ms: int,

@@ -526,12 +526,11 @@ class Router:
                         pipe.set(self.keys.affinity(o.pin[0]), o.pin[1], px=pin_ms, nx=o.new_pin)
                 for head_id, n in per_head.items():
                     pipe.hincrby(self.keys.inflight, head_id, n)
+                inflight_at = len(pipe)
                 pipe.hgetall(self.keys.inflight)
                 self.audit.publish_into(pipe, lines)
                 res = await pipe.execute()
-            n_seen = sum(1 for o in acked if o.job_id and o.kind != "retry") if ttl_ms else 0
-            n_pins = sum(1 for o in acked if o.pin is not None)
-            inflight = res[n_seen + n_pins + len(per_head)]
+            inflight = res[inflight_at]
             self.memory.reset_pending({k: int(v) for k, v in inflight.items()})
             self.metrics.external_calls.labels("redis", "ok").inc()
         except (RedisError, OSError) as exc:

@@ -256,15 +256,3 @@ class HeadRegistry:
                 pipe.hdel(self.keys.inflight, *gone)
                 await pipe.execute()
         return heads, profiles, inflight
-
-    async def get(self, head_id: str) -> dict[str, str]:
-        return cast(dict[str, str], await self.redis.hgetall(self.keys.head(head_id)))
-
-    async def add_inflight(self, counts: Mapping[str, int]) -> dict[str, int]:
-        """Add this batch's picks to the shared in-flight counts and read them all back: one round trip."""
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for head_id, n in counts.items():
-                pipe.hincrby(self.keys.inflight, head_id, n)
-            pipe.hgetall(self.keys.inflight)
-            res = await pipe.execute()
-        return {k: int(v) for k, v in res[-1].items()}

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from producers.producer import SyncJobProducer
+from producers.producer import JobProducer, SyncJobProducer
 from router_worker.settings import Settings
 from router_worker.topics import Topics
 from schemas.envelope import JSON, MSGPACK, EnvelopeError, content_type_of, decode_job
@@ -26,16 +26,24 @@ async def test_sync_producer_and_submit_cli(settings: Settings) -> None:
             return ids
 
     ids = await asyncio.to_thread(blocking)
+    async with JobProducer(settings) as jp:
+        many = await jp.submit_many(
+            [{"model_type": "bert_base", "payload": {"i": i}, "priority": i} for i in range(3)]
+        )
+    ids += many
     proc = await asyncio.to_thread(cli, settings, "submit", "--model", "llama", "--count", "2", "--json")
     cli_ids = proc.stdout.split()
     assert len(cli_ids) == 2
-    records = await read_topic(settings, topic, expect=5)
+    records = await read_topic(settings, topic, expect=8)
     jobs = {}
     for rec in records:
         ctype = content_type_of(rec.headers)
         jobs[decode_job(rec.value, ctype).job_id] = (ctype, decode_job(rec.value, ctype))
     assert set(jobs) == set(ids) | set(cli_ids)
-    for job_id in ids:
+    for i, job_id in enumerate(many):
+        assert jobs[job_id][1].payload == {"i": i}
+        assert jobs[job_id][1].priority == i
+    for job_id in ids[:3]:
         ctype, job = jobs[job_id]
         assert ctype == MSGPACK
         assert (job.model_type, job.payload, job.region, job.session_id) == (

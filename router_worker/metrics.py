@@ -56,6 +56,22 @@ class Metrics:
         self.consumer_lag = Gauge("router_consumer_lag", "Messages behind the highwater mark.", ["topic"],
                                   registry=r)  # fmt: skip
         self.inflight_sends = Gauge("router_inflight_sends", "Publishes awaiting broker ack.", registry=r)
+        self.dead_letters = Counter("dead_letters_total", "Dead letters published, by reason.", ["reason"],
+                                    registry=r)  # fmt: skip
+        self.retries = Counter("retries_total", "Jobs sent to a retry tier, by tier.", ["tier"], registry=r)
+        self.duplicates = Counter(
+            "router_duplicates_total", "Records skipped as already handled.", registry=r
+        )
+        self.redis_up = Gauge(
+            "router_redis_available", "1 while Redis answers the router, else 0.", registry=r
+        )
+        self.outage_buffered = Gauge(
+            "router_outage_buffered", "Writes waiting for Redis to answer.", registry=r
+        )
+        self.invalid_heads = Gauge("router_invalid_heads", "Heads that can not be addressed (bad partition).",
+                                   registry=r)  # fmt: skip
+        self.gaps_accepted = Counter("router_offset_gaps_accepted_total", "Offset gaps accepted as real.",
+                                     registry=r)  # fmt: skip
         self.policy_version = Gauge("router_policy_version", "Version of the policy in force.", registry=r)
 
     def render(self) -> bytes:

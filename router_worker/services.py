@@ -27,7 +27,7 @@ async def run_router(rt: Runtime, router: Router) -> None:
     runner = None
     if s.admin_port:
         app = build_app(router.metrics, router.registry, router.policies, router.audit, router.router_id,
-                        s.admin_token, router.ready.is_set)  # fmt: skip
+                        s.admin_token, router.is_ready)  # fmt: skip
         runner = await serve(app, s.admin_host, s.admin_port)
     try:
         await router.run()

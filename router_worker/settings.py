@@ -77,7 +77,29 @@ class Settings(BaseSettings):
     default_strategy: str = "least_loaded"
     head_refresh_ms: int = Field(1_000, ge=50, description="Full resync of the head snapshot from Redis.")
     publish_retry_attempts: int = Field(
-        5, ge=1, description="Tries to publish a batch before giving up on it."
+        5, ge=1, description="Tries of a publish failing with retriable errors before it is left unsent."
+    )
+    publish_retry_max_s: float = Field(
+        30.0, gt=0, description="Longest time retriable publish errors are retried in one batch."
+    )
+    claim_ttl_ms: int = Field(
+        60_000,
+        ge=1_000,
+        description="How long a router's claim on a job id lasts before another router may take it over.",
+    )
+    claim_wait_ms: int = Field(
+        200, ge=1, description="Pause of a partition whose next job is claimed by a job still in progress."
+    )
+    redis_staleness_ms: int = Field(
+        30_000,
+        ge=0,
+        description="While Redis is unreachable, route from the last snapshot this long, then pause.",
+    )
+    outage_buffer_max: int = Field(
+        200_000, ge=0, description="Marks and audit records kept for Redis while it is unreachable."
+    )
+    dlq_keep_bytes: int = Field(
+        4096, ge=0, description="Bytes of a too-large job kept in its (truncated) dead letter."
     )
     shutdown_timeout_s: float = Field(10.0, gt=0)
     retry_backoff_ms: list[int] = Field(
@@ -91,10 +113,11 @@ class Settings(BaseSettings):
         description="Pause of a partition whose next job finds every head at its load limit.",
     )
     gap_wait_ms: int = Field(
-        200,
+        3_000,
         ge=0,
-        le=60_000,
-        description="How long a consumer waits for a missing offset to appear before accepting the gap.",
+        le=600_000,
+        description="How long a consumer waits for a missing offset to appear before accepting the gap "
+        "(above the broker's visibility delay; the embedded broker's can exceed a second).",
     )
     max_attempts: int = Field(6, ge=1, description="Routing attempts before a job is dead-lettered.")
     dedupe_ttl_s: int = Field(86_400, ge=0, description="How long a routed job_id is remembered (0: off).")

@@ -6,7 +6,8 @@ from collections.abc import Sequence
 
 from router_worker.core.model import Decision
 
-Headers = list[tuple[str, bytes]]
+Headers = list[tuple[str, bytes | None]]
+"""Kafka headers as aiokafka gives them: a header's value may be null."""
 
 H_CONTENT_TYPE = "content-type"
 H_JOB_ID = "x-job-id"
@@ -22,15 +23,18 @@ H_ORIG_PARTITION = "x-original-partition"
 H_ORIG_OFFSET = "x-original-offset"
 H_NOT_BEFORE = "x-retry-not-before"
 H_RETRY_REASON = "x-retry-reason"
+H_DLQ_TRUNCATED = "x-dlq-truncated"
+H_DLQ_SHA256 = "x-dlq-sha256"
 
 _OURS = frozenset(
     {H_JOB_ID, H_HEAD, H_STRATEGY, H_ATTEMPT, H_FALLBACK, H_DECIDED_AT, H_DLQ_REASON, H_DLQ_ERROR, H_NOT_BEFORE,
-     H_RETRY_REASON}
+     H_RETRY_REASON, H_DLQ_TRUNCATED, H_DLQ_SHA256}
 )  # fmt: skip
 _ORIGIN = frozenset({H_ORIG_TOPIC, H_ORIG_PARTITION, H_ORIG_OFFSET})
 
 
-def header(headers: Sequence[tuple[str, bytes]] | None, name: str) -> bytes | None:
+def header(headers: Sequence[tuple[str, bytes | None]] | None, name: str) -> bytes | None:
+    """The first value of header ``name`` (None when absent or null)."""
     if headers:
         for k, v in headers:
             if k == name:
@@ -38,7 +42,7 @@ def header(headers: Sequence[tuple[str, bytes]] | None, name: str) -> bytes | No
     return None
 
 
-def header_int(headers: Sequence[tuple[str, bytes]] | None, name: str, default: int = 0) -> int:
+def header_int(headers: Sequence[tuple[str, bytes | None]] | None, name: str, default: int = 0) -> int:
     raw = header(headers, name)
     if raw is None:
         return default
@@ -48,7 +52,16 @@ def header_int(headers: Sequence[tuple[str, bytes]] | None, name: str, default: 
         return default
 
 
-def _passthrough(headers: Sequence[tuple[str, bytes]] | None, keep_origin: bool) -> Headers:
+def attempt_of(headers: Sequence[tuple[str, bytes | None]] | None) -> int | None:
+    """The ``x-route-attempt`` a retry record carries: a positive integer, or None when missing or bad."""
+    raw = header(headers, H_ATTEMPT)
+    if raw is None or len(raw) > 9 or not raw.isdigit():
+        return None
+    n = int(raw)
+    return n if n >= 1 else None
+
+
+def _passthrough(headers: Sequence[tuple[str, bytes | None]] | None, keep_origin: bool) -> Headers:
     """The producer's own headers (``traceparent`` among them) minus the router's, which are rewritten."""
     if not headers:
         return []
@@ -56,7 +69,7 @@ def _passthrough(headers: Sequence[tuple[str, bytes]] | None, keep_origin: bool)
     return [(k, v) for k, v in headers if k not in drop]
 
 
-def routed_headers(original: Sequence[tuple[str, bytes]] | None, job_id: str, decision: Decision,
+def routed_headers(original: Sequence[tuple[str, bytes | None]] | None, job_id: str, decision: Decision,
                    content_type: str, decided_at_ms: int) -> Headers:  # fmt: skip
     head = decision.head
     out = _passthrough(original, keep_origin=False)
@@ -73,7 +86,9 @@ def routed_headers(original: Sequence[tuple[str, bytes]] | None, job_id: str, de
     return out
 
 
-def _origin(original: Sequence[tuple[str, bytes]] | None, topic: str, partition: int, offset: int) -> Headers:
+def _origin(
+    original: Sequence[tuple[str, bytes | None]] | None, topic: str, partition: int, offset: int
+) -> Headers:
     # A record read from a retry topic keeps the origin of its first read, so ops see where it came from.
     if header(original, H_ORIG_TOPIC) is not None:
         return [(k, v) for k, v in (original or ()) if k in _ORIGIN]
@@ -84,7 +99,7 @@ def _origin(original: Sequence[tuple[str, bytes]] | None, topic: str, partition:
     ]
 
 
-def dead_letter_headers(original: Sequence[tuple[str, bytes]] | None, reason: str, error: str, topic: str,
+def dead_letter_headers(original: Sequence[tuple[str, bytes | None]] | None, reason: str, error: str, topic: str,
                         partition: int, offset: int, attempt: int) -> Headers:  # fmt: skip
     out = _passthrough(original, keep_origin=False)
     out += _origin(original, topic, partition, offset)
@@ -96,7 +111,7 @@ def dead_letter_headers(original: Sequence[tuple[str, bytes]] | None, reason: st
     return out
 
 
-def retry_headers(original: Sequence[tuple[str, bytes]] | None, reason: str, topic: str, partition: int,
+def retry_headers(original: Sequence[tuple[str, bytes | None]] | None, reason: str, topic: str, partition: int,
                   offset: int, attempt: int, not_before_ms: int) -> Headers:  # fmt: skip
     out = _passthrough(original, keep_origin=False)
     out += _origin(original, topic, partition, offset)

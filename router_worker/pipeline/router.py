@@ -1,10 +1,14 @@
-"""The router process: consume jobs in batches, decide with the pure engine, publish, then commit.
+"""The router process: the loop that reads jobs, routes them and commits, as a list of small steps.
 
-Per batch: at most one Redis round trip before routing (duplicate check) and one after the broker
-acknowledged every publish (idempotency markers, shared in-flight counts, audit records). Offsets are
-committed only after those acknowledgements (see :mod:`router_worker.pipeline.checkpoint`). Retry topics are
-read by the same consumer; a record whose back-off has not elapsed pauses its partition until it has, so the
-main topic never waits on it.
+fetch → admit and decode (:mod:`intake`) → claim (:mod:`marks`, one Redis round trip) → plan (:mod:`plan`,
+pure) → publish (:mod:`publish`, every result classified) → mark (:mod:`marks`, one Redis round trip) →
+commit (each partition up to its first unsettled record).
+
+Guarantees (README "Delivery"): every record read ends in exactly one place (a model topic, a retry tier,
+the DLQ) or is read again; an offset is committed only after everything before it was acknowledged; a
+publish error that sending again can not cure dead-letters that record (``publish_error``) and never stalls
+its partition; a retriable one is retried, then the record is read again. While Redis is unreachable the
+router routes from its last snapshot for ``redis_staleness_ms``, buffering its writes, then pauses.
 """
 
 from __future__ import annotations
@@ -15,53 +19,40 @@ import logging
 import random
 import time
 from collections import Counter as Tally
-from collections.abc import Awaitable
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
+from aiokafka.structs import OffsetAndMetadata
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from router_worker.audit import AuditSink, decision_record
+from router_worker.audit import AuditSink
 from router_worker.clock import now_ms
-from router_worker.core.engine import decide, record
-from router_worker.core.model import Decision, Outcome, RouterMemory
+from router_worker.core.model import RouterMemory
 from router_worker.metrics import Metrics
-from router_worker.pipeline.checkpoint import Checkpoint
-from router_worker.pipeline.gaps import GapGuard
+from router_worker.pipeline.gaps import GapGuard, start_offset
+from router_worker.pipeline.intake import Parts, intake
 from router_worker.pipeline.kafka import ensure_topics, make_consumer, make_producer
-from router_worker.pipeline.messages import (
-    H_ATTEMPT,
-    H_NOT_BEFORE,
-    dead_letter_headers,
-    header_int,
-    retry_headers,
-    routed_headers,
-)
+from router_worker.pipeline.marks import Marks
+from router_worker.pipeline.outcomes import DeadLettered, Hold, Outcome, Plan, Retried, Routed, commit_offsets
+from router_worker.pipeline.plan import Claim, PlanConfig, Stats, dead_letter, plan
+from router_worker.pipeline.publish import RetryBudget, Send, describe, publish
 from router_worker.settings import Settings
 from router_worker.state.cache import StateCache
 from router_worker.state.heads import HeadRegistry
+from router_worker.state.health import RedisHealth
 from router_worker.state.keys import Keys
 from router_worker.state.policy_store import PolicyStore
 from router_worker.topics import Topics
-from schemas.envelope import DeadLetterReason, EnvelopeError, Job, content_type_of, decode_job
+from schemas.envelope import DeadLetterReason
 
 log = logging.getLogger(__name__)
 
+_UNSENT_BACKOFF_MS = (200, 5_000)
+_OUTAGE_PROBE_S = 0.5
 _LOG_BAD_PER_BATCH = 10
-_GAP_RETRY_MS = 5
-
-
-def dedupe_key(job_id: str, attempt: int) -> str:
-    """What "routed once" means: once per job id and attempt. A job a head hands back, or the router
-    retries, is routed again as its next attempt; a replay of any one attempt is skipped."""
-    return job_id if attempt <= 1 else f"{job_id}#{attempt}"
-
-
-class PublishFailed(RuntimeError):
-    pass
 
 
 @dataclass(slots=True)
@@ -73,30 +64,15 @@ class RouterStats:
     duplicates: int = 0
     deferred: int = 0
     saturated: int = 0
-    rewinds: int = 0
+    claimed_elsewhere: int = 0
+    unsent: int = 0
+    publish_errors: int = 0
     gap_waits: int = 0
     commit_failures: int = 0
+    batch_errors: int = 0
+    outage_pauses: int = 0
     by_head: Tally[str] = field(default_factory=Tally)
     dead_by_reason: Tally[str] = field(default_factory=Tally)
-
-
-@dataclass(slots=True)
-class _Out:
-    """One publish of the batch, kept until acknowledged."""
-
-    topic: str
-    value: bytes | None
-    key: bytes | None
-    partition: int | None
-    headers: list[tuple[str, bytes]]
-    kind: str  # routed | retry | dlq
-    job_id: str | None = None
-    head_id: str | None = None
-    pin: tuple[str, str] | None = None
-    """(session, head) when the decision pinned a session."""
-    new_pin: bool = False
-    """The session had no pin: written only if still absent, so of two routers racing the first wins."""
-    attempt: int = 1
 
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -115,39 +91,47 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         log.info("router %s assigned %d partitions", self.router.router_id, len(assigned))
         consumer = self.router._consumer
         for tp in assigned:  # reading resumes at the committed offset: the first record must be that one
-            committed = None
-            if consumer is not None:
-                with contextlib.suppress(KafkaError):
-                    committed = await consumer.committed(tp)
-            self.router.gaps.expect(tp, committed)
+            offset = await start_offset(consumer, tp) if consumer is not None else None
+            self.router.gaps.expect(tp, offset)
 
 
 class Router:
     def __init__(self, settings: Settings, redis: Redis, metrics: Metrics, audit: AuditSink,
                  rng: random.Random | None = None) -> None:  # fmt: skip
-        self.s = settings
+        s = settings
+        self.s = s
         self.redis = redis
         self.metrics = metrics
         self.audit = audit
         self.rng = rng or random.Random()
-        self.topics = Topics.from_settings(settings)
-        self.keys = Keys(settings.redis_prefix)
-        self.registry = HeadRegistry(redis, self.keys, settings.head_ttl_ms)
+        self.topics = Topics.from_settings(s)
+        self.keys = Keys(s.redis_prefix)
+        self.health = RedisHealth(last_ok_ms=now_ms())
+        self.registry = HeadRegistry(redis, self.keys, s.head_ttl_ms)
         self.policies = PolicyStore(redis, self.keys)
-        self.state = StateCache(
-            redis, self.registry, self.policies, settings.head_refresh_ms, self._on_refresh, self._on_event
-        )
+        self.state = StateCache(redis, self.registry, self.policies, s.head_refresh_ms, self._on_refresh,
+                                self._on_event, health=self.health)  # fmt: skip
+        self.marks = Marks(redis, self.keys, audit, claim_ttl_ms=s.claim_ttl_ms, dedupe_ttl_ms=s.dedupe_ttl_s * 1000,
+                           buffer_max=s.outage_buffer_max)  # fmt: skip
         self.memory = RouterMemory()
-        self.router_id = settings.effective_router_id
+        self.router_id = s.effective_router_id
         self.stats = RouterStats()
         self.batch_lock = asyncio.Lock()
         self.paused_until: dict[TopicPartition, int] = {}
-        self.gaps = GapGuard(settings.gap_wait_ms)
+        self.gaps = GapGuard(s.gap_wait_ms)
         self.ready = asyncio.Event()
         self._stop = asyncio.Event()
-        self._retry_topics = [self.topics.retry(i + 1) for i in range(len(settings.retry_backoff_ms))]
+        self._retry_topics = [self.topics.retry(i + 1) for i in range(len(s.retry_backoff_ms))]
         self._retry_set = frozenset(self._retry_topics)
-        self._refresh_inflight = False
+        self._cfg = PlanConfig(
+            router_id=self.router_id, topics=self.topics, max_attempts=s.max_attempts,
+            retry_backoff_ms=tuple(s.retry_backoff_ms), max_message_bytes=s.kafka_max_message_bytes,
+            dlq_keep_bytes=s.dlq_keep_bytes, audit_decisions=s.audit_decisions, backpressure_ms=s.backpressure_ms,
+            claim_wait_ms=s.claim_wait_ms,
+        )  # fmt: skip
+        self._budget = RetryBudget(attempts=s.publish_retry_attempts, max_s=s.publish_retry_max_s)
+        self._unsent_streak = 0
+        self._outage_paused = False
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
 
@@ -155,6 +139,10 @@ class Router:
 
     def stop(self) -> None:
         self._stop.set()
+
+    def is_ready(self) -> bool:
+        """Consuming, and not paused for a Redis outage (``/readyz``)."""
+        return self.ready.is_set() and not self._outage_paused
 
     async def run(self) -> None:
         s = self.s
@@ -175,51 +163,79 @@ class Router:
         try:
             await self._loop(consumer, producer)
         finally:
-            # The batch in hand was committed at its end; stop() would not call the revoke listener, so
-            # there is nothing else to commit. Leave the group at once so partitions move without waiting.
+            # Each batch committed at its end; leave the group at once so partitions move without waiting.
             self.ready.clear()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(consumer.stop(), s.shutdown_timeout_s)
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(producer.stop(), s.shutdown_timeout_s)
+            with contextlib.suppress(Exception):  # what Redis did not take during an outage, if it is back
+                await asyncio.wait_for(self.marks.mark([], self._pin_ms()), 2.0)
             await self.state.stop()
             with contextlib.suppress(Exception):
                 await self.audit.emit("router_stopped", self.router_id, routed=self.stats.routed)
 
     async def _loop(self, consumer: AIOKafkaConsumer, producer: AIOKafkaProducer) -> None:
         s = self.s
-        backoff = 0.1
         while not self._stop.is_set():
-            timeout_ms = self._resume_due(consumer, s.batch_timeout_ms)
-            batch = await consumer.getmany(timeout_ms=timeout_ms, max_records=s.batch_max_records)
-            if not batch:
-                continue
-            if self._refresh_inflight:  # we held jobs back for load: read how much the heads released
-                self._refresh_inflight = False
-                await self._read_inflight()
-            async with self.batch_lock:
-                try:
+            try:
+                if await self._outage_hold(consumer):
+                    continue
+                timeout_ms = self._resume_due(consumer, s.batch_timeout_ms)
+                batch = await consumer.getmany(timeout_ms=timeout_ms, max_records=s.batch_max_records)
+                if not batch:
+                    if self.marks.buffered and self.health.up:
+                        await self._mark([])
+                    continue
+                async with self.batch_lock:
                     await self.process(batch, consumer, producer)
-                    backoff = 0.1
-                except PublishFailed as exc:
-                    self.stats.rewinds += 1
-                    log.error("publish failed, batch will be read again in %.1fs: %s", backoff, exc)
-                    await asyncio.sleep(backoff)
-                    backoff = min(backoff * 2, 5.0)
-                except (CommitFailedError, IllegalStateError) as exc:
-                    # The group rebalanced under us: every publish of the batch was acknowledged and marked
-                    # seen, so the partition's next owner skips them as duplicates. Nothing is lost.
-                    self.stats.commit_failures += 1
-                    log.warning("commit refused after a rebalance (the next owner dedupes): %s", exc)
+            except (CommitFailedError, IllegalStateError) as exc:
+                # The group rebalanced under us: what was acknowledged is marked done, so the partition's
+                # next owner skips it as a duplicate; what was not is read again by it. Nothing is lost.
+                self.stats.commit_failures += 1
+                log.warning("commit refused after a rebalance (the next owner dedupes): %s", exc)
+            except KafkaError as exc:
+                self.stats.batch_errors += 1
+                log.warning("Kafka error in the router loop, continuing: %s", exc)
+                await asyncio.sleep(0.5)
+
+    async def _outage_hold(self, consumer: AIOKafkaConsumer) -> bool:
+        """Past the staleness window of a Redis outage: pause every partition until Redis answers."""
+        now = now_ms()
+        if self.health.up or self.health.down_for_ms(now) <= self.s.redis_staleness_ms:
+            if self._outage_paused:
+                self._outage_paused = False
+                consumer.resume(*(tp for tp in consumer.assignment() if tp not in self.paused_until))
+                log.warning("Redis answers again: routing resumed")
+            return False
+        if not self._outage_paused:
+            self._outage_paused = True
+            self.stats.outage_pauses += 1
+            log.error("Redis unreachable for %d ms (window %d ms): consumption paused until it answers",
+                      self.health.down_for_ms(now), self.s.redis_staleness_ms)  # fmt: skip
+        assigned = consumer.assignment()
+        if assigned:
+            consumer.pause(*assigned)
+        await consumer.getmany(timeout_ms=int(_OUTAGE_PROBE_S * 1000))  # keeps the poll alive; nothing comes
+        try:
+            await self.redis.ping()
+        except (RedisError, OSError):
+            return True
+        self.health.ok(now_ms())
+        await self._mark([])
+        with contextlib.suppress(RedisError, OSError):
+            await self.state.refresh()
+        return True
 
     def _resume_due(self, consumer: AIOKafkaConsumer, timeout_ms: int) -> int:
-        """Resume retry partitions whose back-off elapsed; return how long the next fetch may wait."""
+        """Resume partitions whose hold elapsed; return how long the next fetch may wait."""
         if not self.paused_until:
             return timeout_ms
         now = now_ms()
         due = [tp for tp, t in self.paused_until.items() if t <= now]
         if due:
-            consumer.resume(*due)
+            owned = consumer.assignment()
+            consumer.resume(*(tp for tp in due if tp in owned))
             for tp in due:
                 del self.paused_until[tp]
         if self.paused_until:
@@ -240,305 +256,238 @@ class Router:
         )
         self.metrics.policy_version.set(state.policy.version)
 
+    def _pin_ms(self) -> int:
+        return int(self.state.policy.affinity_timeout_s * 1000)
+
     # --- one batch -------------------------------------------------------------------------------------------
 
     async def process(self, batch: dict[TopicPartition, list[Any]], consumer: AIOKafkaConsumer,
                       producer: AIOKafkaProducer) -> None:  # fmt: skip
         t_batch = time.perf_counter()
-        s = self.s
         now = now_ms()
-        cp = Checkpoint()
-        outs: list[_Out] = []
-        audits: list[dict[str, Any]] = []
-        bad_logged = 0
+        parts, holds = intake(batch, self.gaps, self._retry_set, now, self.s.kafka_max_message_bytes)
+        try:
+            claims = await self._claim(parts, now)
+            p = self._plan(parts, claims, now)
+            p.holds.extend(holds)
+            await self._publish(producer, p)
+        except BaseException:
+            # Nothing of this batch is committed: read it all again from its first records.
+            self._rewind(consumer, parts, holds)
+            raise
+        unsent = [o for o in p.outcomes if not o.final]
+        if unsent:
+            self._hold_unsent(p, unsent, now)
+        else:
+            self._unsent_streak = 0
+        self._apply_holds(consumer, p.holds)
+        self._log_bad(p)
+        await self._mark([o for o in p.outcomes if o.final])
+        await self._commit(consumer, commit_offsets(p))
+        self._count(p, t_batch)
 
-        # 1. decode and validate everything (no I/O); defer retry records that are not due yet
-        work: list[tuple[TopicPartition, list[tuple[Any, Job | EnvelopeError, str, int]]]] = []
-        job_ids: list[str] = []
-        sessions: set[str] = set()
-        for tp, fetched in batch.items():
-            retry_tier = tp.topic in self._retry_set
-            items: list[tuple[Any, Job | EnvelopeError, str, int]] = []
-            records, gap_at = self.gaps.admit(tp, fetched, now)
-            for rec in records:
-                if retry_tier:
-                    not_before = header_int(rec.headers, H_NOT_BEFORE)
-                    if not_before > now:
-                        self._hold(consumer, tp, rec.offset, not_before)
-                        self.stats.deferred += 1
-                        gap_at = None  # held earlier than the gap: the gap is re-read anyway
-                        break
-                attempt = header_int(rec.headers, H_ATTEMPT, 0) + 1 if retry_tier else 1
-                ctype = content_type_of(rec.headers)
-                try:
-                    job: Job | EnvelopeError = decode_job(rec.value, ctype, s.kafka_max_message_bytes)
-                    job_ids.append(dedupe_key(job.job_id, attempt))  # type: ignore[union-attr]
-                    if job.session_id:  # type: ignore[union-attr]
-                        sessions.add(job.session_id)  # type: ignore[union-attr]
-                except EnvelopeError as exc:
-                    if bad_logged < _LOG_BAD_PER_BATCH:
-                        log.warning("bad job at %s[%d]@%d, dead-lettered: %s", tp.topic, tp.partition, rec.offset,
-                                    exc)  # fmt: skip
-                    bad_logged += 1
-                    job = exc
-                items.append((rec, job, ctype, attempt))
-            if gap_at is not None:  # an offset is missing: read again from it shortly (see gaps.py)
-                self._hold(consumer, tp, gap_at, now + _GAP_RETRY_MS)
-                self.stats.gap_waits += 1
-            work.append((tp, items))
-        if bad_logged > _LOG_BAD_PER_BATCH:
-            log.warning("... and %d more bad jobs in this batch", bad_logged - _LOG_BAD_PER_BATCH)
+    async def _claim(self, parts: Parts, now: int) -> dict[str, Claim]:
+        """Claims for the batch's keys and the pins of its sessions; nothing while Redis is unreachable."""
+        sessions = sorted({inc.job.session_id for _, items in parts for inc in items
+                           if inc.job is not None and inc.job.session_id})  # fmt: skip
+        if not self.marks.dedupe and not sessions:
+            return {}
+        try:
+            claims, pins = await self.marks.claim(parts, sessions)
+        except (RedisError, OSError) as exc:
+            if self.health.up:
+                log.warning("Redis unreachable: routing without claims from the last snapshot: %s", exc)
+            self.health.failed(now)
+            self.metrics.external_calls.labels("redis", "error").inc()
+            return {}
+        self.health.ok(now)
+        affinity = self.memory.affinity
+        expires = now + self._pin_ms()
+        for sid, head_id in zip(sessions, pins, strict=True):
+            if head_id is None:
+                affinity.pop(sid, None)  # expired in Redis: expired everywhere
+            else:
+                affinity[sid] = (head_id, expires)
+        return claims
 
-        # 2. one round trip for the whole batch: duplicates, and the sessions' pins set by any router
-        seen = await self._prefetch(job_ids, sessions, now)
-
-        # 3. decide and queue publishes, partition by partition in offset order
-        policy = self.state.policy
+    def _plan(self, parts: Parts, claims: dict[str, Claim], now: int) -> Plan:
         index = self.state.index
-        memory = self.memory
         hits0, misses0 = index.hits, index.misses
-        decisions_tally: Tally[tuple[str, str, str]] = Tally()
+        stats = Stats()
+        p = plan(parts, claims, index, self.state.policy, self.memory, now, self.health.heads_clock(now),
+                 self.rng, self._cfg, stats)  # fmt: skip
         observe = self.metrics.decision_duration.observe
-        in_batch: set[str] = set()
-        for tp, items in work:
-            for rec, job, ctype, attempt in items:
-                cp.start(tp, rec.offset)
-                if isinstance(job, EnvelopeError):
-                    outs.append(self._dead(rec, tp, job.reason, job.detail, attempt, audits, None))
-                    cp.done(tp, rec.offset)
-                    continue
-                key = dedupe_key(job.job_id, attempt)
-                if key in seen or key in in_batch:
-                    self.stats.duplicates += 1
-                    audits.append({"ts": now, "event": "duplicate", "router_id": self.router_id,
-                                   "job_id": job.job_id, "model_type": job.model_type})  # fmt: skip
-                    cp.done(tp, rec.offset)
-                    continue
-                if attempt > s.max_attempts:
-                    detail = f"attempt {attempt} exceeds max_attempts {s.max_attempts}"
-                    outs.append(
-                        self._dead(rec, tp, DeadLetterReason.MAX_ATTEMPTS, detail, attempt, audits, job)
-                    )
-                    cp.done(tp, rec.offset)
-                    continue
-                if job.deadline_ms is not None and job.deadline_ms < now:
-                    detail = f"deadline {job.deadline_ms} passed {now - job.deadline_ms} ms before routing"
-                    outs.append(self._dead(rec, tp, DeadLetterReason.EXPIRED, detail, attempt, audits, job))
-                    cp.done(tp, rec.offset)
-                    continue
-                t0 = time.perf_counter_ns()
-                d = decide(job, index, policy, memory, now, self.rng, attempt)
-                observe((time.perf_counter_ns() - t0) / 1e9)
-                if d.outcome is Outcome.SATURATED:
-                    # Back-pressure: leave this job and the rest of its partition in Kafka for a moment.
-                    self._hold(consumer, tp, rec.offset, now + s.backpressure_ms)
-                    self.stats.saturated += 1
-                    self._refresh_inflight = True
-                    break
-                in_batch.add(key)
-                cp.done(tp, rec.offset)
-                if d.outcome is Outcome.ROUTED:
-                    new_pin = d.sticky is not None and d.sticky[0] not in memory.affinity
-                    record(d, memory, job, policy, now)
-                    head = d.head
-                    assert head is not None
-                    outs.append(_Out(self.topics.model(head.model_id), rec.value, rec.key, head.partition,
-                                     routed_headers(rec.headers, job.job_id, d, ctype, now), "routed",
-                                     job.job_id, head.head_id, pin=d.sticky, attempt=attempt,
-                                     new_pin=new_pin))  # fmt: skip
-                    decisions_tally[(d.strategy, job.model_type, head.region)] += 1
-                    if s.audit_decisions:
-                        audits.append(decision_record(d, self.router_id, job.job_id, job.model_type, job.region,
-                                                      now))  # fmt: skip
-                elif d.outcome is Outcome.REFUSED:
-                    outs.append(
-                        self._dead(rec, tp, DeadLetterReason.SCHEMA_ERROR, d.reason, attempt, audits, job)
-                    )
-                else:
-                    outs.append(self._retry_or_dead(rec, tp, job, d, attempt, now, audits))
-        for (strategy, model_type, region), n in decisions_tally.items():
-            self.metrics.routing_decisions.labels(strategy, model_type, region).inc(n)
+        for sec in stats.decision_seconds:
+            observe(sec)
         self.metrics.cache_hits.inc(index.hits - hits0)
         self.metrics.cache_misses.inc(index.misses - misses0)
+        self.stats.saturated += stats.saturated
+        self.stats.claimed_elsewhere += stats.busy
+        return p
 
-        # 4. publish everything, wait for every acknowledgement
-        acked = await self._publish(producer, outs)
-
-        # 5. one Redis round trip: idempotency markers, shared in-flight counts, audit
-        await self._after_ack(acked, audits)
-
-        if len(acked) < len(outs):
-            cp.rewind(consumer)
-            for tp, off in cp.first.items():
-                self.gaps.expect(tp, off)
-            raise PublishFailed(f"{len(outs) - len(acked)} of {len(outs)} publishes were not acknowledged")
-
-        # 6. commit the next offsets: everything before them is on the broker
-        await cp.commit(consumer)
-        self.stats.batches += 1
-        self.metrics.batch_size.observe(len(outs))
-        self.metrics.batch_duration.observe(time.perf_counter() - t_batch)
-
-    def _hold(self, consumer: AIOKafkaConsumer, tp: TopicPartition, offset: int, until_ms: int) -> None:
-        """Stop reading ``tp`` at ``offset`` until ``until_ms``; the record is read again then."""
-        consumer.seek(tp, offset)
-        consumer.pause(tp)
-        self.paused_until[tp] = until_ms
-        self.gaps.expect(tp, offset)
-
-    # --- helpers ---------------------------------------------------------------------------------------------
-
-    def _dead(self, rec: Any, tp: TopicPartition, reason: DeadLetterReason, detail: str, attempt: int,
-              audits: list[dict[str, Any]], job: Job | None) -> _Out:  # fmt: skip
-        audits.append({
-            "ts": now_ms(), "event": "dead_letter", "router_id": self.router_id, "reason": reason.value,
-            "detail": detail, "attempt": attempt, "topic": tp.topic, "partition": tp.partition,
-            "offset": rec.offset, **({"job_id": job.job_id, "model_type": job.model_type} if job else {}),
-        })  # fmt: skip
-        headers = dead_letter_headers(rec.headers, reason.value, detail, tp.topic, tp.partition, rec.offset,
-                                      attempt)  # fmt: skip
-        return _Out(self.topics.dlq, rec.value, rec.key, None, headers, "dlq", job.job_id if job else None,
-                    reason.value, attempt=attempt)  # fmt: skip
-
-    def _retry_or_dead(self, rec: Any, tp: TopicPartition, job: Job, d: Decision, attempt: int, now: int,
-                       audits: list[dict[str, Any]]) -> _Out:  # fmt: skip
-        reason = DeadLetterReason(d.outcome.value)
-        if attempt >= self.s.max_attempts:
-            detail = f"{d.reason} (after {attempt} attempts)"
-            return self._dead(rec, tp, reason, detail, attempt, audits, job)
-        backoff = self.s.retry_backoff_ms
-        tier = min(attempt, len(backoff))
-        not_before = now + backoff[tier - 1]
-        audits.append({"ts": now, "event": "retry", "router_id": self.router_id, "job_id": job.job_id,
-                       "model_type": job.model_type, "strategy": d.strategy, "reason": d.reason,
-                       "attempt": attempt, "tier": tier, "not_before": not_before})  # fmt: skip
-        headers = retry_headers(
-            rec.headers, reason.value, tp.topic, tp.partition, rec.offset, attempt, not_before
-        )
-        return _Out(self.topics.retry(tier), rec.value, rec.key, None, headers, "retry", job.job_id)
-
-    async def _read_inflight(self) -> None:
-        try:
-            raw = cast(dict[str, str], await self.redis.hgetall(self.keys.inflight))
-        except (RedisError, OSError) as exc:
-            log.warning("in-flight refresh failed: %s", exc)
-            return
-        self.memory.reset_pending({k: int(v) for k, v in raw.items()})
-
-    async def _prefetch(self, job_ids: list[str], sessions: set[str], now: int) -> set[str]:
-        """Which job ids were routed before, and load the pins of this batch's sessions into memory."""
-        dedupe = bool(job_ids) and self.s.dedupe_ttl_s > 0  # job_ids: dedupe keys (see dedupe_key)
-        if not dedupe and not sessions:
-            return set()
-        order = list(sessions)
-        try:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                if dedupe:
-                    pipe.mget([self.keys.seen(j) for j in job_ids])
-                if order:
-                    pipe.mget([self.keys.affinity(sid) for sid in order])
-                res = await pipe.execute()
-        except (RedisError, OSError) as exc:
-            self.metrics.external_calls.labels("redis", "error").inc()
-            log.warning("duplicate check and pin lookup skipped, Redis unavailable: %s", exc)
-            return set()
-        seen: set[str] = set()
-        if dedupe:
-            seen = {j for j, v in zip(job_ids, res[0], strict=True) if v is not None}
-        if order:
-            pins = self.memory.affinity
-            expires = now + int(self.state.policy.affinity_timeout_s * 1000)
-            for sid, head_id in zip(order, res[-1], strict=True):
-                if head_id is None:
-                    pins.pop(sid, None)  # expired in Redis: expired everywhere
-                else:
-                    pins[sid] = (head_id, expires)
-        return seen
-
-    async def _publish(self, producer: AIOKafkaProducer, outs: list[_Out]) -> list[_Out]:
-        """Send all, gather the acks; re-send the failures a few times. Returns what was acknowledged."""
-        pending = outs
-        acked: list[_Out] = []
-        delay = 0.05
-        for attempt in range(self.s.publish_retry_attempts):
-            futures = []
-            self.metrics.inflight_sends.set(len(pending))
-            try:
-                for o in pending:
-                    futures.append(await producer.send(o.topic, o.value, key=o.key, partition=o.partition,
-                                                       headers=o.headers))  # fmt: skip
-            except KafkaError as exc:  # could not even enqueue (e.g. metadata for a new topic): retry all
-                log.warning("publish enqueue failed (try %d): %s", attempt + 1, exc)
-                futures.extend(_failed(exc) for _ in range(len(pending) - len(futures)))
-            results = await asyncio.gather(*futures, return_exceptions=True)
-            failed = []
-            for o, r in zip(pending, results, strict=True):
-                if isinstance(r, BaseException):
-                    failed.append(o)
-                else:
-                    acked.append(o)
-            self._count(pending, results)
-            if not failed:
+    async def _publish(self, producer: AIOKafkaProducer, p: Plan) -> None:
+        """Publish the plan; dead-letter what can never be sent; leave the rest unsettled (read again)."""
+        by_send = {id(o.send): i for i, o in enumerate(p.outcomes) if o.send is not None}
+        for o in p.outcomes:
+            if o.send is None:
+                o.final = True
+        self.metrics.inflight_sends.set(len(by_send))
+        report = await publish(producer, p.sends(), self._budget)
+        for s in report.acked:
+            p.outcomes[by_send[id(s)]].final = True
+        self._count_sends(report.acked, report.fatal, report.unsent, p, by_send)
+        # A fatal error is the record's own (too large, a partition its topic lacks): dead-letter it.
+        fatal = [by_send[id(s)] for s in report.fatal]
+        now = now_ms()
+        for force in (False, True):
+            if not fatal:
                 break
-            log.warning("%d publishes failed (try %d), retrying", len(failed), attempt + 1)
-            pending = failed
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 2.0)
+            letters: dict[int, DeadLettered] = {}
+            for i in fatal:
+                o = p.outcomes[i]
+                err = o.send.error if o.send is not None else None
+                if isinstance(o, DeadLettered) and o.reason is not DeadLetterReason.PUBLISH_ERROR:
+                    letters[i] = dead_letter(o.src, o.reason, o.detail, self._cfg, now, force_truncate=True)
+                else:
+                    detail = (
+                        f"publish to {o.send.topic if o.send else '?'} failed: {describe(err or Exception())}"
+                    )
+                    letters[i] = dead_letter(o.src, DeadLetterReason.PUBLISH_ERROR, detail, self._cfg, now,
+                                             force_truncate=force)  # fmt: skip
+                self.stats.publish_errors += 1
+            log.warning("%d publishes failed for good; dead-lettering them (first: %s)", len(letters),
+                        letters[fatal[0]].detail)  # fmt: skip
+            second = await publish(
+                producer, [d.send for d in letters.values() if d.send is not None], self._budget
+            )
+            done = {id(s) for s in second.acked}
+            fatal_again = {id(s) for s in second.fatal}
+            next_fatal = []
+            for i, letter in letters.items():
+                assert letter.send is not None
+                if id(letter.send) in done:
+                    letter.final = True
+                    p.outcomes[i] = letter
+                elif id(letter.send) in fatal_again:
+                    p.outcomes[i] = letter
+                    next_fatal.append(i)
+            fatal = next_fatal
+        if fatal:
+            log.error("%d dead letters could not be published even truncated; they will be read again",
+                      len(fatal))  # fmt: skip
         self.metrics.inflight_sends.set(0)
-        return acked
 
-    def _count(self, outs: list[_Out], results: list[Any]) -> None:
-        ok = Tally(o.kind for o, r in zip(outs, results, strict=True) if not isinstance(r, BaseException))
-        bad = Tally(o.kind for o, r in zip(outs, results, strict=True) if isinstance(r, BaseException))
-        for kind, n in ok.items():
-            self.metrics.queue_messages.labels(kind, "ok").inc(n)
-        for kind, n in bad.items():
-            self.metrics.queue_messages.labels(kind, "error").inc(n)
-        self.metrics.external_calls.labels("kafka", "ok").inc(sum(ok.values()))
-        if bad:
-            self.metrics.external_calls.labels("kafka", "error").inc(sum(bad.values()))
+    def _hold_unsent(self, p: Plan, unsent: list[Outcome], now: int) -> None:
+        """Read unsent records again after a back-off: from the first one of each partition."""
+        self._unsent_streak += 1
+        backoff = min(_UNSENT_BACKOFF_MS[0] * 2 ** (self._unsent_streak - 1), _UNSENT_BACKOFF_MS[1])
+        first: dict[TopicPartition, int] = {}
+        for o in unsent:
+            tp = o.src.tp
+            if tp not in first or o.src.offset < first[tp]:
+                first[tp] = o.src.offset
+        for tp, off in first.items():
+            p.holds.append(Hold(tp, off, now + backoff, "publish_unsent"))
+        self.stats.unsent += len(unsent)
+        log.warning("%d publishes not acknowledged after retries; reading them again in %d ms", len(unsent),
+                    backoff)  # fmt: skip
 
-    async def _after_ack(self, acked: list[_Out], audits: list[dict[str, Any]]) -> None:
-        per_head: Tally[str] = Tally()
-        ttl_ms = self.s.dedupe_ttl_s * 1000
-        st = self.stats
-        for o in acked:
-            if o.kind == "routed":
-                st.routed += 1
-                assert o.head_id is not None
-                per_head[o.head_id] += 1
-            elif o.kind == "retry":
-                st.retried += 1
-            else:
-                st.dead_lettered += 1
-                st.dead_by_reason[o.head_id or "?"] += 1
-        st.by_head.update(per_head)
-        lines = self.audit.write_file(audits)
-        try:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                if ttl_ms:
-                    for o in acked:
-                        if o.job_id and o.kind != "retry":
-                            pipe.set(self.keys.seen(dedupe_key(o.job_id, o.attempt)), 1, px=ttl_ms)
-                pin_ms = int(self.state.policy.affinity_timeout_s * 1000)
-                for o in acked:
-                    if o.pin is not None:  # sliding timeout: every routed job of a session renews its pin
-                        pipe.set(self.keys.affinity(o.pin[0]), o.pin[1], px=pin_ms, nx=o.new_pin)
-                for head_id, n in per_head.items():
-                    pipe.hincrby(self.keys.inflight, head_id, n)
-                inflight_at = len(pipe)
-                pipe.hgetall(self.keys.inflight)
-                self.audit.publish_into(pipe, lines)
-                res = await pipe.execute()
-            inflight = res[inflight_at]
-            self.memory.reset_pending({k: int(v) for k, v in inflight.items()})
-            self.metrics.external_calls.labels("redis", "ok").inc()
-        except (RedisError, OSError) as exc:
+    def _apply_holds(self, consumer: AIOKafkaConsumer, holds: list[Hold]) -> None:
+        """Pause each held partition at its earliest held record until the hold's time."""
+        earliest: dict[TopicPartition, Hold] = {}
+        for h in holds:
+            cur = earliest.get(h.tp)
+            if cur is None or h.offset < cur.offset:
+                earliest[h.tp] = h
+            if h.why == "not_due":
+                self.stats.deferred += 1
+            elif h.why == "gap":
+                self.stats.gap_waits += 1
+        owned = consumer.assignment()
+        for tp, h in earliest.items():
+            if tp not in owned:  # revoked meanwhile: the next owner reads from the committed offset
+                continue
+            consumer.seek(tp, h.offset)
+            consumer.pause(tp)
+            self.paused_until[tp] = h.until_ms
+            self.gaps.expect(tp, h.offset)
+
+    def _rewind(self, consumer: AIOKafkaConsumer, parts: Parts, holds: list[Hold]) -> None:
+        owned = consumer.assignment()
+        first = {tp: items[0].offset for tp, items in parts if items}
+        for h in holds:
+            first[h.tp] = min(first.get(h.tp, h.offset), h.offset)
+        for tp, off in first.items():
+            if tp in owned:
+                consumer.seek(tp, off)
+                self.gaps.expect(tp, off)
+
+    def _log_bad(self, p: Plan) -> None:
+        """A few lines per batch about records that were not jobs (never one line per record)."""
+        bad = [o for o in p.outcomes if o.final and isinstance(o, DeadLettered) and o.src.error is not None]
+        for o in bad[:_LOG_BAD_PER_BATCH]:
+            src = o.src
+            log.warning("bad job at %s[%d]@%d, dead-lettered: %s: %s", src.tp.topic, src.tp.partition, src.offset,
+                        o.reason.value, o.detail)  # fmt: skip
+        if len(bad) > _LOG_BAD_PER_BATCH:
+            log.warning("... and %d more bad jobs in this batch", len(bad) - _LOG_BAD_PER_BATCH)
+
+    async def _mark(self, settled: list[Outcome]) -> None:
+        inflight = await self.marks.mark(settled, self._pin_ms())
+        now = now_ms()
+        if inflight is None:
+            self.health.failed(now)
             self.metrics.external_calls.labels("redis", "error").inc()
-            self.audit.publish_failed(exc)
+            return
+        self.health.ok(now)
+        self.memory.reset_pending(inflight)
+        self.metrics.external_calls.labels("redis", "ok").inc()
 
+    async def _commit(self, consumer: AIOKafkaConsumer, offsets: dict[TopicPartition, int]) -> None:
+        """Commit the next offset of each partition this member still owns: everything before it is settled."""
+        owned = consumer.assignment()
+        commit = {tp: OffsetAndMetadata(off, "") for tp, off in offsets.items() if tp in owned}
+        if commit:
+            await consumer.commit(commit)
 
-def _failed(exc: BaseException) -> Awaitable[Any]:
-    fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-    fut.set_exception(exc)
-    return fut
+    def _count(self, p: Plan, t_batch: float) -> None:
+        st = self.stats
+        m = self.metrics
+        decisions: Tally[tuple[str, str, str]] = Tally()
+        for o in p.outcomes:
+            if not o.final:
+                continue
+            if isinstance(o, Routed):
+                st.routed += 1
+                st.by_head[o.head_id] += 1
+                job = o.src.job
+                decisions[(o.strategy, job.model_type if job else "", o.region)] += 1
+            elif isinstance(o, Retried):
+                st.retried += 1
+                m.retries.labels(str(o.tier)).inc()
+            elif isinstance(o, DeadLettered):
+                st.dead_lettered += 1
+                st.dead_by_reason[o.reason.value] += 1
+                m.dead_letters.labels(o.reason.value).inc()
+            else:
+                st.duplicates += 1
+                m.duplicates.inc()
+        for (strategy, model_type, region), n in decisions.items():
+            m.routing_decisions.labels(strategy, model_type, region).inc(n)
+        st.batches += 1
+        m.batch_size.observe(len(p.outcomes))
+        m.batch_duration.observe(time.perf_counter() - t_batch)
+
+    def _count_sends(self, acked: list[Send], fatal: list[Send], unsent: list[Send], p: Plan,
+                     by_send: dict[int, int]) -> None:  # fmt: skip
+        def kind(s: Send) -> str:
+            o = p.outcomes[by_send[id(s)]]
+            return "routed" if isinstance(o, Routed) else "retry" if isinstance(o, Retried) else "dlq"
+
+        q = self.metrics.queue_messages
+        for status, sends in (("ok", acked), ("error", fatal + unsent)):
+            for k, n in Tally(kind(s) for s in sends).items():
+                q.labels(k, status).inc(n)
+        self.metrics.external_calls.labels("kafka", "ok").inc(len(acked))
+        if fatal or unsent:
+            self.metrics.external_calls.labels("kafka", "error").inc(len(fatal) + len(unsent))

@@ -10,18 +10,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from router_worker.clock import now_ms
 from router_worker.core.catalog import ModelSpec
 from router_worker.core.engine import EMPTY_INDEX, HeadIndex
+from router_worker.core.model import Head
 from router_worker.core.policy import DEFAULT_POLICY, Policy
 from router_worker.state.catalog import ModelCatalog
 from router_worker.state.heads import HeadRegistry
+from router_worker.state.health import RedisHealth
 from router_worker.state.policy_store import PolicyStore
 from router_worker.tasks import cancel_and_wait
 
@@ -31,7 +34,12 @@ log = logging.getLogger(__name__)
 class StateCache:
     def __init__(self, redis: Redis, registry: HeadRegistry, policies: PolicyStore, refresh_ms: int,
                  on_refresh: Callable[[StateCache], None] | None = None,
-                 on_event: Callable[[str], None] | None = None) -> None:  # fmt: skip
+                 on_event: Callable[[str], None] | None = None,
+                 health: RedisHealth | None = None,
+                 vet: Callable[[list[Head]], Awaitable[list[Head]]] | None = None) -> None:  # fmt: skip
+        self.health = health or RedisHealth()
+        self.vet = vet
+        """Drops heads that can not be addressed (a partition their model topic lacks) before indexing."""
         self.redis = redis
         self.registry = registry
         self.policies = policies
@@ -78,6 +86,9 @@ class StateCache:
             self._models_dirty = False
             self.models = await self.catalog.all()
         heads, profiles, inflight = await self.registry.snapshot()
+        self.health.ok(now_ms())
+        if self.vet is not None:
+            heads = await self.vet(heads)
         self.index = HeadIndex.build(heads, profiles, self.models)
         self.inflight = inflight
         self.refreshes += 1
@@ -92,7 +103,13 @@ class StateCache:
             try:
                 await self.refresh()
             except (RedisError, OSError) as exc:
-                log.warning("head state resync failed, keeping the last snapshot: %s", exc)
+                if self.health.up:
+                    log.warning("head state resync failed, keeping the last snapshot: %s", exc)
+                self.health.failed(now_ms())
+                self._policy_dirty = self._models_dirty = True
+                await asyncio.sleep(min(1.0, self.refresh_s))
+            except Exception:  # a bug must not silently end the resync while the router looks healthy
+                log.exception("head state resync failed unexpectedly, keeping the last snapshot")
                 await asyncio.sleep(min(1.0, self.refresh_s))
 
     async def _listen(self, pubsub: object) -> None:
@@ -111,8 +128,10 @@ class StateCache:
                     elif event.startswith("model_"):
                         self._models_dirty = True
                     self._wake.set()
-            except (RedisError, OSError) as exc:
-                log.warning("event subscription lost, resubscribing: %s", exc)
+            except Exception as exc:  # any failure: resubscribe; the periodic resync covers the gap
+                if self.health.up:
+                    log.warning("event subscription lost, resubscribing: %s", exc)
+                self.health.failed(now_ms())
                 self._policy_dirty = self._models_dirty = True
                 self._wake.set()
                 await asyncio.sleep(0.5)

@@ -71,3 +71,31 @@ def test_records_already_seen_are_never_admitted_twice() -> None:
     admitted, hold = g.admit(TP, recs(8, 9, 10, 11), now_ms=0)
     assert [r.offset for r in admitted] == [10, 11]
     assert hold is None
+
+
+def test_the_wait_timer_survives_re_reads_and_seeks_back_to_the_same_gap() -> None:
+    g = GapGuard(wait_ms=100)
+    g.expect(TP, 10)
+    _, hold = g.admit(TP, recs(10, 12), now_ms=1_000)  # 11 missing
+    assert hold == 11
+    for t in (1_010, 1_050, 1_090):  # the router seeks back to the gap and pauses: the timer keeps running
+        g.expect(TP, 11)
+        admitted, hold = g.admit(TP, recs(12), now_ms=t)
+        assert list(admitted) == [] and hold == 11
+        g.admit(TP, [], now_ms=t + 1)  # an empty fetch does not close the gap either
+    g.expect(TP, 11)
+    admitted, hold = g.admit(TP, recs(12, 13), now_ms=1_101)
+    assert [r.offset for r in admitted] == [12, 13] and hold is None, "accepted once the wait is over"
+    assert g.accepted == 1
+    # a later gap starts its own timer
+    _, hold = g.admit(TP, recs(15), now_ms=5_000)
+    assert hold == 14
+    assert g.since[TP] == (14, 5_000)
+
+
+def test_a_seek_elsewhere_drops_the_open_gap() -> None:
+    g = GapGuard(wait_ms=100)
+    g.expect(TP, 10)
+    g.admit(TP, recs(12), now_ms=0)
+    g.expect(TP, 40)
+    assert TP not in g.since

@@ -1,0 +1,181 @@
+"""The router's two Redis round trips per batch: claims before the plan, marks after the acknowledgements.
+
+Idempotency is claim-then-complete, keyed by job id and attempt (:func:`outcomes.claim_key_of`):
+
+1. **claim** (one server-side script for the whole batch): a key that is free is claimed for this record
+   (``c|topic|partition|offset``, expiring after ``claim_ttl_ms``); a key this same record claimed before
+   (read again after a crash, a rebalance or an unsent publish) is taken over; a key marked done is a
+   duplicate; a key another record claimed is busy, and that record waits. The sessions' pins are read in
+   the same round trip.
+2. **mark** (one pipeline, after the broker acknowledged the publishes): each settled record's key is
+   marked done (``d|routed|head``, ``d|retry|tier``, ``d|dlq|reason``, expiring after the dedupe TTL),
+   pins are written, shared in-flight counts added and read back, audit records published.
+
+While Redis is unreachable the router keeps routing for a bounded window (see the router): claims are
+skipped (every record is taken as its own) and marks, in-flight additions and audit records are buffered,
+bounded, and written when Redis answers again.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter, deque
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from router_worker.audit import AuditSink
+from router_worker.pipeline.outcomes import DeadLettered, Incoming, Outcome, Retried, Routed
+from router_worker.pipeline.plan import Claim
+from router_worker.state.keys import Keys
+
+log = logging.getLogger(__name__)
+
+# KEYS: claim keys. ARGV[1]: claim TTL in ms; ARGV[i+1]: the claim value of KEYS[i].
+# Returns per key 0 (mine), 1 (done), 2 (busy: claimed by another record).
+_CLAIM = """
+local ttl = ARGV[1]
+local out = {}
+for i, key in ipairs(KEYS) do
+  local want = ARGV[i + 1]
+  local cur = redis.call('GET', key)
+  if not cur then
+    redis.call('SET', key, want, 'PX', ttl)
+    out[i] = 0
+  elseif cur == want then
+    redis.call('PEXPIRE', key, ttl)
+    out[i] = 0
+  elseif string.sub(cur, 1, 2) == 'd|' then
+    out[i] = 1
+  else
+    out[i] = 2
+  end
+end
+return out
+"""
+
+
+def claim_value(inc: Incoming) -> str:
+    return f"c|{inc.tp.topic}|{inc.tp.partition}|{inc.offset}"
+
+
+def done_value(o: Outcome) -> str:
+    if isinstance(o, Routed):
+        return f"d|routed|{o.head_id}"
+    if isinstance(o, Retried):
+        return f"d|retry|{o.tier}"
+    if isinstance(o, DeadLettered):
+        return f"d|dlq|{o.reason.value}"
+    return "d|duplicate"
+
+
+@dataclass(slots=True)
+class _Pending:
+    """Writes that waited for Redis."""
+
+    done: list[tuple[str, str]] = field(default_factory=list)
+    pins: list[tuple[str, str, bool]] = field(default_factory=list)
+    inflight: Counter[str] = field(default_factory=Counter)
+    audit: deque[bytes] = field(default_factory=deque)
+
+    def size(self) -> int:
+        return len(self.done) + len(self.pins) + len(self.audit)
+
+
+class Marks:
+    def __init__(self, redis: Redis, keys: Keys, audit: AuditSink, *, claim_ttl_ms: int, dedupe_ttl_ms: int,
+                 buffer_max: int) -> None:  # fmt: skip
+        self.redis = redis
+        self.keys = keys
+        self.audit = audit
+        self.claim_ttl_ms = claim_ttl_ms
+        self.dedupe_ttl_ms = dedupe_ttl_ms
+        self.buffer_max = buffer_max
+        self.pending = _Pending()
+        self.dropped = 0
+        """Buffered writes dropped because the outage outlasted the buffer."""
+        self._claim = redis.register_script(_CLAIM)
+
+    @property
+    def dedupe(self) -> bool:
+        return self.dedupe_ttl_ms > 0
+
+    async def claim(self, parts: Iterable[tuple[Any, Sequence[Incoming]]], sessions: Sequence[str]
+                    ) -> tuple[dict[str, Claim], list[str | None]]:  # fmt: skip
+        """Claim each key's first record of the batch; read the sessions' pins. Raises on Redis errors."""
+        first: dict[str, Incoming] = {}
+        if self.dedupe:
+            for _, items in parts:
+                for inc in items:
+                    first.setdefault(inc.claim_key, inc)
+        if not first and not sessions:
+            return {}, []
+        keys = list(first)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            if keys:
+                await self._claim(keys=[self.keys.seen(k) for k in keys],
+                                  args=[self.claim_ttl_ms, *(claim_value(first[k]) for k in keys)],
+                                  client=pipe)  # fmt: skip
+            if sessions:
+                pipe.mget([self.keys.affinity(sid) for sid in sessions])
+            res = await pipe.execute()
+        claims = {k: Claim(int(c)) for k, c in zip(keys, res[0], strict=True)} if keys else {}
+        pins = cast(list[str | None], res[-1]) if sessions else []
+        return claims, pins
+
+    async def mark(self, settled: Sequence[Outcome], pin_ms: int) -> dict[str, int] | None:
+        """Write what the settled outcomes imply (plus anything buffered); return the shared in-flight
+        counts, or None when Redis did not answer (the writes are then buffered)."""
+        p = self.pending
+        per_head: Counter[str] = Counter()
+        for o in settled:
+            if self.dedupe and o.send is not None:
+                p.done.append((o.src.claim_key, done_value(o)))
+            if isinstance(o, Routed):
+                per_head[o.head_id] += 1
+                if o.pin is not None:  # sliding timeout: every routed job of a session renews its pin
+                    p.pins.append((o.pin[0], o.pin[1], o.new_pin))
+        p.inflight.update(per_head)
+        lines = self.audit.write_file(o.audit for o in settled if o.audit is not None)
+        p.audit.extend(lines)
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                ttl = self.dedupe_ttl_ms
+                for key, value in p.done:
+                    pipe.set(self.keys.seen(key), value, px=ttl)
+                for sid, head_id, nx in p.pins:
+                    pipe.set(self.keys.affinity(sid), head_id, px=pin_ms, nx=nx)
+                for head_id, n in p.inflight.items():
+                    if n:
+                        pipe.hincrby(self.keys.inflight, head_id, n)
+                at = len(pipe)
+                pipe.hgetall(self.keys.inflight)
+                self.audit.publish_into(pipe, p.audit)
+                res = await pipe.execute()
+        except (RedisError, OSError) as exc:
+            self.audit.publish_failed(exc)
+            self._bound()
+            return None
+        self.pending = _Pending()
+        return {k: int(v) for k, v in res[at].items()}
+
+    def _bound(self) -> None:
+        """Keep the buffer within ``buffer_max`` entries: the oldest audit records go first, then marks."""
+        p = self.pending
+        over = p.size() - self.buffer_max
+        while over > 0 and p.audit:
+            p.audit.popleft()
+            self.dropped += 1
+            over -= 1
+        if over > 0:
+            del p.done[:over]
+            self.dropped += over
+            if self.dropped == over:
+                log.warning("Redis outage outlasted the write buffer: dropping the oldest marks")
+
+    @property
+    def buffered(self) -> int:
+        return self.pending.size()

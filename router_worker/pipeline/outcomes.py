@@ -1,0 +1,128 @@
+"""What a record read by the router becomes: plain data, no I/O.
+
+Every record the router reads ends in exactly one place. The plan gives each admitted record one outcome:
+
+| outcome | publishes | then |
+|---|---|---|
+| :class:`Routed` | the original bytes to the head's model-topic partition | marked done, audited, counted |
+| :class:`Retried` | the original bytes to a retry tier, with the attempt and not-before | marked done |
+| :class:`DeadLettered` | the original bytes (truncated if too large) to the DLQ, with the reason | marked done |
+| :class:`Duplicate` | nothing: the same job id and attempt was already handled | committed |
+
+A record that can not be handled yet is *held*: its partition is paused at it and read again later
+(back-pressure, a retry not due, a claim another router holds, a missing offset). Held records are not
+outcomes: nothing after them in their partition is planned, and the commit stops before them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiokafka import TopicPartition
+
+from router_worker.pipeline.messages import Headers
+from router_worker.pipeline.publish import Send
+from schemas.envelope import DeadLetterReason, EnvelopeError, Job
+
+
+@dataclass(slots=True)
+class Incoming:
+    """One admitted record, decoded: the job or the error that says why it is not one."""
+
+    tp: TopicPartition
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    headers: Headers
+    content_type: str
+    attempt: int
+    job: Job | None
+    error: EnvelopeError | None
+    claim_key: str
+    """The idempotency key this record is claimed and marked under (see :func:`claim_key_of`)."""
+
+
+def claim_key_of(job: Job | None, attempt: int, tp: TopicPartition, offset: int) -> str:
+    """What "handled once" means: once per job id and attempt (a nacked or retried job is handled again
+    as its next attempt; a replay of one attempt is a duplicate). A record that is not a job has no id:
+    it is handled once per coordinates, so its dead letter is written once even when the batch replays."""
+    if job is None:
+        return f"rec|{tp.topic}|{tp.partition}|{offset}"
+    return job.job_id if attempt <= 1 else f"{job.job_id}#{attempt}"
+
+
+@dataclass(slots=True)
+class Hold:
+    """Stop reading ``tp`` at ``offset`` until ``until_ms``; the record is read again then."""
+
+    tp: TopicPartition
+    offset: int
+    until_ms: int
+    why: str  # saturated | not_due | claimed_elsewhere | gap | publish_unsent | redis_unavailable
+
+
+@dataclass(slots=True)
+class _Outcome:
+    src: Incoming
+    send: Send | None = None
+    audit: dict[str, Any] | None = None
+    final: bool = False
+    """Set once the outcome is settled: its publish acknowledged (or nothing to publish)."""
+
+
+@dataclass(slots=True)
+class Routed(_Outcome):
+    head_id: str = ""
+    region: str = ""
+    strategy: str = ""
+    pin: tuple[str, str] | None = None
+    """(session, head) when the decision pinned a session."""
+    new_pin: bool = False
+    """The session had no pin: written only if still absent, so of two routers racing the first wins."""
+
+
+@dataclass(slots=True)
+class Retried(_Outcome):
+    tier: int = 1
+
+
+@dataclass(slots=True)
+class DeadLettered(_Outcome):
+    reason: DeadLetterReason = DeadLetterReason.SCHEMA_ERROR
+    detail: str = ""
+
+
+@dataclass(slots=True)
+class Duplicate(_Outcome):
+    pass
+
+
+Outcome = Routed | Retried | DeadLettered | Duplicate
+
+
+@dataclass(slots=True)
+class Plan:
+    """Every admitted record's outcome in offset order per partition, the holds, and how far each
+    partition may be committed once every outcome before that point is final."""
+
+    outcomes: list[Outcome] = field(default_factory=list)
+    holds: list[Hold] = field(default_factory=list)
+    next_offset: dict[TopicPartition, int] = field(default_factory=dict)
+    """Per partition: the offset after the last planned record (or the held one)."""
+
+    def sends(self) -> list[Send]:
+        return [o.send for o in self.outcomes if o.send is not None]
+
+
+def commit_offsets(plan: Plan) -> dict[TopicPartition, int]:
+    """The offset each partition may commit: its first unsettled record's, else the planned end."""
+    out = dict(plan.next_offset)
+    first_open: dict[TopicPartition, int] = {}
+    for o in plan.outcomes:
+        if not o.final:
+            tp = o.src.tp
+            if tp not in first_open or o.src.offset < first_open[tp]:
+                first_open[tp] = o.src.offset
+    out.update(first_open)
+    return out

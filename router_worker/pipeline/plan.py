@@ -1,0 +1,185 @@
+"""The plan of a batch: every admitted record's outcome, decided without I/O.
+
+``plan(parts, claims, ...)`` walks each partition in offset order and gives each record exactly one
+outcome (routed, retried, dead-lettered, duplicate) or cuts the partition with a hold (back-pressure, a
+claim another record holds). It updates the router's memory as decisions are made (round-robin turns,
+pending loads, pins), the one piece of state the engine reads back. Property tests check that every
+record gets one outcome and that commit offsets never pass an unsettled record.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Any
+
+from aiokafka import TopicPartition
+
+from router_worker.audit import decision_record
+from router_worker.core.engine import HeadIndex, decide, record
+from router_worker.core.model import Decision, Outcome, RouterMemory
+from router_worker.core.policy import Policy
+from router_worker.pipeline.intake import Parts
+from router_worker.pipeline.messages import dead_letter_headers, retry_headers, routed_headers
+from router_worker.pipeline.outcomes import DeadLettered, Duplicate, Hold, Incoming, Plan, Retried, Routed
+from router_worker.pipeline.publish import Send, truncate_for_dlq
+from router_worker.topics import Topics
+from schemas.envelope import DeadLetterReason, Job
+
+
+class Claim(IntEnum):
+    """What the claim step found for a record's idempotency key."""
+
+    MINE = 0
+    """Claimed by this record now (or claimed earlier by this same record, read again): handle it."""
+    DONE = 1
+    """Handled before: a duplicate."""
+    BUSY = 2
+    """Claimed by another record (the same job id sent twice) still in progress: wait for it."""
+
+
+@dataclass(frozen=True, slots=True)
+class PlanConfig:
+    router_id: str
+    topics: Topics
+    max_attempts: int
+    retry_backoff_ms: tuple[int, ...]
+    max_message_bytes: int
+    dlq_keep_bytes: int = 4096
+    audit_decisions: bool = True
+    backpressure_ms: int = 5
+    claim_wait_ms: int = 200
+
+
+@dataclass(slots=True)
+class Stats:
+    decision_seconds: list[float] = field(default_factory=list)
+    saturated: int = 0
+    busy: int = 0
+
+
+def dead_letter(inc: Incoming, reason: DeadLetterReason, detail: str, cfg: PlanConfig, now: int,
+                force_truncate: bool = False) -> DeadLettered:  # fmt: skip
+    """A dead letter for ``inc``: original bytes (truncated past the producer's limit), reason, origin."""
+    tp = inc.tp
+    limit = cfg.dlq_keep_bytes if force_truncate else cfg.max_message_bytes
+    value, cut = truncate_for_dlq(inc.value, limit, cfg.dlq_keep_bytes)
+    headers = dead_letter_headers(inc.headers, reason.value, detail, tp.topic, tp.partition, inc.offset,
+                                  inc.attempt) + cut  # fmt: skip
+    key = inc.key if (inc.key is not None or value is not None) else b""  # Kafka needs a key or a value
+    job = inc.job
+    audit: dict[str, Any] = {
+        "ts": now, "event": "dead_letter", "router_id": cfg.router_id, "reason": reason.value,
+        "detail": detail, "attempt": inc.attempt, "topic": tp.topic, "partition": tp.partition,
+        "offset": inc.offset,
+    }  # fmt: skip
+    if job is not None:
+        audit["job_id"] = job.job_id
+        audit["model_type"] = job.model_type
+    if cut:
+        audit["truncated"] = len(inc.value or b"")
+    return DeadLettered(inc, Send(cfg.topics.dlq, value, key, None, headers), audit, reason=reason,
+                        detail=detail)  # fmt: skip
+
+
+def _retry_or_dead(inc: Incoming, job: Job, d: Decision, cfg: PlanConfig, now: int) -> Retried | DeadLettered:
+    reason = DeadLetterReason(d.outcome.value)
+    attempt = inc.attempt
+    if attempt >= cfg.max_attempts:
+        return dead_letter(inc, reason, f"{d.reason} (after {attempt} attempts)", cfg, now)
+    backoff = cfg.retry_backoff_ms
+    tier = min(attempt, len(backoff))
+    not_before = now + backoff[tier - 1]
+    tp = inc.tp
+    headers = retry_headers(
+        inc.headers, reason.value, tp.topic, tp.partition, inc.offset, attempt, not_before
+    )
+    audit = {"ts": now, "event": "retry", "router_id": cfg.router_id, "job_id": job.job_id,
+             "model_type": job.model_type, "strategy": d.strategy, "reason": d.reason, "attempt": attempt,
+             "tier": tier, "not_before": not_before}  # fmt: skip
+    send = Send(cfg.topics.retry(tier), inc.value, inc.key, None, headers)
+    return Retried(inc, send, audit, tier=tier)
+
+
+def plan(parts: Parts, claims: Mapping[str, Claim], index: HeadIndex, policy: Policy, memory: RouterMemory,
+         now: int, heads_now: int, rng: random.Random, cfg: PlanConfig, stats: Stats) -> Plan:  # fmt: skip
+    """Every record's outcome. ``heads_now`` is the clock heads' heartbeats are judged by (``now``, or the
+    time of the last snapshot while Redis is unreachable, so heads do not expire for want of news)."""
+    out = Plan()
+    outcomes = out.outcomes
+    in_batch: set[str] = set()
+    timings = stats.decision_seconds
+    owner: dict[str, Incoming] = {}  # a key's first record in the batch: the one the claim was made for
+    for _, items in parts:
+        for inc in items:
+            owner.setdefault(inc.claim_key, inc)
+    for tp, items in parts:
+        end: int | None = None
+        for inc in items:
+            end = inc.offset + 1
+            key = inc.claim_key
+            claim = claims.get(key, Claim.MINE)
+            if claim is Claim.DONE or key in in_batch:
+                outcomes.append(Duplicate(inc, final=True))
+                continue
+            if claim is Claim.BUSY or owner[key] is not inc:  # another record holds it (maybe in this batch)
+                out.holds.append(Hold(tp, inc.offset, now + cfg.claim_wait_ms, "claimed_elsewhere"))
+                stats.busy += 1
+                end = inc.offset
+                break
+            job = inc.job
+            if job is None:
+                err = inc.error
+                assert err is not None
+                outcomes.append(dead_letter(inc, err.reason, err.detail, cfg, now))
+                in_batch.add(key)
+                continue
+            if inc.attempt > cfg.max_attempts:
+                detail = f"attempt {inc.attempt} exceeds max_attempts {cfg.max_attempts}"
+                outcomes.append(dead_letter(inc, DeadLetterReason.MAX_ATTEMPTS, detail, cfg, now))
+                in_batch.add(key)
+                continue
+            if job.deadline_ms is not None and job.deadline_ms < now:
+                detail = f"deadline {job.deadline_ms} passed {now - job.deadline_ms} ms before routing"
+                outcomes.append(dead_letter(inc, DeadLetterReason.EXPIRED, detail, cfg, now))
+                in_batch.add(key)
+                continue
+            t0 = time.perf_counter_ns()
+            d = decide(job, index, policy, memory, heads_now, rng, inc.attempt)
+            timings.append((time.perf_counter_ns() - t0) / 1e9)
+            if (
+                d.outcome is Outcome.SATURATED
+            ):  # back-pressure: leave it and the rest of the partition in Kafka
+                out.holds.append(Hold(tp, inc.offset, now + cfg.backpressure_ms, "saturated"))
+                stats.saturated += 1
+                end = inc.offset
+                break
+            in_batch.add(key)
+            if d.outcome is Outcome.ROUTED:
+                head = d.head
+                assert head is not None
+                new_pin = d.sticky is not None and d.sticky[0] not in memory.affinity
+                record(d, memory, job, policy, now)
+                headers = routed_headers(inc.headers, job.job_id, d, inc.content_type, now)
+                send = Send(cfg.topics.model(head.model_id), inc.value, inc.key, head.partition, headers)
+                audit = (
+                    decision_record(d, cfg.router_id, job.job_id, job.model_type, job.region, now)
+                    if cfg.audit_decisions
+                    else None
+                )
+                outcomes.append(Routed(inc, send, audit, head_id=head.head_id, region=head.region,
+                                       strategy=d.strategy, pin=d.sticky, new_pin=new_pin))  # fmt: skip
+            elif d.outcome is Outcome.REFUSED:
+                outcomes.append(dead_letter(inc, DeadLetterReason.SCHEMA_ERROR, d.reason, cfg, now))
+            else:
+                outcomes.append(_retry_or_dead(inc, job, d, cfg, now))
+        if end is not None:
+            out.next_offset[tp] = end
+    return out
+
+
+def next_offsets_of(parts: Parts) -> dict[TopicPartition, int]:
+    return {tp: items[-1].offset + 1 for tp, items in parts if items}

@@ -1,0 +1,188 @@
+"""Publishing a batch to Kafka with every result classified, per record.
+
+A record's send ends one of three ways:
+
+- **acknowledged** by the broker;
+- **fatal**: an error that sending again can not cure (too large for the producer or broker, a partition the
+  topic does not have, no authorisation). The caller turns it into a dead letter (reason ``publish_error``);
+  it never rewinds a batch;
+- **unsent**: a retriable error (broker unreachable, leader moving, timeout) still failing after the bounded
+  retries, or the producer closing. The caller leaves it uncommitted, so it is read and sent again.
+
+Retriable errors are retried with ``tenacity`` (exponential back-off with jitter, bounded in attempts and
+time). Only what was not acknowledged is sent again. All sends of a round are enqueued first and their
+futures gathered after: never one awaited round trip per record. The router and the worker SDK both
+publish through :func:`publish`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import (
+    KafkaConnectionError,
+    KafkaError,
+    KafkaTimeoutError,
+    NodeNotReadyError,
+    ProducerClosed,
+    RequestTimedOutError,
+)
+from tenacity import (
+    AsyncRetrying,
+    RetryError,
+    retry_if_exception_type,
+    stop_after_attempt,
+    stop_after_delay,
+    wait_exponential,
+    wait_random,
+)
+
+from router_worker.pipeline.messages import H_DLQ_SHA256, H_DLQ_TRUNCATED, Headers
+
+log = logging.getLogger(__name__)
+
+_ALWAYS_RETRIABLE = (KafkaTimeoutError, KafkaConnectionError, RequestTimedOutError, NodeNotReadyError)
+
+
+@dataclass(slots=True)
+class Send:
+    """One record to publish, and after :func:`publish`, what became of it."""
+
+    topic: str
+    value: bytes | None
+    key: bytes | None
+    partition: int | None
+    headers: Headers
+    error: BaseException | None = None
+    """The last error (None when acknowledged)."""
+
+
+@dataclass(frozen=True, slots=True)
+class RetryBudget:
+    """How long retriable errors are retried before the records are left unsent."""
+
+    attempts: int = 5
+    max_s: float = 30.0
+    initial_s: float = 0.05
+    max_wait_s: float = 2.0
+
+
+@dataclass(slots=True)
+class PublishReport:
+    acked: list[Send] = field(default_factory=list)
+    fatal: list[Send] = field(default_factory=list)
+    unsent: list[Send] = field(default_factory=list)
+    tries: int = 0
+
+    @property
+    def complete(self) -> bool:
+        return not self.unsent
+
+
+class _Retriable(Exception):
+    pass
+
+
+def is_retriable(exc: BaseException) -> bool:
+    """Whether sending the same record again may succeed."""
+    if isinstance(exc, ProducerClosed):
+        return True  # shutting down: not the record's fault, it is read again by the next owner
+    if isinstance(exc, _ALWAYS_RETRIABLE):
+        return True
+    if isinstance(exc, KafkaError):
+        return bool(getattr(exc, "retriable", False))
+    return False  # AssertionError (unknown partition), ValueError, TypeError: the record itself is wrong
+
+
+def describe(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+async def _round(producer: AIOKafkaProducer, sends: Sequence[Send]) -> list[BaseException | None]:
+    """Enqueue every send, then gather: one wait for the whole round."""
+    futures: list[Any] = []
+    for s in sends:
+        try:
+            futures.append(
+                await producer.send(s.topic, s.value, key=s.key, partition=s.partition, headers=s.headers)
+            )
+        except Exception as exc:  # refused before enqueue: size, partition, metadata timeout, closed
+            futures.append(exc)
+    pending = [f for f in futures if not isinstance(f, BaseException)]
+    if pending:
+        await asyncio.gather(*pending, return_exceptions=True)
+    out: list[BaseException | None] = []
+    for f in futures:
+        if isinstance(f, BaseException):
+            out.append(f)
+        elif f.cancelled():
+            out.append(ProducerClosed())
+        else:
+            out.append(f.exception())
+    return out
+
+
+async def publish(producer: AIOKafkaProducer, sends: Sequence[Send], budget: RetryBudget) -> PublishReport:
+    """Send every record; retry the retriable failures within ``budget``; classify each."""
+    report = PublishReport()
+    pending: list[Send] = list(sends)
+    if not pending:
+        return report
+
+    async def one_round() -> None:
+        nonlocal pending
+        report.tries += 1
+        results = await _round(producer, pending)
+        retry: list[Send] = []
+        for s, err in zip(pending, results, strict=True):
+            s.error = err
+            if err is None:
+                report.acked.append(s)
+            elif is_retriable(err) and not isinstance(err, ProducerClosed):
+                retry.append(s)
+            elif isinstance(err, ProducerClosed):
+                report.unsent.append(s)
+            else:
+                report.fatal.append(s)
+        pending = retry
+        if retry:
+            log.warning("%d of %d publishes failed with retriable errors (try %d): %s", len(retry),
+                        len(results), report.tries, describe(retry[0].error or Exception()))  # fmt: skip
+            raise _Retriable
+
+    retrying = AsyncRetrying(
+        stop=stop_after_attempt(budget.attempts) | stop_after_delay(budget.max_s),
+        wait=wait_exponential(multiplier=budget.initial_s, max=budget.max_wait_s) + wait_random(0, budget.initial_s),
+        retry=retry_if_exception_type(_Retriable),
+        reraise=False,
+    )
+    try:
+        async for attempt in retrying:
+            with attempt:
+                await one_round()
+    except RetryError:
+        report.unsent.extend(pending)
+    return report
+
+
+def truncate_for_dlq(value: bytes | None, limit: int, keep: int) -> tuple[bytes | None, Headers]:
+    """The dead letter's value, and the headers that say it was cut.
+
+    The original bytes are kept untouched when they fit within ``limit``; otherwise the first ``keep``
+    bytes are kept and ``x-dlq-truncated`` (original size) and ``x-dlq-sha256`` (of the original) are
+    added, so ops can fetch and check the original from the request topic while it is retained.
+    """
+    if value is None or len(value) <= limit:
+        return value, []
+    digest = hashlib.sha256(value).hexdigest()
+    return value[: max(0, min(keep, limit))], [
+        (H_DLQ_TRUNCATED, str(len(value)).encode()),
+        (H_DLQ_SHA256, digest.encode()),
+    ]

@@ -131,6 +131,7 @@ class Router:
         )  # fmt: skip
         self._budget = RetryBudget(attempts=s.publish_retry_attempts, max_s=s.publish_retry_max_s)
         self._unsent_streak = 0
+        self._last_inflight: dict[str, int] = {}
         self._outage_paused = False
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
@@ -249,6 +250,7 @@ class Router:
             self.metrics.head_status_updates.inc()
 
     def _on_refresh(self, state: StateCache) -> None:
+        self._last_inflight = state.inflight
         self.memory.reset_pending(dict(state.inflight))
         now = now_ms()
         self.metrics.active_heads.set(
@@ -311,6 +313,10 @@ class Router:
         return claims
 
     def _plan(self, parts: Parts, claims: dict[str, Claim], now: int) -> Plan:
+        if not self.health.up:
+            # Heads can not release finished jobs while Redis is away: keep loads as last known instead of
+            # piling up this router's own picks, which would soon look like every head is saturated.
+            self.memory.reset_pending(dict(self._last_inflight))
         index = self.state.index
         hits0, misses0 = index.hits, index.misses
         stats = Stats()
@@ -440,7 +446,8 @@ class Router:
             self.metrics.external_calls.labels("redis", "error").inc()
             return
         self.health.ok(now)
-        self.memory.reset_pending(inflight)
+        self._last_inflight = inflight
+        self.memory.reset_pending(dict(inflight))
         self.metrics.external_calls.labels("redis", "ok").inc()
 
     async def _commit(self, consumer: AIOKafkaConsumer, offsets: dict[TopicPartition, int]) -> None:

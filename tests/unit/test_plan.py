@@ -1,0 +1,168 @@
+"""The batch plan as data: every admitted record gets exactly one outcome or a hold, and commit offsets never
+pass a record whose publish is not settled. Pure: no broker, no Redis."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import msgpack
+from aiokafka import TopicPartition
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from router_worker.core.engine import HeadIndex
+from router_worker.core.model import RouterMemory
+from router_worker.core.policy import Policy
+from router_worker.pipeline.gaps import GapGuard
+from router_worker.pipeline.intake import intake
+from router_worker.pipeline.outcomes import DeadLettered, Duplicate, Retried, Routed, commit_offsets
+from router_worker.pipeline.plan import Claim, PlanConfig, Stats, plan
+from router_worker.topics import Topics
+from tests.unit.core.sim import head
+
+TOPICS = Topics(prefix="", requests="req", model_prefix="model.", retry_prefix="retry.", dlq="dlq",
+                results="res")  # fmt: skip
+CFG = PlanConfig(router_id="r", topics=TOPICS, max_attempts=3, retry_backoff_ms=(100, 200),
+                 max_message_bytes=1000, dlq_keep_bytes=16)  # fmt: skip
+NOW = 1_000_000
+
+
+@dataclass
+class Rec:
+    offset: int
+    value: bytes | None
+    key: bytes | None = None
+    headers: tuple[tuple[str, bytes | None], ...] = ()
+
+
+def job(job_id: str, model: str = "m", **kw: object) -> bytes:
+    return msgpack.packb({"job_id": job_id, "model_type": model, **kw})  # type: ignore[no-any-return]
+
+
+def run(batch: dict[TopicPartition, list[Rec]], claims: dict[str, Claim] | None = None,
+        heads: int = 2, capacity: int = 100):  # type: ignore[no-untyped-def]  # fmt: skip
+    gaps = GapGuard(wait_ms=1000)
+    for tp, recs in batch.items():
+        if recs:
+            gaps.expect(tp, recs[0].offset)
+    parts, holds = intake(batch, gaps, frozenset({"retry.1", "retry.2"}), NOW, CFG.max_message_bytes)
+    index = HeadIndex.build([head(f"h{i}", partition=i, capacity=capacity) for i in range(heads)])
+    p = plan(parts, claims or {}, index, Policy(), RouterMemory(), NOW, NOW, random.Random(1), CFG, Stats())
+    p.holds.extend(holds)
+    return parts, p
+
+
+def test_each_kind_of_record_gets_its_outcome() -> None:
+    tp = TopicPartition("req", 0)
+    recs = [
+        Rec(0, job("a")),
+        Rec(1, b"\xc1 not msgpack"),
+        Rec(2, job("b", model="nobody")),
+        Rec(3, job("old", deadline_ms=1)),
+        Rec(4, job("a")),  # the same job again in the batch: a duplicate
+        Rec(5, None),
+        Rec(6, b"x" * 2000),
+    ]
+    _, p = run({tp: recs})
+    kinds = [type(o).__name__ for o in p.outcomes]
+    assert kinds == ["Routed", "DeadLettered", "Retried", "DeadLettered", "Duplicate", "DeadLettered",
+                     "DeadLettered"]  # fmt: skip
+    too_large = p.outcomes[6]
+    assert isinstance(too_large, DeadLettered) and too_large.reason.value == "too_large"
+    assert too_large.send is not None and too_large.send.value == b"x" * 16, "truncated to dlq_keep_bytes"
+    hdrs = dict(too_large.send.headers)
+    assert hdrs["x-dlq-truncated"] == b"2000" and len(hdrs["x-dlq-sha256"] or b"") == 64
+    tomb = p.outcomes[5]
+    assert tomb.send is not None and tomb.send.key == b"", (
+        "a null key and value still makes a publishable record"
+    )
+    assert p.next_offset[tp] == 7
+
+
+def test_a_retry_record_without_a_valid_attempt_is_a_schema_error_not_a_drop() -> None:
+    tp = TopicPartition("retry.1", 0)
+    recs = [Rec(0, job("a")), Rec(1, job("b"), headers=(("x-route-attempt", b"abc"),)),
+            Rec(2, job("c"), headers=(("x-route-attempt", None),))]  # fmt: skip
+    _, p = run({tp: recs})
+    assert all(isinstance(o, DeadLettered) and o.reason.value == "schema_error" for o in p.outcomes)
+    assert "x-route-attempt" in p.outcomes[1].detail  # type: ignore[union-attr]
+
+
+def test_a_retry_not_due_holds_its_partition_and_the_commit_stops_before_it() -> None:
+    tp = TopicPartition("retry.1", 0)
+    due = (("x-route-attempt", b"1"), ("x-retry-not-before", str(NOW - 1).encode()))
+    later = (("x-route-attempt", b"1"), ("x-retry-not-before", str(NOW + 500).encode()))
+    _, p = run({tp: [Rec(10, job("a"), headers=due), Rec(11, job("b"), headers=later), Rec(12, job("c"))]})
+    assert len(p.outcomes) == 1 and isinstance(p.outcomes[0], Routed)
+    assert p.outcomes[0].src.attempt == 2
+    assert [(h.offset, h.why) for h in p.holds] == [(11, "not_due")]
+    p.outcomes[0].final = True
+    assert commit_offsets(p) == {tp: 11}
+
+
+def test_claims_done_are_duplicates_and_busy_holds_the_partition() -> None:
+    tp0, tp1 = TopicPartition("req", 0), TopicPartition("req", 1)
+    _, p = run({tp0: [Rec(0, job("x")), Rec(1, job("y"))], tp1: [Rec(0, job("z")), Rec(1, job("w"))]},
+               claims={"x": Claim.DONE, "z": Claim.BUSY})  # fmt: skip
+    assert isinstance(p.outcomes[0], Duplicate) and isinstance(p.outcomes[1], Routed)
+    assert [(h.tp, h.offset, h.why) for h in p.holds] == [(tp1, 0, "claimed_elsewhere")]
+    assert p.next_offset[tp1] == 0
+
+
+def test_the_same_job_in_two_partitions_is_routed_once() -> None:
+    tp0, tp1 = TopicPartition("req", 0), TopicPartition("req", 1)
+    _, p = run({tp0: [Rec(0, job("x"))], tp1: [Rec(0, job("x"))]})
+    assert [type(o).__name__ for o in p.outcomes] == ["Routed", "Duplicate"]
+
+
+def test_saturated_heads_hold_the_rest_of_the_partition() -> None:
+    tp = TopicPartition("req", 0)
+    _, p = run({tp: [Rec(i, job(f"j{i}")) for i in range(5)]}, heads=1, capacity=2)
+    assert [type(o).__name__ for o in p.outcomes] == ["Routed", "Routed"]
+    assert [(h.offset, h.why) for h in p.holds] == [(2, "saturated")]
+
+
+record = st.one_of(
+    st.builds(lambda i, m: job(f"j{i}", model=m), st.integers(0, 20), st.sampled_from(["m", "nobody"])),
+    st.binary(max_size=40),
+    st.none(),
+    st.just(b"\x81\x91\x01\x01"),
+)
+
+
+@settings(max_examples=300, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.lists(st.lists(record, max_size=12), min_size=1, max_size=4),
+    st.dictionaries(st.sampled_from([f"j{i}" for i in range(20)]), st.sampled_from(list(Claim)), max_size=6),
+    st.integers(1, 4),
+    st.lists(st.booleans(), max_size=60),
+)
+def test_every_record_gets_one_outcome_and_commits_never_pass_an_unsettled_one(
+    values: list[list[bytes | None]], claims: dict[str, Claim], capacity: int, acks: list[bool]
+) -> None:
+    batch = {
+        TopicPartition("req", i): [Rec(100 + j, v) for j, v in enumerate(vs)] for i, vs in enumerate(values)
+    }
+    parts, p = run(batch, claims, heads=2, capacity=capacity)
+    planned = [(o.src.tp, o.src.offset) for o in p.outcomes]
+    assert len(planned) == len(set(planned)), "one outcome per record"
+    for tp, recs in batch.items():
+        held = [h.offset for h in p.holds if h.tp == tp]
+        mine = sorted(off for t, off in planned if t == tp)
+        cut = min(held) if held else None
+        expected = [r.offset for r in recs if cut is None or r.offset < cut]
+        assert mine == expected, "every record before the hold has an outcome, none after it"
+    # settle a random subset of the publishes: commits stop at the first unsettled record
+    for i, o in enumerate(p.outcomes):
+        o.final = o.send is None or (acks[i] if i < len(acks) else True)
+    offsets = commit_offsets(p)
+    for o in p.outcomes:
+        if not o.final:
+            assert offsets[o.src.tp] <= o.src.offset
+    for o in p.outcomes:
+        assert isinstance(o, Routed | Retried | DeadLettered | Duplicate)
+        if isinstance(o, Duplicate):
+            assert o.send is None
+        else:
+            assert o.send is not None

@@ -34,7 +34,8 @@ async def test_one_bad_record_does_not_fail_the_others(settings: Settings) -> No
     assert [s.value[:13] for s in report.fatal if s.value] == [b"bad-partition", b"x" * 13]
     assert isinstance(report.fatal[0].error, AssertionError)
     assert isinstance(report.fatal[1].error, MessageSizeTooLargeError)
-    assert report.unsent == [] and report.tries == 1, "fatal errors are not retried"
+    assert report.unsent == []
+    assert report.tries == 1, "fatal errors are not retried"
     got = await read_topic(settings, topic, expect=2)
     assert sorted(r.value for r in got) == [b"ok-0", b"ok-1"]
 

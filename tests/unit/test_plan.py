@@ -69,10 +69,13 @@ def test_each_kind_of_record_gets_its_outcome() -> None:
     assert kinds == ["Routed", "DeadLettered", "Retried", "DeadLettered", "Duplicate", "DeadLettered",
                      "DeadLettered"]  # fmt: skip
     too_large = p.outcomes[6]
-    assert isinstance(too_large, DeadLettered) and too_large.reason.value == "too_large"
-    assert too_large.send is not None and too_large.send.value == b"x" * 16, "truncated to dlq_keep_bytes"
+    assert isinstance(too_large, DeadLettered)
+    assert too_large.reason.value == "too_large"
+    assert too_large.send is not None
+    assert too_large.send.value == b"x" * 16, "truncated to dlq_keep_bytes"
     hdrs = dict(too_large.send.headers)
-    assert hdrs["x-dlq-truncated"] == b"2000" and len(hdrs["x-dlq-sha256"] or b"") == 64
+    assert hdrs["x-dlq-truncated"] == b"2000"
+    assert len(hdrs["x-dlq-sha256"] or b"") == 64
     tomb = p.outcomes[5]
     assert tomb.send is not None and tomb.send.key == b"", (
         "a null key and value still makes a publishable record"
@@ -94,7 +97,8 @@ def test_a_retry_not_due_holds_its_partition_and_the_commit_stops_before_it() ->
     due = (("x-route-attempt", b"1"), ("x-retry-not-before", str(NOW - 1).encode()))
     later = (("x-route-attempt", b"1"), ("x-retry-not-before", str(NOW + 500).encode()))
     _, p = run({tp: [Rec(10, job("a"), headers=due), Rec(11, job("b"), headers=later), Rec(12, job("c"))]})
-    assert len(p.outcomes) == 1 and isinstance(p.outcomes[0], Routed)
+    assert len(p.outcomes) == 1
+    assert isinstance(p.outcomes[0], Routed)
     assert p.outcomes[0].src.attempt == 2
     assert [(h.offset, h.why) for h in p.holds] == [(11, "not_due")]
     p.outcomes[0].final = True
@@ -105,7 +109,8 @@ def test_claims_done_are_duplicates_and_busy_holds_the_partition() -> None:
     tp0, tp1 = TopicPartition("req", 0), TopicPartition("req", 1)
     _, p = run({tp0: [Rec(0, job("x")), Rec(1, job("y"))], tp1: [Rec(0, job("z")), Rec(1, job("w"))]},
                claims={"x": Claim.DONE, "z": Claim.BUSY})  # fmt: skip
-    assert isinstance(p.outcomes[0], Duplicate) and isinstance(p.outcomes[1], Routed)
+    assert isinstance(p.outcomes[0], Duplicate)
+    assert isinstance(p.outcomes[1], Routed)
     assert [(h.tp, h.offset, h.why) for h in p.holds] == [(tp1, 0, "claimed_elsewhere")]
     assert p.next_offset[tp1] == 0
 
@@ -144,7 +149,7 @@ def test_every_record_gets_one_outcome_and_commits_never_pass_an_unsettled_one(
     batch = {
         TopicPartition("req", i): [Rec(100 + j, v) for j, v in enumerate(vs)] for i, vs in enumerate(values)
     }
-    parts, p = run(batch, claims, heads=2, capacity=capacity)
+    _parts, p = run(batch, claims, heads=2, capacity=capacity)
     planned = [(o.src.tp, o.src.offset) for o in p.outcomes]
     assert len(planned) == len(set(planned)), "one outcome per record"
     for tp, recs in batch.items():

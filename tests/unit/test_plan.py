@@ -77,9 +77,8 @@ def test_each_kind_of_record_gets_its_outcome() -> None:
     assert hdrs["x-dlq-truncated"] == b"2000"
     assert len(hdrs["x-dlq-sha256"] or b"") == 64
     tomb = p.outcomes[5]
-    assert tomb.send is not None and tomb.send.key == b"", (
-        "a null key and value still makes a publishable record"
-    )
+    assert tomb.send is not None
+    assert tomb.send.key == b"", "a null key and value still makes a publishable record"
     assert p.next_offset[tp] == 7
 
 

@@ -28,8 +28,11 @@ class Runtime:
                          s.audit_file_backups)  # fmt: skip
 
 
-def make_redis(url: str) -> Redis:
-    return Redis.from_url(url, decode_responses=True, health_check_interval=30, socket_keepalive=True)
+def make_redis(url: str, timeout_s: float | None = 5.0) -> Redis:
+    """A client whose calls fail after ``timeout_s`` instead of hanging on a Redis that stopped answering
+    (a paused or partitioned server): the router's outage handling needs an answer, even a failure."""
+    return Redis.from_url(url, decode_responses=True, health_check_interval=30, socket_keepalive=True,
+                          socket_timeout=timeout_s, socket_connect_timeout=timeout_s)  # fmt: skip
 
 
 @contextlib.asynccontextmanager
@@ -57,7 +60,7 @@ async def runtime(settings: Settings, *, allow_embedded: bool = True) -> AsyncIt
         assert settings.redis_url
         if stack is not None:
             await wait_kafka_ready(settings.kafka_bootstrap_servers)
-        redis = make_redis(settings.redis_url)
+        redis = make_redis(settings.redis_url, settings.redis_timeout_s)
         try:
             await redis.ping()
             yield Runtime(settings, redis, stack)

@@ -56,6 +56,9 @@ class Settings(BaseSettings):
     # --- Redis -------------------------------------------------------------------------------------------
     redis_url: str | None = Field(None, description="Redis URL. Unset: commands start the embedded stack.")
     redis_prefix: str = Field("rw", description="Prefix of every Redis key and channel this deployment owns.")
+    redis_timeout_s: float = Field(
+        5.0, gt=0, le=300, description="A Redis call that gets no answer this long fails (never hangs)."
+    )
 
     # --- Topics ------------------------------------------------------------------------------------------
     topic_prefix: str = Field("", description="Common prefix of every topic name.")

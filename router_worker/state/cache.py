@@ -112,26 +112,28 @@ class StateCache:
                 log.exception("head state resync failed unexpectedly, keeping the last snapshot")
                 await asyncio.sleep(min(1.0, self.refresh_s))
 
-    async def _listen(self, pubsub: object) -> None:
-        ps = pubsub  # redis.asyncio.client.PubSub
+    async def _listen(self, pubsub: Any) -> None:
+        """Change events; polled with a timeout, so an idle channel is never mistaken for a dead Redis."""
         while not self._stopping:
             try:
-                async for msg in ps.listen():  # type: ignore[attr-defined]
-                    try:
-                        event = orjson.loads(msg["data"]).get("event", "")
-                    except (orjson.JSONDecodeError, AttributeError):
-                        continue
-                    if self.on_event is not None:
-                        self.on_event(event)
-                    if event == "policy_changed":
-                        self._policy_dirty = True
-                    elif event.startswith("model_"):
-                        self._models_dirty = True
-                    self._wake.set()
+                msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
             except Exception as exc:  # any failure: resubscribe; the periodic resync covers the gap
                 if self.health.up:
                     log.warning("event subscription lost, resubscribing: %s", exc)
-                self.health.failed(now_ms())
                 self._policy_dirty = self._models_dirty = True
                 self._wake.set()
                 await asyncio.sleep(0.5)
+                continue
+            if msg is None:
+                continue
+            try:
+                event = orjson.loads(msg["data"]).get("event", "")
+            except (orjson.JSONDecodeError, AttributeError, TypeError):
+                continue
+            if self.on_event is not None:
+                self.on_event(event)
+            if event == "policy_changed":
+                self._policy_dirty = True
+            elif event.startswith("model_"):
+                self._models_dirty = True
+            self._wake.set()

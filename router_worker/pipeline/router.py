@@ -30,7 +30,8 @@ from redis.exceptions import RedisError
 
 from router_worker.audit import AuditSink
 from router_worker.clock import now_ms
-from router_worker.core.model import RouterMemory
+from router_worker.core.model import Head, RouterMemory
+from router_worker.core.validity import split_valid
 from router_worker.metrics import Metrics
 from router_worker.pipeline.gaps import GapGuard, start_offset
 from router_worker.pipeline.intake import Parts, intake
@@ -39,6 +40,7 @@ from router_worker.pipeline.marks import Marks
 from router_worker.pipeline.outcomes import DeadLettered, Hold, Outcome, Plan, Retried, Routed, commit_offsets
 from router_worker.pipeline.plan import Claim, PlanConfig, Stats, dead_letter, plan
 from router_worker.pipeline.publish import RetryBudget, Send, describe, publish
+from router_worker.pipeline.topology import ModelTopology
 from router_worker.settings import Settings
 from router_worker.state.cache import StateCache
 from router_worker.state.heads import HeadRegistry
@@ -110,7 +112,10 @@ class Router:
         self.registry = HeadRegistry(redis, self.keys, s.head_ttl_ms)
         self.policies = PolicyStore(redis, self.keys)
         self.state = StateCache(redis, self.registry, self.policies, s.head_refresh_ms, self._on_refresh,
-                                self._on_event, health=self.health)  # fmt: skip
+                                self._on_event, health=self.health, vet=self._vet)  # fmt: skip
+        self.topology: ModelTopology | None = None
+        self.invalid_heads: dict[str, str] = {}
+        """Heads left out of routing: head id -> why (a partition their model topic lacks)."""
         self.marks = Marks(redis, self.keys, audit, claim_ttl_ms=s.claim_ttl_ms, dedupe_ttl_ms=s.dedupe_ttl_s * 1000,
                            buffer_max=s.outage_buffer_max)  # fmt: skip
         self.memory = RouterMemory()
@@ -152,16 +157,17 @@ class Router:
             [(self.topics.requests, s.requests_partitions), (self.topics.dlq, 1)]
             + [(t, s.requests_partitions) for t in self._retry_topics],
         )
-        await self.state.start()
         producer = make_producer(s)
         consumer = make_consumer(s, group_id=s.group_id)
-        consumer.subscribe([self.topics.requests, *self._retry_topics], listener=_Rebalance(self))
-        self._consumer, self._producer = consumer, producer
-        await producer.start()
-        await consumer.start()
-        await self.audit.emit("router_started", self.router_id, group_id=s.group_id)
-        self.ready.set()
+        self._producer, self._consumer = producer, consumer
+        self.topology = ModelTopology(s, producer)
         try:
+            await producer.start()
+            await self.state.start()
+            consumer.subscribe([self.topics.requests, *self._retry_topics], listener=_Rebalance(self))
+            await consumer.start()
+            await self.audit.emit("router_started", self.router_id, group_id=s.group_id)
+            self.ready.set()
             await self._loop(consumer, producer)
         finally:
             # Each batch committed at its end; leave the group at once so partitions move without waiting.
@@ -199,6 +205,10 @@ class Router:
                 self.stats.batch_errors += 1
                 log.warning("Kafka error in the router loop, continuing: %s", exc)
                 await asyncio.sleep(0.5)
+            except Exception:  # a bug: the batch was rewound (nothing committed), so it is read again
+                self.stats.batch_errors += 1
+                log.exception("batch failed unexpectedly; it will be read again")
+                await asyncio.sleep(min(5.0, 0.1 * 2 ** min(self.stats.batch_errors, 6)))
 
     async def _outage_hold(self, consumer: AIOKafkaConsumer) -> bool:
         """Past the staleness window of a Redis outage: pause every partition until Redis answers."""
@@ -257,6 +267,21 @@ class Router:
             sum(1 for h in state.index.heads.values() if h.status == "healthy" and h.expires_at_ms >= now)
         )
         self.metrics.policy_version.set(state.policy.version)
+
+    async def _vet(self, heads: list[Head]) -> list[Head]:
+        """Only heads whose partition exists in their model topic can be picked (never a blind send)."""
+        topology = self.topology
+        if topology is None:
+            return []
+        await topology.ensure({self.topics.model(h.model_id) for h in heads})
+        valid, invalid = split_valid(heads, topology.partitions, self.topics.model)
+        now_invalid = {h.head_id: why for h, why in invalid}
+        for head_id, why in now_invalid.items():
+            if self.invalid_heads.get(head_id) != why:  # logged once per head and reason
+                log.warning("head %s is not routable: %s", head_id, why)
+        self.invalid_heads = now_invalid
+        self.metrics.invalid_heads.set(len(invalid))
+        return valid
 
     def _pin_ms(self) -> int:
         return int(self.state.policy.affinity_timeout_s * 1000)

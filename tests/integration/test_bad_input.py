@@ -110,3 +110,25 @@ async def test_a_job_for_a_model_with_no_head_is_retried_then_dead_lettered(sett
     assert b"after 3 attempts" in h["x-dlq-error"]
     assert h["x-original-topic"] == topics.requests.encode(), "origin survives the retry tiers"
     assert router.stats.retried == 2
+
+
+async def test_a_head_on_a_partition_its_topic_lacks_is_never_picked(settings: Settings, redis: Redis) -> None:
+    """A head registered (by hand, by a stale tool) on partition 999 of an 8-partition topic: routers leave it
+    out and say why, instead of dying on aiokafka's 'Unrecognized partition'."""
+    from router_worker.state.heads import HeadRecord, HeadRegistry
+    from router_worker.state.keys import Keys
+
+    served = Served()
+    router = make_router(settings, redis)
+    worker = make_worker(settings, redis, served, "m", head_id="real")
+    registry = HeadRegistry(redis, Keys(settings.redis_prefix), settings.head_ttl_ms * 100)
+    await registry.register(HeadRecord(head_id="ghost", model_id="m", partition=999, capacity=1000))
+    async with running(worker, router):
+        async with JobProducer(settings) as p:
+            for i in range(30):
+                await p.submit("m", i, job_id=f"g{i}")
+        await wait_until(lambda: len(served.rows) >= 30, timeout=30)
+        assert "ghost" in router.invalid_heads
+        assert "out of range" in router.invalid_heads["ghost"]
+    assert {r[1] for r in served.rows} == {"real"}
+    assert router.stats.publish_errors == 0

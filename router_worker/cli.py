@@ -106,6 +106,15 @@ def worker(
 
     async def main() -> None:
         async with runtime(s) as rt:
+            if partition is not None:
+                from rich.markup import escape
+
+                from router_worker.pipeline.topology import check_head_partition
+
+                problem = await check_head_partition(rt.settings, model, partition)
+                if problem:
+                    err.print(f"[red]error:[/] {escape(problem)}", soft_wrap=True)
+                    raise typer.Exit(2)
             w = build_worker(rt, cfg, service_ms, jitter_ms, fail_rate)
             await until_signalled(w.stop)
             err.print(f"head {w.head_id} of {model} in {region} starting")

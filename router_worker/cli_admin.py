@@ -10,16 +10,21 @@ from typing import Annotated, cast
 
 import orjson
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from router_worker.cli import ConfigOpt, _run, _settings, console, err
 from router_worker.clock import now_ms
-from router_worker.core.model import HeadStatus
+from router_worker.core.model import Head, HeadStatus
+from router_worker.core.validity import split_valid
+from router_worker.pipeline.topology import check_head_partition, topics_partitions
 from router_worker.runtime import Runtime, runtime
+from router_worker.settings import Settings
 from router_worker.state.catalog import ModelCatalog
 from router_worker.state.heads import HeadRecord, HeadRegistry
 from router_worker.state.keys import Keys
 from router_worker.state.policy_store import PolicyError, PolicyStore, load_policy_file
+from router_worker.topics import Topics
 
 heads_app = typer.Typer(help="List, register, drain and remove heads.", no_args_is_help=True)
 policy_app = typer.Typer(help="Show, set and validate the routing policy.", no_args_is_help=True)
@@ -34,19 +39,41 @@ def _registry(rt: Runtime) -> HeadRegistry:
     return HeadRegistry(rt.redis, Keys(rt.settings.redis_prefix), rt.settings.head_ttl_ms)
 
 
+async def _validity(settings: Settings, heads: list[Head]) -> dict[str, str | None]:
+    """head id -> why it can not be addressed (None: it can), judged as a router does (split_valid) against
+    broker metadata. A model topic that does not exist yet counts with ROUTER_MODEL_PARTITIONS (a router
+    creates it with that many); when the broker can not be asked, every count is unknown."""
+    topics = Topics.from_settings(settings)
+    try:
+        counts = await topics_partitions(settings, {topics.model(h.model_id) for h in heads})
+    except Exception as exc:
+        err.print(
+            f"[yellow]warning:[/] could not read model topic metadata: {escape(repr(exc))}", soft_wrap=True
+        )
+        known: dict[str, int | None] = {}
+    else:
+        known = {t: settings.model_partitions if n is None else n for t, n in counts.items()}
+    _, invalid = split_valid(heads, known.get, topics.model)
+    why: dict[str, str | None] = {h.head_id: None for h in heads}
+    why.update({h.head_id: reason for h, reason in invalid})
+    return why
+
+
 @heads_app.command("ls")
 def heads_ls(config: ConfigOpt = None, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
-    """List every registered head with its state."""
+    """List every registered head with its state, and whether its partition exists in its model topic."""
 
     async def main() -> None:
         async with runtime(_settings(config), allow_embedded=False) as rt:
             heads, _, inflight = await _registry(rt).snapshot()
+            why = await _validity(rt.settings, heads) if heads else {}
         now = now_ms()
         if as_json:
             console.print_json(orjson.dumps([
                 {"head_id": h.head_id, "model_id": h.model_id, "region": h.region, "partition": h.partition,
                  "status": h.status.value, "alive": h.expires_at_ms >= now, "inflight": inflight.get(h.head_id, 0),
-                 "capacity": h.capacity, "latency_ms": h.latency_ms, "backend": h.backend}
+                 "capacity": h.capacity, "latency_ms": h.latency_ms, "backend": h.backend,
+                 "valid": why[h.head_id] is None, "invalid_reason": why[h.head_id]}
                 for h in heads
             ]).decode())  # fmt: skip
             return
@@ -61,12 +88,15 @@ def heads_ls(config: ConfigOpt = None, as_json: Annotated[bool, typer.Option("--
             "in-flight",
             "latency ms",
             "backend",
+            "valid",
         ):
             table.add_column(col)
         for h in heads:
+            reason = why[h.head_id]
             table.add_row(h.head_id, h.model_id, h.region, str(h.partition), h.status.value,
                           "yes" if h.expires_at_ms >= now else "[red]expired[/]",
-                          f"{inflight.get(h.head_id, 0)}/{h.capacity}", f"{h.latency_ms:.1f}", h.backend)  # fmt: skip
+                          f"{inflight.get(h.head_id, 0)}/{h.capacity}", f"{h.latency_ms:.1f}", h.backend,
+                          "valid" if reason is None else f"[red]{escape(reason)}[/]")  # fmt: skip
         console.print(table)
 
     _run(main)
@@ -86,6 +116,12 @@ def heads_register(
 
     async def main() -> None:
         async with runtime(_settings(config), allow_embedded=False) as rt:
+            problem = await check_head_partition(rt.settings, model, partition)
+            if problem:
+                err.print(
+                    f"[red]error:[/] {escape(problem)}; {escape(head_id)} not registered", soft_wrap=True
+                )
+                raise typer.Exit(2)
             rec = HeadRecord(head_id, model, region, capacity, partition, backend=backend)
             await _registry(rt).register(rec)
             await rt.audit().emit(

@@ -2,12 +2,18 @@
 
 Heads write their own hash; routers only read it. Every membership or status change is announced on the
 events channel so routers refresh at once instead of waiting for their periodic resync.
+
+Partition slots (``{p}:slot:<topic>:<partition>``, one owner each) are only ever taken, renewed and released
+by compare-and-set, each in one server-side script: a head renews its slot only while the slot holds its own
+id, re-takes it only if nobody holds it (SET NX), and learns from :meth:`HeadRegistry.heartbeat` that another
+head took it (``HeartbeatResult.SLOT_LOST``), so two heads never serve one partition for long.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
+from enum import Enum
 from typing import Any, cast
 
 import orjson
@@ -140,6 +146,71 @@ class HeadStats:
         return out
 
 
+class HeartbeatResult(Enum):
+    """What a heartbeat found. Truthy only for ``OK``, so ``if not await registry.heartbeat(...)`` stops a head
+    in both other cases."""
+
+    OK = "ok"
+    """The deadline and stats were written; the slot (if any) is this head's and was renewed or re-taken."""
+    REMOVED = "removed"
+    """The head's hash is gone (an operator removed it): nothing was written. The head must stop."""
+    SLOT_LOST = "slot_lost"
+    """Another head owns the slot now (this one missed its renewal window): nothing was written, the other
+    head's slot is untouched and this head's deadline was not extended. The head must stop consuming the
+    partition at once (both would serve every job of it) and deregister."""
+
+    def __bool__(self) -> bool:
+        return self is HeartbeatResult.OK
+
+
+class PartitionOutOfRange(ValueError):
+    """A head asked for a partition its model topic does not have."""
+
+
+# KEYS[1] the head hash, KEYS[2] its slot (optional). ARGV: head id, slot ttl ms, hash ttl ms, field, value, ...
+# Returns 1 OK, 0 removed, 2 slot owned by another head. Nothing is written unless the result is 1.
+_HEARTBEAT_LUA = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+if KEYS[2] then
+  local owner = redis.call('GET', KEYS[2])
+  if owner == ARGV[1] then
+    redis.call('PEXPIRE', KEYS[2], ARGV[2])
+  elseif owner then
+    return 2
+  else
+    redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2])
+  end
+end
+redis.call('HSET', KEYS[1], unpack(ARGV, 4))
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return 1
+"""
+
+# KEYS: slot keys in order of preference. ARGV: head id, ttl ms. Takes the first slot that is free or already
+# this head's (renewing it); returns its index in KEYS, or -1 when every one is owned by another head.
+_CLAIM_LUA = """
+for i, key in ipairs(KEYS) do
+  if redis.call('SET', key, ARGV[1], 'NX', 'PX', ARGV[2]) then return i - 1 end
+  if redis.call('GET', key) == ARGV[1] then
+    redis.call('PEXPIRE', key, ARGV[2])
+    return i - 1
+  end
+end
+return -1
+"""
+
+# KEYS[1] head hash, KEYS[2] heads set, KEYS[3] in-flight hash, KEYS[4] its slot (optional). ARGV[1] head id.
+# The slot is deleted only while it is still this head's. Returns how many of hash and set entry were removed.
+_REMOVE_LUA = """
+local n = redis.call('DEL', KEYS[1]) + redis.call('SREM', KEYS[2], ARGV[1])
+redis.call('HDEL', KEYS[3], ARGV[1])
+if KEYS[4] and redis.call('GET', KEYS[4]) == ARGV[1] then redis.call('DEL', KEYS[4]) end
+return n
+"""
+
+_HEARTBEAT_RESULTS = {0: HeartbeatResult.REMOVED, 1: HeartbeatResult.OK, 2: HeartbeatResult.SLOT_LOST}
+
+
 class HeadRegistry:
     """Reads and writes head state. One instance per process, given its Redis client."""
 
@@ -147,6 +218,9 @@ class HeadRegistry:
         self.redis = redis
         self.keys = keys
         self.ttl_ms = ttl_ms
+        self._heartbeat_script = redis.register_script(_HEARTBEAT_LUA)
+        self._claim_script = redis.register_script(_CLAIM_LUA)
+        self._remove_script = redis.register_script(_REMOVE_LUA)
 
     @property
     def _gc_ms(self) -> int:
@@ -156,19 +230,37 @@ class HeadRegistry:
     async def publish_event(self, event: str, **fields: Any) -> None:
         await self.redis.publish(self.keys.events, orjson.dumps({"event": event, **fields}))
 
-    async def claim_partition(self, head_id: str, topic: str, partitions: int, preferred: int | None) -> int:
-        """Own a free partition of the model topic (or the preferred one); refuse when all are taken."""
-        order = list(range(partitions))
+    async def claim_partition(
+        self,
+        head_id: str,
+        topic: str,
+        partitions: int,
+        preferred: int | None,
+        *,
+        valid_partitions: int | None = None,
+    ) -> int:
+        """Own a partition of the model topic: the preferred one if it is free (or already ours), else the
+        first free one. One atomic script: a slot is taken only with SET NX, or renewed while it is ours.
+
+        The partitions considered are ``range(valid_partitions)`` when given (the topic's real partition count
+        from broker metadata: the truth), else ``range(partitions)`` (the configured count). Raises
+        :class:`PartitionOutOfRange` for a preferred partition outside that range, and RuntimeError when
+        every partition is owned by a live head.
+        """
+        bound = valid_partitions if valid_partitions is not None else partitions
+        if preferred is not None and not 0 <= preferred < bound:
+            raise PartitionOutOfRange(
+                f"partition {preferred} out of range: {topic} has {bound} partitions (valid: 0..{bound - 1})"
+            )
+        order = list(range(bound))
         if preferred is not None:
             order = [preferred] + [p for p in order if p != preferred]
-        for p in order:
-            key = self.keys.slot(topic, p)
-            if await self.redis.set(key, head_id, nx=True, px=self.ttl_ms):
-                return p
-            if await self.redis.get(key) == head_id:
-                await self.redis.pexpire(key, self.ttl_ms)
-                return p
-        raise RuntimeError(f"all {partitions} partitions of {topic} are owned by live heads")
+        if order:
+            keys = [self.keys.slot(topic, p) for p in order]
+            i = int(await self._claim_script(keys=keys, args=[head_id, self.ttl_ms]))
+            if i >= 0:
+                return order[i]
+        raise RuntimeError(f"all {bound} partitions of {topic} are owned by live heads")
 
     async def register(self, record: HeadRecord, slot_topic: str | None = None) -> None:
         key = self.keys.head(record.head_id)
@@ -193,20 +285,26 @@ class HeadRegistry:
         """The head finished ``n`` jobs: take them off the shared in-flight count."""
         await self.redis.hincrby(self.keys.inflight, head_id, -n)
 
-    async def heartbeat(self, head_id: str, stats: HeadStats, slot: tuple[str, int] | None = None) -> bool:
-        """Extend the head's deadline and report its stats, in one round trip. False if it was removed."""
-        key = self.keys.head(head_id)
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.exists(key)
-            pipe.hset(key, mapping=cast(Any, stats.to_hash() | {"expires_at": str(now_ms() + self.ttl_ms)}))
-            pipe.pexpire(key, self._gc_ms)
-            if slot is not None:
-                pipe.set(self.keys.slot(*slot), head_id, px=self.ttl_ms)
-            res = await pipe.execute()
-        if not res[0]:  # removed by ops while we ran: undo the write we just made, tell the caller
-            await self.redis.delete(key)
-            return False
-        return True
+    async def heartbeat(
+        self, head_id: str, stats: HeadStats, slot: tuple[str, int] | None = None
+    ) -> HeartbeatResult:
+        """Extend the head's deadline, report its stats and renew its slot ``(topic, partition)``: one script,
+        one round trip, all or nothing.
+
+        The slot is renewed only while it holds this head's id, re-taken (SET NX) when it lapsed and nobody
+        took it, and never overwritten. Returns ``OK`` (truthy), ``REMOVED`` when an operator removed the
+        head, or ``SLOT_LOST`` when another head owns the slot now: the caller must then stop serving the
+        partition. Nothing is written unless the result is ``OK``.
+        """
+        fields = stats.to_hash() | {"expires_at": str(now_ms() + self.ttl_ms)}
+        keys = [self.keys.head(head_id)]
+        if slot is not None:
+            keys.append(self.keys.slot(*slot))
+        args: list[str | int] = [head_id, self.ttl_ms, self._gc_ms]
+        for k, v in fields.items():
+            args += [k, v]
+        res = int(await self._heartbeat_script(keys=keys, args=args))
+        return _HEARTBEAT_RESULTS.get(res, HeartbeatResult.REMOVED)
 
     async def set_status(self, head_id: str, status: HeadStatus, actor: str = "") -> bool:
         key = self.keys.head(head_id)
@@ -217,17 +315,16 @@ class HeadRegistry:
         return True
 
     async def remove(self, head_id: str, actor: str = "") -> bool:
+        """Remove a head: its hash, index entry, in-flight count and its slot (only while the slot is still
+        this head's, so a head that lost its slot never frees the new owner's). One script."""
         key = self.keys.head(head_id)
         h = cast(dict[str, str], await self.redis.hgetall(key))
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.delete(key)
-            pipe.srem(self.keys.heads, head_id)
-            pipe.hdel(self.keys.inflight, head_id)
-            if h.get("slot_topic"):
-                pipe.delete(self.keys.slot(h["slot_topic"], int(h.get("partition", 0))))
-            res = await pipe.execute()
+        keys = [key, self.keys.heads, self.keys.inflight]
+        if h.get("slot_topic"):
+            keys.append(self.keys.slot(h["slot_topic"], _i(h, "partition")))
+        removed = int(await self._remove_script(keys=keys, args=[head_id]))
         await self.publish_event("head_removed", head_id=head_id, actor=actor)
-        return bool(res[0] or res[1])
+        return removed > 0
 
     async def snapshot(self) -> tuple[list[Head], dict[str, Profile], dict[str, int]]:
         """Every registered head, learned profiles and shared in-flight counts: two round trips."""

@@ -13,6 +13,9 @@ in one Redis Cluster slot and the pipelines and scripts that touch several of th
 | ``{p}:policy:history`` | list | earlier policies, newest first (capped) |
 | ``{p}:seen:<job_id>`` | string | idempotency marker of a routed job (expires) |
 | ``{p}:events`` | pub/sub | head and policy change notifications to routers |
+
+A slot is only ever taken with SET NX, and renewed or deleted only while it holds the caller's head id, each
+in one compare-and-set script (``state/heads.py``): a head that lapsed never overwrites its successor.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ in one Redis Cluster slot and the pipelines and scripts that touch several of th
 | ``{p}:models`` | hash | model id -> registered characteristics (JSON) |
 | ``{p}:policy`` | string | the current policy (JSON) |
 | ``{p}:policy:history`` | list | earlier policies, newest first (capped) |
-| ``{p}:seen:<job_id>`` | string | idempotency marker of a routed job (expires) |
+| ``{p}:seen:<key>`` | string | idempotency of one job attempt (key: ``job_id``, ``job_id#attempt``, or ``rec|topic|partition|offset`` for a record that is no job): ``c|topic|partition|offset`` while a router holds the claim (expires after ``claim_ttl_ms``), then ``d|routed|<head>``, ``d|retry|<tier>`` or ``d|dlq|<reason>`` (expires after ``dedupe_ttl_s``); see ``pipeline/marks.py`` |
 | ``{p}:events`` | pub/sub | head and policy change notifications to routers |
 
 A slot is only ever taken with SET NX, and renewed or deleted only while it holds the caller's head id, each

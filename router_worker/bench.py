@@ -9,12 +9,15 @@ rebuilds are included in the figures as they are in a running router.
 
 from __future__ import annotations
 
+import json
 import random
 import statistics
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from rich.console import Console
+from rich.measure import Measurement
 from rich.table import Table
 
 from router_worker.core.adaptive import ProfileLearner
@@ -38,6 +41,13 @@ class Row:
     @property
     def ratio(self) -> float:
         return self.median_us / self.baseline_median_us if self.baseline_median_us else float("nan")
+
+    def to_json(self) -> dict[str, object]:
+        ratio = self.ratio
+        return {"benchmark": "decisions", "strategy": self.strategy, "heads": self.heads,
+                "median_us": self.median_us, "p99_us": self.p99_us, "mean_us": self.mean_us,
+                "baseline_median_us": self.baseline_median_us,
+                "median_over_baseline": ratio if ratio == ratio else None}  # fmt: skip
 
 
 def synthetic_heads(n: int, rng: random.Random, model: str = "bench-model") -> list[Head]:
@@ -144,8 +154,27 @@ def render(rows: Sequence[Row]) -> Table:
         "baseline median µs",
         "median / baseline",
     ):
-        table.add_column(col, justify="right" if col != "strategy" else "left")
+        # no_wrap: a name is never folded or cut (print_table widens a narrow console instead)
+        table.add_column(col, justify="right" if col != "strategy" else "left", no_wrap=True)
     for r in rows:
         table.add_row(r.strategy, str(r.heads), f"{r.median_us:.2f}", f"{r.p99_us:.2f}", f"{r.mean_us:.2f}",
                       f"{r.baseline_median_us:.3f}", f"{r.ratio:.0f}x")  # fmt: skip
     return table
+
+
+def json_lines(rows: Sequence[Row]) -> str:
+    """One JSON object per strategy and head count, one per line."""
+    return "".join(json.dumps(r.to_json()) + "\n" for r in rows)
+
+
+def print_table(console: Console, table: Table) -> None:
+    """Print a table whole, whatever the console's width: a narrow or piped terminal (80 columns, or less)
+    would make rich fold or cut cells (``round_rob…``); the console is widened for this one print instead."""
+    need = Measurement.get(console, console.options.update_width(100_000), table).maximum
+    saved = console.width
+    try:
+        if need > saved:
+            console.width = need
+        console.print(table, crop=False)
+    finally:
+        console.width = saved

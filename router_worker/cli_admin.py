@@ -346,21 +346,76 @@ def explain(
 
 
 def bench(
-    what: Annotated[str, typer.Argument(help="decisions")] = "decisions",
-    heads: Annotated[str, typer.Option(help="Head counts, comma-separated.")] = "10,100,1000",
-    iterations: Annotated[int, typer.Option(help="Decisions timed per strategy and size.")] = 2000,
-    strategy: Annotated[list[str] | None, typer.Option(help="Only these strategies.")] = None,
-) -> None:
-    """Time routing decisions per strategy, against a trivial first-candidate baseline from the same run."""
-    from router_worker.bench import bench_decisions, render
+    what: Annotated[
+        str, typer.Argument(help="decisions (routing decision time per strategy) or e2e (the whole router "
+                            "against a bare Kafka pipe)")
+    ] = "decisions",
+    heads: Annotated[
+        str | None, typer.Option(help="decisions: head counts, comma-separated (default 10,100,1000). "
+                                 "e2e: heads registered (default 100).")
+    ] = None,
+    iterations: Annotated[int, typer.Option(help="decisions: decisions timed per strategy and size.")] = 2000,
+    strategy: Annotated[
+        list[str] | None, typer.Option(help="decisions: only these strategies. e2e: the routers' strategy "
+                                       "(default least_loaded).")
+    ] = None,
+    json_: Annotated[
+        bool, typer.Option("--json", help="decisions: one JSON object per strategy and size, one per line. "
+                           "e2e: one JSON object.")
+    ] = False,
+    jobs: Annotated[int, typer.Option(help="e2e: backlog jobs preloaded to the request topic.")] = 100_000,
+    models: Annotated[int, typer.Option(help="e2e: models the heads serve.")] = 4,
+    regions: Annotated[int, typer.Option(help="e2e: regions of heads and jobs.")] = 2,
+    payload_bytes: Annotated[int, typer.Option(help="e2e: payload size of each job.")] = 200,
+    latency_jobs: Annotated[int, typer.Option(help="e2e: jobs sent at the fixed rate for latency.")] = 3000,
+    rate: Annotated[
+        float | None, typer.Option(help="e2e: offered load for latency, jobs/s (default: half the one-router "
+                                   "drain rate).")
+    ] = None,
+    routers: Annotated[str, typer.Option(help="e2e: router process counts to measure, comma-separated.")] = "1,2",
+    baseline: Annotated[bool, typer.Option(help="e2e: measure the bare aiokafka pipe too.")] = True,
+    plot: Annotated[
+        Path | None, typer.Option(help="e2e: draw drain and latency, router vs pipe, to this PNG "
+                                  "(needs matplotlib: pip install 'router-worker[bench]').")
+    ] = None,
+    config: ConfigOpt = None,
+) -> None:  # fmt: skip
+    """Benchmarks. decisions: routing decision time per strategy against a first-candidate baseline.
+    e2e: the whole router (1, then 2 processes) against a bare consume-produce-commit pipe on the same broker:
+    drain rate, latency, Redis commands per job, CPU and memory (starts the embedded stack unless
+    ROUTER_KAFKA_BOOTSTRAP_SERVERS and ROUTER_REDIS_URL are set)."""
+    import sys
 
+    from router_worker.bench import bench_decisions, json_lines, print_table, render
+
+    if what == "e2e":
+        from router_worker.bench_e2e import BenchError, E2EConfig, command
+
+        try:
+            cfg = E2EConfig(jobs=jobs, heads=int(heads or 100), models=models, regions=regions,
+                            payload_bytes=payload_bytes, latency_jobs=latency_jobs, rate=rate,
+                            routers=tuple(int(x) for x in routers.split(",") if x.strip()),
+                            strategy=(strategy or ["least_loaded"])[0], baseline=baseline)  # fmt: skip
+        except ValueError as exc:
+            err.print(f"[red]error:[/] {escape(str(exc))}")
+            raise typer.Exit(2) from exc
+        s = _settings(config, log_level="WARNING")
+        try:
+            command(s, cfg, json_out=json_, plot_to=plot, console=console, err=err)
+        except BenchError as exc:
+            err.print(f"[red]error:[/] {escape(str(exc))}", soft_wrap=True)
+            raise typer.Exit(1) from exc
+        return
     if what != "decisions":
-        err.print(f"[red]error:[/] unknown benchmark {what!r} (known: decisions)")
+        err.print(f"[red]error:[/] unknown benchmark {what!r} (known: decisions, e2e)")
         raise typer.Exit(2)
-    sizes = [int(x) for x in heads.split(",") if x.strip()]
+    sizes = [int(x) for x in (heads or "10,100,1000").split(",") if x.strip()]
     t0 = time.perf_counter()
     rows = bench_decisions(sizes, iterations, strategy)
-    console.print(render(rows))
+    if json_:
+        sys.stdout.write(json_lines(rows))
+        return
+    print_table(console, render(rows))
     console.print(f"measured in {time.perf_counter() - t0:.1f}s; ratios are median / baseline median")
 
 

@@ -1,0 +1,1143 @@
+"""``router-worker bench e2e``: the whole router against a bare Kafka pipe, end to end, in one run.
+
+Method (every phase on fresh topics, a fresh Redis key prefix and a fresh consumer group):
+
+1. **Setup.** ``--heads`` heads are registered in Redis (``HeadRegistry``) over ``--models`` models and
+   ``--regions`` regions, one model-topic partition each, with a capacity so high that back-pressure never
+   applies and a heartbeat deadline (``head_ttl_ms``) longer than the benchmark, so no heartbeat traffic
+   runs during a measurement. The policy's default strategy is set to ``--strategy``.
+2. **Backlog.** ``--jobs`` jobs (MessagePack, ``--payload-bytes`` of payload) are preloaded to the request
+   topic by a batched producer (``create_batch``/``send_batch``, every future gathered) before anything
+   consumes it.
+3. **Drain.** The router processes (``python -m router_worker.cli run``, audit on: Redis channel and file)
+   start together; a consumer in this process reads the model topics (and the DLQ) from the beginning and
+   counts records (never ``end_offsets()``: it under-reports on the embedded broker). The drain rate is the
+   job count over the time between the first and the last routed record's timestamp (set by the router's
+   producer when it sent the record); the rate seen by the counting consumer (first to last arrival) and the
+   10 %→90 % rate are reported too.
+4. **Costs of the drain.** Redis ``INFO commandstats`` before the routers start and after the last record
+   arrived: commands per routed job (every command the server ran, those run inside scripts included).
+   Round trips per batch: each router runs as ``python -m router_worker.bench_e2e router``, which is
+   ``router-worker run`` with a counter on redis-py's ``send_packed_command`` (one request written: a
+   command, a pipeline or a script call), read at the first and the last arrival, over the batches
+   (``router_batch_size_count`` of each router's ``/metrics``) in that window. CPU seconds
+   (``/proc/<pid>/stat`` utime+stime) between the first and the last arrival, per 1,000 jobs; peak RSS
+   (``VmHWM``) at the end. Where the stack is embedded, the broker's and Redis' CPU over the same window are
+   reported too: on a small machine they share its cores.
+5. **Latency.** With the same processes still running and the backlog gone, ``--latency-jobs`` jobs are sent
+   at a fixed rate (``--rate``, default half the one-router drain rate, the same for every phase), each
+   stamped with its send time in a header (passed through by router and pipe alike); the consumer takes the
+   arrival time when it reads the record: produce-to-arrival p50/p99/p99.9.
+6. **Baseline.** The same steps for a bare aiokafka consume → produce → commit pipe (``python -m
+   router_worker.bench_e2e pipe``): one process, the same broker, topics, partitions, job sizes, producer and
+   consumer settings, batch size; no decoding, no Redis. The router's figures are printed as ratios to it.
+
+Every wait is bounded; every child is stopped (SIGTERM, then SIGKILL) on any exit, and dies with this
+process (parent-death signal) if it is killed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import math
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, cast
+
+import msgpack
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.structs import OffsetAndMetadata
+from redis.asyncio import Redis
+from rich.console import Console
+from rich.table import Table
+
+from router_worker.bench import print_table
+from router_worker.core.policy import STRATEGIES, Policy
+from router_worker.localstack import _die_with_parent, free_port
+from router_worker.pipeline.kafka import ensure_topics, make_consumer, make_producer
+from router_worker.settings import Settings
+from router_worker.state.heads import HeadRecord, HeadRegistry
+from router_worker.state.keys import Keys
+from router_worker.state.policy_store import PolicyStore
+from router_worker.topics import Topics
+
+SENT_HEADER = "x-bench-sent"
+"""Send time of a latency job (``time.time_ns()``, decimal): producers' headers pass through router and pipe."""
+REGIONS = ("us-east", "eu-west", "us-west", "ap-south")
+HEAD_TTL_MS = 3_600_000
+"""Heads' heartbeat deadline: longer than any run, so no heartbeat traffic runs during a measurement."""
+GAP_WAIT_S = 3.0
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+class BenchError(RuntimeError):
+    """The benchmark could not run (a child died, a drain did not finish in time)."""
+
+
+@dataclass(frozen=True, slots=True)
+class E2EConfig:
+    jobs: int = 100_000
+    heads: int = 100
+    models: int = 4
+    regions: int = 2
+    payload_bytes: int = 200
+    latency_jobs: int = 3_000
+    rate: float | None = None
+    """Offered load of the latency phase (jobs/s); None: half the one-router drain rate."""
+    routers: tuple[int, ...] = (1, 2)
+    strategy: str = "least_loaded"
+    baseline: bool = True
+    drain_timeout_s: float | None = None
+    """Longest drain; None: 30 s + 1 ms per job."""
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"unknown strategy {self.strategy!r} (known: {', '.join(STRATEGIES)})")
+        if min(self.jobs, self.heads, self.models, self.regions, self.latency_jobs) < 1 or not self.routers:
+            raise ValueError("jobs, heads, models, regions, latency-jobs and routers must be at least 1")
+        if self.regions > len(REGIONS):
+            raise ValueError(f"at most {len(REGIONS)} regions")
+        if self.heads < self.models:
+            raise ValueError("at least one head per model")
+        if self.rate is not None and self.rate <= 0:
+            raise ValueError("rate must be positive")
+
+    @property
+    def timeout_s(self) -> float:
+        return self.drain_timeout_s if self.drain_timeout_s is not None else 30.0 + self.jobs / 1000.0
+
+
+# --- processes --------------------------------------------------------------------------------------------
+
+
+def proc_cpu_s(pid: int) -> float:
+    """utime + stime of a process, in seconds (0 when it is gone)."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0.0
+    fields = raw[raw.rindex(")") + 2 :].split()  # after "pid (comm) "; fields[0] is field 3 (state)
+    return (int(fields[11]) + int(fields[12])) / _CLK_TCK
+
+
+def proc_peak_rss_mb(pid: int) -> float:
+    """Peak resident set size (VmHWM) in MiB (0 when it is gone)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return 0.0
+
+
+def stack_pids() -> dict[str, int]:
+    """This process's embedded broker and Redis (children named tansu / valkey-server / redis-server)."""
+    me = os.getpid()
+    found: dict[str, int] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            raw = (entry / "stat").read_text()
+        except OSError:
+            continue
+        comm = raw[raw.index("(") + 1 : raw.rindex(")")]
+        ppid = int(raw[raw.rindex(")") + 2 :].split()[1])
+        if ppid != me:
+            continue
+        if "tansu" in comm:
+            found["broker"] = int(entry.name)
+        elif "valkey" in comm or "redis" in comm:
+            found["redis"] = int(entry.name)
+    return found
+
+
+@dataclass(slots=True)
+class Child:
+    name: str
+    proc: subprocess.Popen[bytes]
+    log: Path
+    admin_port: int = 0
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def tail(self, n: int = 1500) -> str:
+        try:
+            return self.log.read_text(errors="replace")[-n:]
+        except OSError:
+            return ""
+
+
+def _spawn(name: str, args: Sequence[str], env: dict[str, str], logdir: Path, admin_port: int = 0) -> Child:
+    log = logdir / f"{name}.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, *args],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            preexec_fn=_die_with_parent,
+            close_fds=True,
+        )
+    return Child(name, proc, log, admin_port)
+
+
+def _stop_all(children: Sequence[Child], grace_s: float = 10.0) -> None:
+    for c in children:
+        if c.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                c.proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    for c in children:
+        try:
+            c.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            c.proc.kill()
+            c.proc.wait(timeout=5)
+
+
+@contextlib.contextmanager
+def _children() -> Iterator[list[Child]]:
+    kids: list[Child] = []
+    try:
+        yield kids
+    finally:
+        _stop_all(kids)
+
+
+def child_env(s: Settings, **overrides: object) -> dict[str, str]:
+    """The environment of a child that joins this deployment: every setting that is not a default, as its
+    ``ROUTER_*`` variable, then ``overrides``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ROUTER_")}
+    values: dict[str, Any] = s.model_dump(exclude_defaults=True)
+    values.update(overrides)
+    for name, value in values.items():
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            text = "true" if value else "false"
+        elif isinstance(value, list | dict | tuple):
+            text = json.dumps(value)
+        else:
+            text = str(value)
+        env[f"ROUTER_{name.upper()}"] = text
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+# --- load -------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Layout:
+    """One phase's names: its own topics, Redis keys and consumer group."""
+
+    settings: Settings
+    topics: Topics
+    keys: Keys
+    models: tuple[str, ...]
+    regions: tuple[str, ...]
+    requests_partitions: int
+    model_partitions: int
+
+    @classmethod
+    def fresh(cls, base: Settings, tag: str, cfg: E2EConfig) -> Layout:
+        run = uuid.uuid4().hex[:6]
+        s = base.model_copy(
+            update={
+                "topic_prefix": f"{base.topic_prefix}bench-{run}-{tag}.",
+                "redis_prefix": f"{base.redis_prefix}-bench-{run}-{tag}",
+                "group_id": f"bench-{run}-{tag}",
+                "model_partitions": max(base.model_partitions, math.ceil(cfg.heads / cfg.models)),
+                "head_ttl_ms": HEAD_TTL_MS,
+                "head_heartbeat_ms": HEAD_TTL_MS // 4,
+                "default_strategy": cfg.strategy,
+                "audit_decisions": True,
+            }
+        )
+        return cls(
+            settings=s,
+            topics=Topics.from_settings(s),
+            keys=Keys(s.redis_prefix),
+            models=tuple(f"bench-m{i}" for i in range(cfg.models)),
+            regions=REGIONS[: cfg.regions],
+            requests_partitions=s.requests_partitions,
+            model_partitions=s.model_partitions,
+        )
+
+    def model_tps(self) -> list[TopicPartition]:
+        return [
+            TopicPartition(self.topics.model(m), p) for m in self.models for p in range(self.model_partitions)
+        ]
+
+    async def create_topics(self) -> None:
+        s = self.settings
+        await ensure_topics(
+            s,
+            [(self.topics.requests, self.requests_partitions), (self.topics.dlq, 1)]
+            + [(self.topics.retry(i + 1), self.requests_partitions) for i in range(len(s.retry_backoff_ms))]
+            + [(self.topics.model(m), self.model_partitions) for m in self.models],
+        )
+
+    async def delete_topics(self) -> None:
+        from aiokafka.admin import AIOKafkaAdminClient
+
+        from router_worker.pipeline.kafka import _common
+
+        admin = AIOKafkaAdminClient(**_common(self.settings))
+        try:
+            await admin.start()
+            mine = [t for t in await admin.list_topics() if t.startswith(self.topics.prefix)]
+            if mine:
+                await admin.delete_topics(mine)
+        finally:
+            await admin.close()
+
+    def job(self, i: int, tag: str, payload: bytes, created_at: int) -> tuple[bytes, bytes]:
+        nm = len(self.models)
+        job_id = f"{tag}-{i}"
+        doc = {"v": 1, "job_id": job_id, "model_type": self.models[i % nm],
+               "region": self.regions[(i // nm) % len(self.regions)], "payload": payload,
+               "created_at": created_at}  # fmt: skip
+        return job_id.encode(), cast(bytes, msgpack.packb(doc, use_bin_type=True))
+
+
+_CT = [("content-type", b"application/msgpack")]
+
+
+async def register_heads(redis: Redis, lay: Layout, n: int, strategy: str) -> None:
+    """``n`` heads over the layout's models and regions, one partition each, never saturated."""
+    registry = HeadRegistry(redis, lay.keys, HEAD_TTL_MS)
+    nm = len(lay.models)
+    for i in range(n):
+        model = lay.models[i % nm]
+        rec = HeadRecord(head_id=f"bench-h{i:04d}", model_id=model, region=lay.regions[(i // nm) % len(lay.regions)],
+                         capacity=1_000_000_000, partition=(i // nm) % lay.model_partitions)  # fmt: skip
+        await registry.register(rec)
+    await PolicyStore(redis, lay.keys).set(Policy(default_strategy=strategy), actor="bench")
+
+
+async def preload(lay: Layout, n: int, payload_bytes: int, tag: str) -> float:
+    """Publish ``n`` jobs to the request topic as fast as the broker takes them; returns the seconds it took."""
+    producer = make_producer(lay.settings, linger_ms=5)
+    await producer.start()
+    t0 = time.perf_counter()
+    try:
+        payload = os.urandom(payload_bytes)
+        created = int(time.time() * 1000)
+        parts = lay.requests_partitions
+        batches = [producer.create_batch() for _ in range(parts)]
+        futs: list[asyncio.Future[Any]] = []
+        topic = lay.topics.requests
+        for i in range(n):
+            key, value = lay.job(i, tag, payload, created)
+            p = i % parts
+            if batches[p].append(key=key, value=value, timestamp=None, headers=_CT) is None:
+                futs.append(await producer.send_batch(batches[p], topic, partition=p))
+                batches[p] = producer.create_batch()
+                batches[p].append(key=key, value=value, timestamp=None, headers=_CT)
+            if len(futs) >= 64:  # bound what is in flight
+                await asyncio.gather(*futs)
+                futs.clear()
+        for p, b in enumerate(batches):
+            if b.record_count():
+                futs.append(await producer.send_batch(b, topic, partition=p))
+        await asyncio.gather(*futs)
+    finally:
+        await producer.stop()
+    return time.perf_counter() - t0
+
+
+async def offered_load(lay: Layout, n: int, rate: float, payload_bytes: int, tag: str) -> float:
+    """Send ``n`` jobs at ``rate`` jobs/s, each stamped with its send time; returns the rate achieved."""
+    producer = make_producer(lay.settings, linger_ms=1)
+    await producer.start()
+    try:
+        payload = os.urandom(payload_bytes)
+        futs: list[asyncio.Future[Any]] = []
+        topic = lay.topics.requests
+        t0 = time.perf_counter()
+        sent = 0
+        while sent < n:
+            due = min(n, int((time.perf_counter() - t0) * rate) + 1)
+            while sent < due:
+                key, value = lay.job(sent, tag, payload, int(time.time() * 1000))
+                hdrs = [*_CT, (SENT_HEADER, str(time.time_ns()).encode())]
+                futs.append(await producer.send(topic, value, key=key, headers=hdrs))
+                sent += 1
+            await asyncio.sleep(0.001)
+        elapsed = time.perf_counter() - t0
+        await asyncio.gather(*futs)
+    finally:
+        await producer.stop()
+    return n / elapsed if elapsed > 0 else float("nan")
+
+
+# --- measuring arrivals -----------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Arrivals:
+    """Reads the model topics and the DLQ from their first offsets; counts records, their send timestamps and,
+    for stamped jobs, their produce-to-arrival latency. Never steps past an offset not yet visible."""
+
+    consumer: AIOKafkaConsumer
+    dlq_topic: str
+    count: int = 0
+    dead: int = 0
+    timeline: list[tuple[float, int]] = field(default_factory=list)
+    """(perf_counter at the read, records counted so far)."""
+    min_ts: int = 2**62
+    max_ts: int = 0
+    latencies_ns: list[int] = field(default_factory=list)
+    early: dict[tuple[TopicPartition, int], int] = field(default_factory=dict)
+    """Records seen past a gap (offset not yet visible before them): when they were first seen."""
+    gaps_accepted: int = 0
+    gap_waits: int = 0
+    expected: dict[TopicPartition, int] = field(default_factory=dict)
+    gap_since: dict[TopicPartition, tuple[int, float]] = field(default_factory=dict)
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def reset_window(self) -> None:
+        self.min_ts, self.max_ts = 2**62, 0
+
+    async def run(self) -> None:
+        c = self.consumer
+        while True:
+            batch = await c.getmany(timeout_ms=50, max_records=20_000)
+            if not batch:
+                continue
+            now = time.perf_counter()
+            now_ns = time.time_ns()
+            got = 0
+            for tp, recs in batch.items():
+                ok = self._admit(tp, recs, now)
+                if not ok:
+                    continue
+                got += len(ok)
+                if tp.topic == self.dlq_topic:
+                    self.dead += len(ok)
+                self.min_ts = min(self.min_ts, min(r.timestamp for r in ok))
+                self.max_ts = max(self.max_ts, max(r.timestamp for r in ok))
+                for r in ok:
+                    seen = self.early.pop((tp, r.offset), now_ns) if self.early else now_ns
+                    for k, v in r.headers:
+                        if k == SENT_HEADER and v:
+                            self.latencies_ns.append(seen - int(v))
+                            break
+            for tp, recs in batch.items():  # records read past a gap: they arrived now, are counted later
+                exp = self.expected.get(tp, 0)
+                for r in recs:
+                    if r.offset > exp:
+                        self.early.setdefault((tp, r.offset), now_ns)
+            if got:
+                self.count += got
+                self.timeline.append((now, self.count))
+                self.changed.set()
+
+    def _admit(self, tp: TopicPartition, recs: Sequence[Any], now: float) -> list[Any]:
+        exp = self.expected.get(tp, 0)
+        ok = []
+        for r in recs:
+            if r.offset < exp:
+                continue
+            if r.offset > exp:
+                since = self.gap_since.get(tp)
+                if since is None or since[0] != exp:
+                    self.gap_since[tp] = (exp, now)
+                    since = self.gap_since[tp]
+                if now - since[1] < GAP_WAIT_S:
+                    self.consumer.seek(tp, exp)
+                    self.gap_waits += 1
+                    break
+                self.gaps_accepted += 1
+            self.gap_since.pop(tp, None)
+            ok.append(r)
+            exp = r.offset + 1
+        self.expected[tp] = exp
+        return ok
+
+    async def wait_for(self, total: int, timeout_s: float) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while self.count < total:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            self.changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.changed.wait(), min(left, 0.5))
+        return True
+
+
+@contextlib.asynccontextmanager
+async def arrivals(lay: Layout) -> AsyncIterator[Arrivals]:
+    consumer = make_consumer(
+        lay.settings, group_id=None, fetch_max_wait_ms=5, fetch_max_bytes=64 * 1024 * 1024
+    )
+    tps = [*lay.model_tps(), TopicPartition(lay.topics.dlq, 0)]
+    consumer.assign(tps)
+    await consumer.start()
+    for tp in tps:
+        consumer.seek(tp, 0)
+    a = Arrivals(consumer, lay.topics.dlq)
+    task = asyncio.create_task(a.run())
+    try:
+        yield a
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+        await consumer.stop()
+
+
+# --- Redis and router metrics -----------------------------------------------------------------------------
+
+
+async def redis_commands(redis: Redis) -> dict[str, int]:
+    """Calls per command since the server started (``INFO commandstats``; commands run by scripts included)."""
+    info: dict[str, Any] = await redis.info("commandstats")
+    return {k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in info.items()
+            if k.startswith("cmdstat_") and isinstance(v, dict)}  # fmt: skip
+
+
+async def read_round_trips(child: Child, path: Path, within_s: float = 3.0) -> int | None:
+    """Requests a counted router (``python -m router_worker.bench_e2e router``) has sent to Redis so far:
+    signal it to write its counter, then read the file."""
+    _read_counter(path, remove=True)
+    with contextlib.suppress(ProcessLookupError):
+        child.proc.send_signal(signal.SIGUSR1)
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        n = _read_counter(path)
+        if n is not None:
+            return n
+        await asyncio.sleep(0.005)
+    return None
+
+
+def _read_counter(path: Path, remove: bool = False) -> int | None:
+    try:
+        if remove:
+            path.unlink(missing_ok=True)
+            return None
+        return int(json.loads(path.read_text())["round_trips"])
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+async def _router_counters(kids: Sequence[Child], workdir: Path) -> tuple[int, int]:
+    """(Redis round trips, batches) summed over the routers (0, 0 for the pipe)."""
+    trips = batches = 0
+    for c in kids:
+        if not c.admin_port:
+            continue
+        n = await read_round_trips(c, workdir / f"{c.name}.json")
+        m = await scrape(c.admin_port)
+        trips += n or 0
+        batches += int(m.get("batches", 0.0))
+    return trips, batches
+
+
+async def scrape(port: int) -> dict[str, float]:
+    """The router's batch count, batch time and routed jobs from its /metrics (empty when unreachable)."""
+    import aiohttp
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        async with (
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http,
+            http.get(f"http://127.0.0.1:{port}/metrics") as resp,
+        ):
+            text = await resp.text()
+    except (aiohttp.ClientError, TimeoutError, OSError):
+        return {}
+    out: dict[str, float] = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            if s.name == "router_batch_size_count":
+                out["batches"] = out.get("batches", 0.0) + s.value
+            elif s.name == "router_batch_duration_seconds_sum":
+                out["batch_seconds"] = out.get("batch_seconds", 0.0) + s.value
+            elif s.name == "routing_decisions_total":
+                out["routed"] = out.get("routed", 0.0) + s.value
+    return out
+
+
+# --- one phase --------------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Latency:
+    offered_rate: float
+    achieved_rate: float
+    sent: int
+    received: int
+    p50_ms: float
+    p99_ms: float
+    p999_ms: float
+    max_ms: float
+    samples_ms: list[float] = field(default_factory=list, repr=False)
+
+
+@dataclass(slots=True)
+class Phase:
+    name: str
+    kind: str
+    """'router' or 'pipe'."""
+    processes: int
+    jobs: int
+    arrived: int
+    complete: bool
+    dead_lettered: int
+    preload_s: float
+    startup_s: float
+    """From spawning the processes to the first record on a model topic."""
+    drain_s: float
+    drain_rate: float
+    """Jobs over the time from the first to the last routed record's timestamp (the sender's clock)."""
+    observed_rate: float
+    """Jobs over the time from the first to the last arrival at the counting consumer."""
+    steady_rate: float
+    """10 % to 90 % of the jobs, at the counting consumer."""
+    cpu_s: float
+    """CPU seconds of the router (or pipe) processes from the first to the last arrival."""
+    cpu_s_per_1000: float
+    cores_busy: float
+    """``cpu_s`` over that time: how many cores the router (or pipe) processes kept busy."""
+    peak_rss_mb: float
+    """Largest peak RSS of one process."""
+    redis_commands: int = 0
+    commands_per_job: float = 0.0
+    redis_round_trips: int = 0
+    batches: int = 0
+    round_trips_per_batch: float = float("nan")
+    batch_us_per_job: float = float("nan")
+    top_commands: dict[str, int] = field(default_factory=dict)
+    stack_cpu_s_per_1000: dict[str, float] = field(default_factory=dict)
+    gaps_accepted: int = 0
+    """Offset gaps at the counting consumer still open after 3 s (accepted; 0 on a sound broker)."""
+    gap_waits: int = 0
+    """Times the counting consumer read a record before an earlier one was visible, and read again."""
+    latency: Latency | None = None
+    progress: list[tuple[float, int]] = field(default_factory=list, repr=False)
+    """(seconds since spawn, records arrived)."""
+
+    def summary(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("progress")
+        if d["latency"] is not None:
+            d["latency"].pop("samples_ms")
+        return cast(dict[str, Any], _finite(d))
+
+
+def _finite(obj: Any) -> Any:
+    """NaN and infinities as null, so the JSON is strict."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def _pct(sorted_ms: Sequence[float], q: float) -> float:
+    if not sorted_ms:
+        return float("nan")
+    return sorted_ms[min(len(sorted_ms) - 1, max(0, math.ceil(q * len(sorted_ms)) - 1))]
+
+
+def _rate_between(timeline: Sequence[tuple[float, int]], total: int, lo: float, hi: float) -> float:
+    a = next((t for t, n in timeline if n >= lo * total), None)
+    b = next((t for t, n in timeline if n >= hi * total), None)
+    if a is None or b is None or b <= a:
+        return float("nan")
+    return (hi - lo) * total / (b - a)
+
+
+async def run_phase(kind: str, procs: int, base: Settings, redis: Redis, cfg: E2EConfig, rate: float | None,
+                    workdir: Path, log: Console | None = None) -> Phase:  # fmt: skip
+    """Preload, start ``procs`` routers (or one pipe), drain, then the latency run at ``rate`` (None: half
+    this phase's drain rate)."""
+    name = f"router x{procs}" if kind == "router" else "pipe"
+    tag = f"{kind}{procs}"
+    lay = Layout.fresh(base, tag, cfg)
+    s = lay.settings
+    say = log.print if log is not None else (lambda *_a, **_k: None)
+    await lay.create_topics()
+    if kind == "router":
+        await register_heads(redis, lay, cfg.heads, cfg.strategy)
+    preload_s = await preload(lay, cfg.jobs, cfg.payload_bytes, f"{tag}-backlog")
+    say(f"[dim]{name}: {cfg.jobs:,} jobs preloaded in {preload_s:.1f}s; draining[/]")
+    stack = stack_pids() | {"bench": os.getpid()}
+    async with arrivals(lay) as arr:
+        with _children() as kids:
+            calls0 = await redis_commands(redis)
+            t_spawn = time.perf_counter()
+            if kind == "router":
+                for i in range(procs):
+                    port = free_port()
+                    env = child_env(s, admin_port=port, router_id=f"bench-{tag}-{i}", log_level="WARNING",
+                                    audit_file=str(workdir / f"audit-{tag}-{i}.log"))  # fmt: skip
+                    args = [
+                        "-m",
+                        "router_worker.bench_e2e",
+                        "router",
+                        "--counters",
+                        str(workdir / f"{tag}-{i}.json"),
+                    ]
+                    kids.append(_spawn(f"{tag}-{i}", args, env, workdir, port))
+            else:
+                env = child_env(s, log_level="WARNING")
+                args = ["-m", "router_worker.bench_e2e", "pipe", "--source", lay.topics.requests,
+                        "--partitions", str(lay.model_partitions)]  # fmt: skip
+                for m in lay.models:
+                    args += ["--target", lay.topics.model(m)]
+                kids.append(_spawn(tag, args, env, workdir))
+            watch = asyncio.create_task(_watch(kids))
+            drained = asyncio.create_task(arr.wait_for(cfg.jobs, cfg.timeout_s))
+            first_cpu: dict[int, float] = {}
+            try:
+                # CPU from the first arrival on: start-up (imports, group join) is not per-job work.
+                while not arr.count and not drained.done():
+                    await asyncio.wait([drained, watch], timeout=0.005, return_when=asyncio.FIRST_COMPLETED)
+                    if watch.done():
+                        watch.result()
+                first_cpu = {c.pid: proc_cpu_s(c.pid) for c in kids} | {
+                    p: proc_cpu_s(p) for p in stack.values()
+                }
+                trips0, batches0 = await _router_counters(kids, workdir)
+                await asyncio.wait([drained, watch], return_when=asyncio.FIRST_COMPLETED)
+                if watch.done():
+                    watch.result()
+                complete = drained.result()
+            finally:
+                drained.cancel()
+            last_cpu = {c.pid: proc_cpu_s(c.pid) for c in kids} | {p: proc_cpu_s(p) for p in stack.values()}
+            await asyncio.sleep(0.3)  # the last batch's marks and commit
+            calls1 = await redis_commands(redis)
+            trips1, batches1 = await _router_counters(kids, workdir)
+            metrics = [await scrape(c.admin_port) for c in kids if c.admin_port]
+            arrived, dead, gaps, gap_waits = arr.count, arr.dead, arr.gaps_accepted, arr.gap_waits
+            timeline = list(arr.timeline)
+            t_first = timeline[0][0] if timeline else float("nan")
+            t_last = timeline[-1][0] if timeline else float("nan")
+            ts_span = (arr.max_ts - arr.min_ts) / 1000.0 if arr.max_ts else float("nan")
+            say(f"[dim]{name}: drained {arrived:,}/{cfg.jobs:,} in {t_last - t_first:.1f}s[/]")
+
+            latency = None
+            if rate is None and complete and ts_span > 0:
+                rate = max(1.0, arrived / ts_span / 2)  # half this phase's drain rate
+            if rate is not None and complete:
+                arr.latencies_ns.clear()
+                before = arr.count
+                achieved = await offered_load(lay, cfg.latency_jobs, rate, cfg.payload_bytes, f"{tag}-lat")
+                await arr.wait_for(before + cfg.latency_jobs, 15.0 + cfg.latency_jobs / rate)
+                ms = sorted(x / 1e6 for x in arr.latencies_ns)
+                latency = Latency(rate, achieved, cfg.latency_jobs, len(ms), _pct(ms, 0.5), _pct(ms, 0.99),
+                                  _pct(ms, 0.999), ms[-1] if ms else float("nan"), ms)  # fmt: skip
+                say(f"[dim]{name}: latency at {rate:,.0f} jobs/s: p50 {latency.p50_ms:.1f} ms, "
+                    f"p99 {latency.p99_ms:.1f} ms[/]")  # fmt: skip
+            watch.cancel()
+            peak = max((proc_peak_rss_mb(c.pid) for c in kids), default=0.0)
+            for c in kids:
+                if c.proc.poll() is not None:
+                    raise BenchError(f"{c.name} exited with {c.proc.returncode}:\n{c.tail()}")
+    with contextlib.suppress(Exception):
+        await lay.delete_topics()
+    if kind == "router":
+        with contextlib.suppress(Exception):
+            await _forget_keys(redis, lay.keys)
+
+    window = max(1, cfg.jobs - (timeline[0][1] if timeline else 0))
+    cpu = sum(last_cpu.get(c.pid, 0.0) - first_cpu.get(c.pid, 0.0) for c in kids)
+    stack_cpu = {role: (last_cpu.get(pid, 0.0) - first_cpu.get(pid, 0.0)) * 1000 / window
+                 for role, pid in stack.items()}  # fmt: skip
+    delta = {k: v - calls0.get(k, 0) for k, v in calls1.items() if k != "info" and v - calls0.get(k, 0) > 0}
+    commands = sum(delta.values())
+    trips, window_batches = trips1 - trips0, batches1 - batches0
+    batches = int(sum(m.get("batches", 0.0) for m in metrics))
+    batch_s = sum(m.get("batch_seconds", 0.0) for m in metrics)
+    drain_s = ts_span if ts_span > 0 else t_last - t_first
+    observed_s = t_last - t_first
+    return Phase(
+        name=name, kind=kind, processes=procs, jobs=cfg.jobs, arrived=arrived, complete=complete,
+        dead_lettered=dead, preload_s=preload_s, startup_s=t_first - t_spawn, drain_s=drain_s,
+        drain_rate=arrived / drain_s if drain_s > 0 else float("nan"),
+        observed_rate=arrived / observed_s if observed_s > 0 else float("nan"),
+        steady_rate=_rate_between(timeline, cfg.jobs, 0.1, 0.9),
+        cpu_s=cpu, cpu_s_per_1000=cpu * 1000 / window, peak_rss_mb=peak,
+        cores_busy=cpu / observed_s if observed_s > 0 else float("nan"),
+        redis_commands=commands, commands_per_job=commands / arrived if arrived else float("nan"),
+        redis_round_trips=trips, batches=batches,
+        round_trips_per_batch=trips / window_batches if window_batches > 0 else float("nan"),
+        batch_us_per_job=batch_s * 1e6 / arrived if batches and arrived else float("nan"),
+        top_commands=dict(sorted(delta.items(), key=lambda kv: -kv[1])[:12]),
+        stack_cpu_s_per_1000=stack_cpu, gaps_accepted=gaps, gap_waits=gap_waits, latency=latency,
+        progress=[(t - t_spawn, n) for t, n in timeline],
+    )  # fmt: skip
+
+
+async def _watch(kids: Sequence[Child]) -> None:
+    """Fail as soon as a child exits on its own."""
+    while True:
+        for c in kids:
+            if c.proc.poll() is not None:
+                raise BenchError(f"{c.name} exited with {c.proc.returncode}:\n{c.tail()}")
+        await asyncio.sleep(0.1)
+
+
+async def _forget_keys(redis: Redis, keys: Keys) -> None:
+    batch: list[str] = []
+    async for k in redis.scan_iter(match=keys.tag + "*", count=1000):
+        batch.append(k)
+        if len(batch) >= 1000:
+            await redis.unlink(*batch)
+            batch.clear()
+    if batch:
+        await redis.unlink(*batch)
+
+
+# --- the whole benchmark ----------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Report:
+    config: E2EConfig
+    machine: dict[str, Any]
+    broker: str
+    offered_rate: float | None
+    phases: list[Phase]
+    seconds: float
+
+    def phase(self, name: str) -> Phase | None:
+        return next((p for p in self.phases if p.name == name), None)
+
+    def ratios(self) -> dict[str, dict[str, float | None]]:
+        """Each router phase's figures over the pipe's (higher is better for rates, lower for costs)."""
+        pipe = self.phase("pipe")
+        out: dict[str, dict[str, float | None]] = {}
+        if pipe is None:
+            return out
+        for p in self.phases:
+            if p.kind != "router":
+                continue
+            r: dict[str, float | None] = {
+                "drain_rate": _div(p.drain_rate, pipe.drain_rate),
+                "steady_rate": _div(p.steady_rate, pipe.steady_rate),
+                "cpu_s_per_1000": _div(p.cpu_s_per_1000, pipe.cpu_s_per_1000),
+                "peak_rss_mb": _div(p.peak_rss_mb, pipe.peak_rss_mb),
+            }
+            if p.latency is not None and pipe.latency is not None:
+                r |= {"latency_p50": _div(p.latency.p50_ms, pipe.latency.p50_ms),
+                      "latency_p99": _div(p.latency.p99_ms, pipe.latency.p99_ms),
+                      "latency_p999": _div(p.latency.p999_ms, pipe.latency.p999_ms)}  # fmt: skip
+            out[p.name] = r
+        return out
+
+    def scaling(self) -> float | None:
+        """Drain rate of the most routers over one router's."""
+        routers = sorted((p for p in self.phases if p.kind == "router"), key=lambda p: p.processes)
+        if len(routers) < 2:
+            return None
+        return _div(routers[-1].drain_rate, routers[0].drain_rate)
+
+    def to_json(self) -> dict[str, Any]:
+        return cast(dict[str, Any], _finite({
+            "benchmark": "e2e",
+            "config": asdict(self.config),
+            "machine": self.machine,
+            "broker": self.broker,
+            "offered_rate": self.offered_rate,
+            "seconds": self.seconds,
+            "phases": {p.name.replace(" ", "_"): p.summary() for p in self.phases},
+            "ratios": {k.replace(" ", "_"): v for k, v in self.ratios().items()},
+            "scaling": self.scaling(),
+        }))  # fmt: skip
+
+
+def _div(a: float, b: float) -> float | None:
+    if not (math.isfinite(a) and math.isfinite(b)) or b == 0:
+        return None
+    return a / b
+
+
+async def run_e2e(settings: Settings, cfg: E2EConfig, log: Console | None = None) -> Report:
+    """The whole benchmark against the configured deployment, or an embedded stack started for it."""
+    from router_worker.runtime import runtime
+
+    t0 = time.perf_counter()
+    workdir = Path(tempfile.mkdtemp(prefix="router-worker-bench-"))
+    try:
+        async with runtime(settings) as rt:
+            s = rt.settings
+            phases: list[Phase] = []
+            rate = cfg.rate
+            for n in cfg.routers:
+                if log is not None:
+                    log.print(f"[bold]router x{n}[/]")
+                p = await run_phase("router", n, s, rt.redis, cfg, rate, workdir, log)
+                if rate is None and p.latency is not None:
+                    rate = p.latency.offered_rate  # half the first phase's drain rate, then for every phase
+                phases.append(p)
+            if cfg.baseline:
+                if log is not None:
+                    log.print("[bold]bare pipe[/]")
+                phases.append(await run_phase("pipe", 1, s, rt.redis, cfg, rate, workdir, log))
+            broker = "embedded" if rt.stack is not None else "configured"
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    machine = {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
+               "machine": platform.machine()}  # fmt: skip
+    return Report(cfg, machine, broker, rate, phases, time.perf_counter() - t0)
+
+
+# --- output -----------------------------------------------------------------------------------------------
+
+
+def _f(v: float | None, fmt: str = "{:,.0f}") -> str:
+    if v is None or not math.isfinite(v):
+        return "-"
+    return fmt.format(v)
+
+
+def render(report: Report) -> Table:
+    phases = report.phases
+    ratios = report.ratios()
+    rate = report.offered_rate
+    table = Table(title=f"router vs bare aiokafka pipe: {report.config.jobs:,} jobs, {report.config.heads} heads, "
+                        f"{report.config.strategy}, audit on ({report.broker} broker)")  # fmt: skip
+    table.add_column("figure", no_wrap=True)
+    for p in phases:
+        table.add_column(p.name, justify="right", no_wrap=True)
+    for name in ratios:
+        table.add_column(f"{name} / pipe", justify="right", no_wrap=True)
+
+    def row(label: str, get: Any, fmt: str = "{:,.0f}", ratio_key: str | None = None) -> None:
+        cells = [_f(get(p), fmt) for p in phases]
+        cells += [_f(ratios[n].get(ratio_key) if ratio_key else None, "{:.2f}x") for n in ratios]
+        table.add_row(label, *cells)
+
+    row("drain rate (jobs/s)", lambda p: p.drain_rate, ratio_key="drain_rate")
+    row("drain rate 10-90% at consumer (jobs/s)", lambda p: p.steady_rate, ratio_key="steady_rate")
+    row("drain time (s)", lambda p: p.drain_s, "{:.2f}")
+    row("start-up to first record (s)", lambda p: p.startup_s, "{:.2f}")
+    row("jobs arrived", lambda p: p.arrived)
+    row("dead-lettered", lambda p: p.dead_lettered)
+    lat = f"at {rate:,.0f} jobs/s" if rate else ""
+    row(f"produce-to-arrival p50 (ms) {lat}", lambda p: p.latency.p50_ms if p.latency else None, "{:.1f}",
+        "latency_p50")  # fmt: skip
+    row(f"produce-to-arrival p99 (ms) {lat}", lambda p: p.latency.p99_ms if p.latency else None, "{:.1f}",
+        "latency_p99")  # fmt: skip
+    row(f"produce-to-arrival p99.9 (ms) {lat}", lambda p: p.latency.p999_ms if p.latency else None, "{:.1f}",
+        "latency_p999")  # fmt: skip
+    row("Redis commands per job", lambda p: p.commands_per_job if p.kind == "router" else None, "{:.2f}")
+    row("Redis round trips per batch", lambda p: p.round_trips_per_batch if p.kind == "router" else None,
+        "{:.2f}")  # fmt: skip
+    row("batches", lambda p: p.batches if p.kind == "router" else None)
+    row("batch work per job (µs)", lambda p: p.batch_us_per_job if p.kind == "router" else None, "{:.1f}")
+    row("CPU s per 1,000 jobs (routers or pipe)", lambda p: p.cpu_s_per_1000, "{:.3f}", "cpu_s_per_1000")
+    row("cores busy during drain (routers or pipe)", lambda p: p.cores_busy, "{:.2f}")
+    for role, label in (
+        ("broker", "broker"),
+        ("redis", "Redis"),
+        ("bench", "this process (counting consumer)"),
+    ):
+        if any(role in p.stack_cpu_s_per_1000 for p in phases):
+            row(f"{label} CPU s per 1,000 jobs", lambda p, r=role: p.stack_cpu_s_per_1000.get(r), "{:.3f}")
+    row("peak RSS per process (MiB)", lambda p: p.peak_rss_mb, "{:.0f}", "peak_rss_mb")
+    return table
+
+
+def plot(report: Report, path: str | Path) -> None:
+    """Drain progress and rate over time, and latency distributions, router vs pipe, side by side."""
+    try:
+        import matplotlib  # type: ignore[import-not-found, unused-ignore]
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt  # type: ignore[import-not-found, unused-ignore]
+    except ImportError as exc:
+        raise BenchError(
+            "--plot needs matplotlib: pip install 'router-worker[bench]' (or pip install matplotlib)"
+        ) from exc
+    fig, (ax_n, ax_r, ax_l) = plt.subplots(1, 3, figsize=(17, 5))
+    longest = max((p.progress[-1][0] - p.progress[0][0] for p in report.phases if p.progress), default=1.0)
+    width = max(0.1, longest / 50)  # one bin width for every phase, so their rates compare
+    for p in report.phases:
+        if not p.progress:
+            continue
+        t0 = p.progress[0][0]
+        ts = [t - t0 for t, _ in p.progress]
+        ns = [n for _, n in p.progress]
+        ax_n.plot(ts, ns, label=p.name)
+        edges = [i * width for i in range(int((ts[-1] if ts else 0) / width) + 2)]
+        rates: list[float] = []
+        j, prev = 0, 0
+        for e in edges[1:]:
+            while j < len(ts) and ts[j] <= e:
+                j += 1
+            cur = ns[j - 1] if j else 0
+            rates.append((cur - prev) / width)
+            prev = cur
+        ax_r.step(edges[1:], rates, where="pre", label=p.name)
+        if p.latency and p.latency.samples_ms:
+            xs = p.latency.samples_ms
+            ax_l.plot(
+                xs,
+                [(i + 1) / len(xs) for i in range(len(xs))],
+                label=f"{p.name} (p99 {p.latency.p99_ms:.1f} ms)",
+            )
+    ax_n.set(title="drain progress", xlabel="seconds since first arrival", ylabel="jobs arrived")
+    ax_r.set(title="drain rate over time", xlabel="seconds since first arrival", ylabel="jobs/s")
+    rate = f" at {report.offered_rate:,.0f} jobs/s" if report.offered_rate else ""
+    ax_l.set(
+        title=f"produce-to-arrival latency{rate}", xlabel="ms (log)", ylabel="fraction of jobs", xscale="log"
+    )
+    for ax in (ax_n, ax_r, ax_l):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"router-worker bench e2e: {report.config.jobs:,} jobs, {report.config.heads} heads, "
+                 f"{report.config.strategy}, {report.machine.get('cpus')} CPUs")  # fmt: skip
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def check_plot_available() -> None:
+    """Fail before a long run, not after it, when --plot can not be drawn."""
+    try:
+        import matplotlib  # type: ignore[import-not-found, unused-ignore]  # noqa: F401
+    except ImportError as exc:
+        raise BenchError(
+            "--plot needs matplotlib: pip install 'router-worker[bench]' (or pip install matplotlib)"
+        ) from exc
+
+
+def command(settings: Settings, cfg: E2EConfig, *, json_out: bool, plot_to: Path | None,
+            console: Console, err: Console) -> Report:  # fmt: skip
+    """``router-worker bench e2e``: run, then print the table (or one JSON object) and draw the plot."""
+    if plot_to is not None:
+        check_plot_available()
+    report = asyncio.run(run_e2e(settings, cfg, err))  # progress on stderr; the result on stdout
+    if json_out:
+        sys.stdout.write(json.dumps(report.to_json()) + "\n")
+        sys.stdout.flush()
+    else:
+        print_table(console, render(report))
+        sc = report.scaling()
+        notes = [f"measured in {report.seconds:.0f}s on {report.machine['cpus']} CPUs"]
+        if sc is not None:
+            notes.append(f"{max(cfg.routers)} routers drain {sc:.2f}x one router")
+        console.print("; ".join(notes))
+    if plot_to is not None:
+        plot(report, plot_to)
+        if not json_out:
+            console.print(f"plot written to {plot_to}")
+    return report
+
+
+# --- the bare pipe (hidden entry point) -------------------------------------------------------------------
+
+
+async def pipe(settings: Settings, source: str, targets: Sequence[str], partitions: int) -> None:
+    """consume → produce → commit, nothing else: each record to one model topic and partition in turn, every
+    send of a batch enqueued then gathered, one commit per batch. Settings as the router's."""
+    from router_worker.services import until_signalled
+
+    s = settings
+    producer = make_producer(s)
+    consumer = make_consumer(s, source, group_id=s.group_id)
+    stopped = await until_signalled()
+    await producer.start()
+    await consumer.start()
+    nt = len(targets)
+    i = 0
+    try:
+        while not stopped.is_set():
+            batch = await consumer.getmany(timeout_ms=s.batch_timeout_ms, max_records=s.batch_max_records)
+            if not batch:
+                continue
+            futs = []
+            offsets = {}
+            for tp, recs in batch.items():
+                for r in recs:
+                    topic, partition = targets[i % nt], (i // nt) % partitions
+                    futs.append(await producer.send(topic, r.value, key=r.key, partition=partition,
+                                                    headers=list(r.headers)))  # fmt: skip
+                    i += 1
+                offsets[tp] = OffsetAndMetadata(recs[-1].offset + 1, "")
+            await asyncio.gather(*futs)
+            await consumer.commit(offsets)
+    finally:
+        with contextlib.suppress(Exception):
+            await consumer.stop()
+        with contextlib.suppress(Exception):
+            await producer.stop()
+
+
+def counted_router(counters: Path) -> None:
+    """``router-worker run``, unchanged, with one counter added: every request this process writes to Redis
+    (``send_packed_command``: a command, a whole pipeline, a script call, a health-check PING) is one round
+    trip. SIGUSR1 writes the count to ``counters`` (JSON)."""
+    from redis.asyncio.connection import AbstractConnection
+
+    sent = [0]
+    original = AbstractConnection.send_packed_command
+
+    async def send_packed_command(self: AbstractConnection, command: Any, check_health: bool = True) -> None:
+        sent[0] += 1
+        await original(self, command, check_health)
+
+    def dump(_signum: int, _frame: object) -> None:
+        tmp = counters.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"round_trips": sent[0]}))
+        os.replace(tmp, counters)
+
+    AbstractConnection.send_packed_command = send_packed_command  # type: ignore[method-assign]
+    signal.signal(signal.SIGUSR1, dump)
+    from router_worker import cli
+
+    sys.argv = ["router-worker", "run"]
+    cli.main()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Hidden entry points of the benchmark's children (settings from the ``ROUTER_*`` environment):
+    ``python -m router_worker.bench_e2e pipe --source T --target T1 ... --partitions N`` and
+    ``python -m router_worker.bench_e2e router --counters FILE``."""
+    from router_worker.settings import load_settings
+
+    ap = argparse.ArgumentParser(prog="python -m router_worker.bench_e2e")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    pp = sub.add_parser("pipe", help="a bare consume → produce → commit pipe (the e2e benchmark's baseline)")
+    pp.add_argument("--source", required=True)
+    pp.add_argument("--target", action="append", required=True)
+    pp.add_argument("--partitions", type=int, required=True)
+    rp = sub.add_parser("router", help="router-worker run, counting its Redis round trips")
+    rp.add_argument("--counters", type=Path, required=True)
+    args = ap.parse_args(argv)
+    if args.cmd == "pipe":
+        asyncio.run(pipe(load_settings(), args.source, args.target, args.partitions))
+    else:
+        counted_router(args.counters)
+
+
+if __name__ == "__main__":
+    main()

@@ -398,7 +398,7 @@ class Arrivals:
     """Reads the model topics and the DLQ from their first offsets; counts records, their send timestamps and,
     for stamped jobs, their produce-to-arrival latency. Never steps past an offset not yet visible."""
 
-    consumer: AIOKafkaConsumer
+    consumer: AIOKafkaConsumer | None
     dlq_topic: str
     count: int = 0
     dead: int = 0
@@ -420,6 +420,7 @@ class Arrivals:
 
     async def run(self) -> None:
         c = self.consumer
+        assert c is not None
         while True:
             batch = await c.getmany(timeout_ms=50, max_records=20_000)
             if not batch:
@@ -464,7 +465,8 @@ class Arrivals:
                     self.gap_since[tp] = (exp, now)
                     since = self.gap_since[tp]
                 if now - since[1] < GAP_WAIT_S:
-                    self.consumer.seek(tp, exp)
+                    if self.consumer is not None:
+                        self.consumer.seek(tp, exp)
                     self.gap_waits += 1
                     break
                 self.gaps_accepted += 1
@@ -486,25 +488,57 @@ class Arrivals:
         return True
 
 
+DRAIN_FETCH_WAIT_MS = 100
+"""The counting consumer's fetch wait while a backlog drains: the drain rate comes from the records' own
+timestamps, and polling 100+ partitions every few ms would take a third of a core from the routers."""
+LATENCY_FETCH_WAIT_MS = 5
+"""Its fetch wait while measuring latency: a record waits at most this long for the consumer's next fetch."""
+
+
+class Reader:
+    """Runs an :class:`Arrivals` over a layout's model topics and DLQ; :meth:`retune` swaps its consumer for
+    one with another fetch wait, at the same positions."""
+
+    def __init__(self, lay: Layout) -> None:
+        self.settings = lay.settings
+        self.tps = [*lay.model_tps(), TopicPartition(lay.topics.dlq, 0)]
+        self.arr = Arrivals(None, lay.topics.dlq)
+        self.task: asyncio.Task[None] | None = None
+
+    async def start(self, fetch_wait_ms: int) -> None:
+        consumer = make_consumer(self.settings, group_id=None, fetch_max_wait_ms=fetch_wait_ms,
+                                 fetch_max_bytes=64 * 1024 * 1024)  # fmt: skip
+        consumer.assign(self.tps)
+        await consumer.start()
+        for tp in self.tps:
+            consumer.seek(tp, self.arr.expected.get(tp, 0))
+        self.arr.consumer = consumer
+        self.task = asyncio.create_task(self.arr.run())
+
+    async def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self.task
+            self.task = None
+        if self.arr.consumer is not None:
+            with contextlib.suppress(Exception):
+                await self.arr.consumer.stop()
+            self.arr.consumer = None
+
+    async def retune(self, fetch_wait_ms: int) -> None:
+        await self.stop()
+        await self.start(fetch_wait_ms)
+
+
 @contextlib.asynccontextmanager
-async def arrivals(lay: Layout) -> AsyncIterator[Arrivals]:
-    consumer = make_consumer(
-        lay.settings, group_id=None, fetch_max_wait_ms=5, fetch_max_bytes=64 * 1024 * 1024
-    )
-    tps = [*lay.model_tps(), TopicPartition(lay.topics.dlq, 0)]
-    consumer.assign(tps)
-    await consumer.start()
-    for tp in tps:
-        consumer.seek(tp, 0)
-    a = Arrivals(consumer, lay.topics.dlq)
-    task = asyncio.create_task(a.run())
+async def arrivals(lay: Layout, fetch_wait_ms: int = LATENCY_FETCH_WAIT_MS) -> AsyncIterator[Reader]:
+    reader = Reader(lay)
     try:
-        yield a
+        await reader.start(fetch_wait_ms)
+        yield reader
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await task
-        await consumer.stop()
+        await reader.stop()
 
 
 # --- Redis and router metrics -----------------------------------------------------------------------------
@@ -687,7 +721,8 @@ async def run_phase(kind: str, procs: int, base: Settings, redis: Redis, cfg: E2
     preload_s = await preload(lay, cfg.jobs, cfg.payload_bytes, f"{tag}-backlog")
     say(f"[dim]{name}: {cfg.jobs:,} jobs preloaded in {preload_s:.1f}s; draining[/]")
     stack = stack_pids() | {"bench": os.getpid()}
-    async with arrivals(lay) as arr:
+    async with arrivals(lay, DRAIN_FETCH_WAIT_MS) as reader:
+        arr = reader.arr
         with _children() as kids:
             calls0 = await redis_commands(redis)
             t_spawn = time.perf_counter()
@@ -746,6 +781,8 @@ async def run_phase(kind: str, procs: int, base: Settings, redis: Redis, cfg: E2
             if rate is None and complete and ts_span > 0:
                 rate = max(1.0, arrived / ts_span / 2)  # half this phase's drain rate
             if rate is not None and complete:
+                await reader.retune(LATENCY_FETCH_WAIT_MS)
+                await asyncio.sleep(0.5)  # its first fetches are out before the first job is sent
                 arr.latencies_ns.clear()
                 before = arr.count
                 achieved = await offered_load(lay, cfg.latency_jobs, rate, cfg.payload_bytes, f"{tag}-lat")

@@ -2,8 +2,35 @@
 
 A ``ModelWorker`` claims a partition of its model's topic in Redis, registers its head, heartbeats (load,
 latency, learned profile), runs your handler on up to ``capacity`` jobs at once with a fixed pool of
-coroutines (never a task per job), publishes a completion record to ``router.results`` or the job's
-``reply_to``, and commits an offset only when every job before it is finished.
+coroutines (never a task per job), and publishes a completion record to ``router.results`` or the job's
+``reply_to``.
+
+What it commits. A fetched record is *finished* only when one of these was acknowledged by the broker:
+
+- its completion record (the serving coroutine awaits its own send, never the fetch loop);
+- its nack: the record handed back to the routers' retry tier for its next attempt (a handler that raised,
+  a completion that could not be sent, any exception in the SDK's own code, or shutdown);
+- its dead letter (a job this head can not decode, or a record no topic would take).
+
+The committed offset is the lowest unfinished offset (:class:`OffsetTracker`), committed every 200 ms and at
+shutdown. A record whose nack could not be published stays unfinished: nothing past it is committed, so the
+next head on the partition reads it again.
+
+Shutdown (:meth:`ModelWorker.stop`): fetching stops; handlers already running get up to
+``shutdown_timeout_s`` to finish; whatever is still unfinished then (cancelled handlers and records fetched
+but never started) is nacked to retry tier 1 (reason ``head_shutdown: <head>``, no back-off); what is finished
+is committed; the head deregisters. The heartbeat keeps running until then, so a draining head is not taken
+for dead.
+
+Losing the partition. A heartbeat that finds the head's registration gone (an operator or a reaper removed
+it) stops the head as above, except that the final commit never moves the group's offset backwards (a reaper
+may have committed past it). A heartbeat that finds another owner in the head's partition slot stops it at
+once, with an error: two heads serving one partition deliver every job twice. Then nothing is nacked and
+nothing committed: the new owner reads from the committed offset, which never passed an unfinished record.
+Commits also pause whenever the last good heartbeat is older than the head TTL (a process that was paused).
+
+Gaps: the first fetch starts at :func:`~router_worker.pipeline.gaps.start_offset`, and every fetch goes
+through a :class:`~router_worker.pipeline.gaps.GapGuard` (see ``router_worker/pipeline/gaps.py``).
 """
 
 from __future__ import annotations
@@ -14,20 +41,28 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.errors import KafkaError
 from redis.asyncio import Redis
 
 from router_worker.audit import AuditSink
 from router_worker.clock import now_ms
 from router_worker.core.adaptive import ProfileLearner, job_size
-from router_worker.pipeline.gaps import GapGuard
+from router_worker.pipeline.gaps import RETRY_MS, GapGuard, seek_to_gap, start_offset
 from router_worker.pipeline.kafka import ensure_topics, make_consumer, make_producer
-from router_worker.pipeline.messages import H_ATTEMPT, H_DECIDED_AT, header_int, retry_headers
+from router_worker.pipeline.messages import (
+    H_ATTEMPT,
+    H_DECIDED_AT,
+    dead_letter_headers,
+    header_int,
+    retry_headers,
+)
+from router_worker.pipeline.publish import RetryBudget, Send, describe, publish, truncate_for_dlq
 from router_worker.settings import Settings
 from router_worker.state.heads import HeadRecord, HeadRegistry, HeadStats
 from router_worker.state.keys import Keys
@@ -36,6 +71,15 @@ from router_worker.topics import Topics
 from schemas.envelope import MSGPACK, EnvelopeError, Job, content_type_of, decode_job
 
 log = logging.getLogger(__name__)
+
+DLQ_KEEP_BYTES = 4096
+"""Bytes of an unpublishable record kept in its dead letter (the router keeps as many)."""
+PUBLISH_ERROR = "publish_error"
+"""The dead-letter reason of a record no topic would take (``DeadLetterReason.PUBLISH_ERROR``)."""
+COMMIT_EVERY_S = 0.2
+
+_REMOVED = "removed"
+_SLOT_LOST = "slot_lost"
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,11 +123,16 @@ class WorkerConfig:
 
 @dataclass(slots=True)
 class OffsetTracker:
-    """Offsets started but not finished; the committable offset is the lowest of them (or the next one)."""
+    """Offsets of one partition fetched but not finished; the committable offset is the lowest of them, or
+    the one after the last fetched when every fetched offset is finished (-1: nothing fetched yet).
+
+    Offsets must be started in increasing order (as a partition is read); they may finish in any order.
+    """
 
     pending: set[int] = field(default_factory=set)
     next_offset: int = -1
     committed: int = -1
+    """The last offset committed (kept by the caller)."""
 
     def started(self, offset: int) -> None:
         self.pending.add(offset)
@@ -105,9 +154,16 @@ class WorkerStats:
     inflight: int = 0
     latency_ewma_ms: float = 0.0
     completions_lost: int = 0
-    """Completion records the broker did not take (the jobs themselves were served)."""
+    """Completion records no topic would take (the job was served; an error record or a dead letter said so)."""
     released: int = 0
     """Finished jobs not yet released from the shared in-flight count."""
+    fetched: int = 0
+    """Records admitted from the partition (each offset once)."""
+    nacked: int = 0
+    """Records handed back to the retry tiers (failed handlers, SDK errors, shutdown)."""
+    dead_lettered: int = 0
+    unsettled: int = 0
+    """Records whose nack or dead letter was not acknowledged: left uncommitted for the next head."""
 
 
 class ModelWorker:
@@ -129,7 +185,14 @@ class ModelWorker:
         self._stop = asyncio.Event()
         self._queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=config.capacity * 2)
         self._tracker = OffsetTracker()
+        self._open: dict[int, Any] = {}
+        """Records fetched and not finished, by offset: what shutdown nacks."""
         self._producer: AIOKafkaProducer | None = None
+        self._budget = RetryBudget()
+        self._lost: str | None = None
+        """Why the head may no longer serve its partition: removed, or its slot taken by another head."""
+        self._last_beat = 0.0
+        """time.monotonic() of the last heartbeat Redis accepted (or of the registration)."""
 
     def stop(self) -> None:
         self._stop.set()
@@ -145,11 +208,18 @@ class ModelWorker:
         if quota_used is not None:
             self.stats.quota_used = min(1.0, max(0.0, quota_used))
 
+    # --- lifecycle -------------------------------------------------------------------------------------
+
     async def run(self) -> None:
         s, c = self.s, self.config
-        await ensure_topics(
-            s, [(self.topic, s.model_partitions), (self.topics.results, s.requests_partitions)]
-        )
+        # Every topic this head writes: results, and (as the routers create them) retry tiers and dead letters.
+        wanted = [
+            (self.topic, s.model_partitions),
+            (self.topics.results, s.requests_partitions),
+            (self.topics.dlq, 1),
+        ]
+        wanted += [(self.topics.retry(i + 1), s.requests_partitions) for i in range(len(s.retry_backoff_ms))]
+        await ensure_topics(s, wanted)
         self.partition = await self.registry.claim_partition(self.head_id, self.topic, s.model_partitions,
                                                              c.partition)  # fmt: skip
         record = HeadRecord(
@@ -166,73 +236,141 @@ class ModelWorker:
         tp = TopicPartition(self.topic, self.partition)
         consumer.assign([tp])
         await self.registry.register(record, slot_topic=self.topic)
+        self._last_beat = time.monotonic()
         if self.audit:
             await self.audit.emit("head_registered", self.head_id, head_id=self.head_id, model_id=c.model_id,
                                   region=c.region, partition=self.partition, actor="worker")  # fmt: skip
-        pool = [asyncio.create_task(self._serve(tp), name=f"serve-{i}") for i in range(c.capacity)]
+        pool = [asyncio.create_task(self._serve(), name=f"serve-{i}") for i in range(c.capacity)]
         beat = asyncio.create_task(self._heartbeat_loop(), name="heartbeat")
         releaser = asyncio.create_task(self._release_loop(), name="release")
+        fetch = asyncio.create_task(self._fetch_loop(consumer, tp), name="fetch")
+        stopped = asyncio.create_task(self._stop.wait(), name="stopped")
         self.ready.set()
         try:
-            await self._fetch_loop(consumer, tp)
+            await asyncio.wait((fetch, stopped), return_when=asyncio.FIRST_COMPLETED)
         finally:
+            self.stop()
             self.ready.clear()
-            await self._drain_pool(pool)
-            await cancel_and_wait((beat, releaser))
-            with contextlib.suppress(Exception):
-                await self._commit(consumer, tp)
-            await self.registry.remove(self.head_id, actor="worker")
-            if self.audit:
+            # A fetch loop blocked on a full queue is cancelled there: its record is in _open, nacked below.
+            await cancel_and_wait((fetch, stopped))
+            try:
+                await self._shutdown(consumer, tp, pool)
+            finally:
+                await cancel_and_wait((beat, releaser))
                 with contextlib.suppress(Exception):
-                    await self.audit.emit("head_removed", self.head_id, head_id=self.head_id, actor="worker")
-            with contextlib.suppress(Exception):
-                await consumer.stop()
-            with contextlib.suppress(Exception):
-                await producer.stop()
+                    await self.registry.remove(self.head_id, actor="worker")
+                if self.audit:
+                    with contextlib.suppress(Exception):
+                        await self.audit.emit(
+                            "head_removed", self.head_id, head_id=self.head_id, actor="worker"
+                        )
+                with contextlib.suppress(Exception):
+                    await consumer.stop()
+                with contextlib.suppress(Exception):
+                    await producer.stop()
+        failure = fetch.exception() if fetch.done() and not fetch.cancelled() else None
+        if failure is not None:
+            raise failure
+
+    async def _shutdown(self, consumer: AIOKafkaConsumer, tp: TopicPartition, pool: list[asyncio.Task[None]]
+                        ) -> None:  # fmt: skip
+        """Let running handlers finish (bounded), nack the rest, commit what is finished."""
+        while not self._queue.empty():  # fetched, never started: stays in _open, nacked below
+            self._queue.get_nowait()
+        for _ in pool:
+            self._queue.put_nowait(None)
+        grace = 0.0 if self._lost == _SLOT_LOST else self.s.shutdown_timeout_s
+        if grace > 0:
+            await asyncio.wait(pool, timeout=grace)
+        await cancel_and_wait(pool)
+        if self._lost == _SLOT_LOST:
+            # Another head owns the partition and reads it from the committed offset, which never passed an
+            # unfinished record: nacking or committing now would only duplicate its work or rewind it.
+            if self._open:
+                log.error("head %s: %d unfinished jobs of %s[%d] left to the partition's new owner", self.head_id,
+                          len(self._open), tp.topic, tp.partition)  # fmt: skip
+            return
+        if self._open:
+            budget = RetryBudget(max_s=max(1.0, min(30.0, self.s.shutdown_timeout_s)))
+            records = sorted(self._open.values(), key=lambda r: r.offset)
+            await self._nack_many(records, f"head_shutdown: {self.head_id}", budget, backoff=False)
+        await self._commit(consumer, tp, final=True)
+
+    # --- fetching and committing -----------------------------------------------------------------------
 
     async def _fetch_loop(self, consumer: AIOKafkaConsumer, tp: TopicPartition) -> None:
-        last_commit = time.monotonic()
         gaps = GapGuard(self.s.gap_wait_ms)
-        gaps.expect(tp, await consumer.committed(tp))
+        start = await start_offset(consumer, tp)
+        gaps.expect(tp, start)
+        if start is not None:
+            consumer.seek(tp, start)
+        last_commit = time.monotonic()
         while not self._stop.is_set():
             batch = await consumer.getmany(tp, timeout_ms=100, max_records=self.config.capacity)
             records, gap_at = gaps.admit(tp, batch.get(tp, ()), now_ms())
-            for rec in records:
+            self.stats.fetched += len(records)
+            for rec in records:  # tracked before any is queued: a stop while queueing nacks them all
+                self._open[rec.offset] = rec
                 self._tracker.started(rec.offset)
+            for rec in records:
                 await self._queue.put(rec)  # blocks when the pool is full: natural back-pressure
             if gap_at is not None:  # a routed job is not visible yet: read again from it (see gaps.py)
-                consumer.seek(tp, gap_at)
-                await asyncio.sleep(0.005)
-            if time.monotonic() - last_commit > 0.2:
+                seek_to_gap(consumer, gaps, tp, gap_at)
+                await asyncio.sleep(RETRY_MS / 1000)
+            if time.monotonic() - last_commit > COMMIT_EVERY_S:
                 await self._commit(consumer, tp)
                 last_commit = time.monotonic()
 
-    async def _commit(self, consumer: AIOKafkaConsumer, tp: TopicPartition) -> None:
-        off = self._tracker.committable()
-        if off > self._tracker.committed and off >= 0:
+    async def _commit(self, consumer: AIOKafkaConsumer, tp: TopicPartition, final: bool = False) -> None:
+        tracker = self._tracker
+        off = tracker.committable()
+        if off < 0 or off <= tracker.committed or self._lost == _SLOT_LOST:
+            return
+        try:
+            if final:
+                # A reaper may have read this partition for us and committed past us: never move it back.
+                current = await consumer.committed(tp)
+                if current is not None and current >= off:
+                    return
+            elif self._lost is not None or time.monotonic() - self._last_beat > self.s.head_ttl_ms / 1000:
+                return  # the head may have been taken for dead (a paused process): wait for a heartbeat
             await consumer.commit({tp: off})
-            self._tracker.committed = off
+            tracker.committed = off
+        except KafkaError as exc:
+            log.warning("head %s: commit of %s[%d] at %d failed: %s", self.head_id, tp.topic, tp.partition, off,
+                        exc)  # fmt: skip
 
-    async def _drain_pool(self, pool: list[asyncio.Task[None]]) -> None:
-        for _ in pool:
-            await self._queue.put(None)
-        await asyncio.wait(pool, timeout=self.s.shutdown_timeout_s)
-        await cancel_and_wait(pool)
+    def _finish(self, offset: int) -> None:
+        """The record at ``offset`` is settled (idempotent)."""
+        self._tracker.finished(offset)
+        if self._open.pop(offset, None) is not None:
+            self.stats.released += 1
 
-    async def _serve(self, tp: TopicPartition) -> None:
+    # --- serving ---------------------------------------------------------------------------------------
+
+    async def _serve(self) -> None:
         while True:
             rec = await self._queue.get()
             if rec is None:
                 return
+            if self._stop.is_set():  # stopping: start nothing new (it stays open and shutdown nacks it)
+                continue
             try:
-                await self._handle(rec)
-            except Exception:  # the SDK's own failure: never lose the offset bookkeeping
-                log.exception("head %s failed handling offset %d", self.head_id, rec.offset)
-            finally:
-                self._tracker.finished(rec.offset)
-                self.stats.released += 1
+                settled = await self._handle(rec)
+            except Exception as exc:  # the SDK's own failure: the job goes back to the routers, never lost
+                log.exception("head %s failed handling offset %d; nacking it", self.head_id, rec.offset)
+                try:
+                    settled = await self._nack(rec, header_int(rec.headers, H_ATTEMPT, 1),
+                                               f"head_sdk_error: {describe(exc)}")  # fmt: skip
+                except Exception:
+                    log.exception("head %s: nack of offset %d failed", self.head_id, rec.offset)
+                    settled = False
+            if settled:
+                self._finish(rec.offset)
+            # else: left unfinished (nothing past it is committed) and nacked again at shutdown
 
-    async def _handle(self, rec: Any) -> None:
+    async def _handle(self, rec: Any) -> bool:
+        """Serve one record; True once its completion, nack or dead letter was acknowledged."""
         st = self.stats
         started = now_ms()
         load = st.inflight / self.config.capacity
@@ -240,10 +378,10 @@ class ModelWorker:
                          header_int(rec.headers, H_DECIDED_AT, started), tuple(rec.headers or ()))  # fmt: skip
         try:
             job = decode_job(rec.value, content_type_of(rec.headers))
-        except EnvelopeError as exc:  # the router validated it, so this is a foreign writer: report, move on
+        except EnvelopeError as exc:  # the router validated it, so this is a foreign writer: dead-letter it
             log.warning("head %s: undecodable job at offset %d: %s", self.head_id, rec.offset, exc)
             st.failed += 1
-            return
+            return await self._dead_letter(rec, exc.reason.value, exc.detail, ctx.attempt)
         st.inflight += 1
         t0 = time.perf_counter()
         try:
@@ -262,28 +400,15 @@ class ModelWorker:
             self.learner.observe(job_size(job), load, service_ms)
         else:
             st.failed += 1
-            if self.config.retry_on_error and await self._nack(rec, ctx, error or "error"):
-                return
-        await self._complete(job, ctx, status, result, error, service_ms)
+            if self.config.retry_on_error:
+                return await self._nack(rec, ctx.attempt, f"head_error: {error or 'error'}")
+        return await self._complete(rec, job, ctx, status, result, error, service_ms)
 
-    async def _nack(self, rec: Any, ctx: JobContext, error: str) -> bool:
-        """Hand the job back to the routers through the retry tier for its next attempt."""
-        assert self._producer is not None
-        backoff = self.s.retry_backoff_ms
-        tier = min(ctx.attempt, len(backoff))
-        headers = retry_headers(rec.headers, f"head_error: {error}"[:200], rec.topic, rec.partition, rec.offset,
-                                ctx.attempt, now_ms() + backoff[tier - 1])  # fmt: skip
-        try:
-            await (
-                await self._producer.send(self.topics.retry(tier), rec.value, key=rec.key, headers=headers)
-            )
-        except Exception as exc:
-            log.warning("head %s: nack of offset %d failed: %s", self.head_id, rec.offset, exc)
-            return False
-        return True
+    # --- publishing: completions, nacks, dead letters -----------------------------------------------------
 
-    async def _complete(self, job: Job, ctx: JobContext, status: str, result: Any, error: str | None,
-                        service_ms: float) -> None:  # fmt: skip
+    async def _complete(self, rec: Any, job: Job, ctx: JobContext, status: str, result: Any, error: str | None,
+                        service_ms: float) -> bool:  # fmt: skip
+        """Publish the completion record and wait for its acknowledgement (this coroutine only)."""
         assert self._producer is not None
         finished = now_ms()
         doc: dict[str, Any] = {
@@ -305,27 +430,113 @@ class ModelWorker:
             doc["error"] = f"result not serialisable: {exc}"
             value = msgpack.packb(doc, use_bin_type=True)
         topic = job.reply_to or self.topics.results
-        try:
-            fut = await self._producer.send(topic, value, key=job.job_id.encode(),
-                                            headers=[("content-type", MSGPACK.encode())])  # fmt: skip
-        except Exception as exc:
-            self._completion_failed(job.job_id, exc)
-            return
-        # Not awaited (the job is done; the record rides the producer's batching), but never unobserved.
-        fut.add_done_callback(lambda f, job_id=job.job_id: self._on_completion_sent(job_id, f))
-
-    def _on_completion_sent(self, job_id: str, fut: asyncio.Future[Any]) -> None:
-        if not fut.cancelled() and fut.exception() is not None:
-            self._completion_failed(job_id, fut.exception())
-
-    def _completion_failed(self, job_id: str, exc: BaseException | None) -> None:
+        key = job.job_id.encode()
+        headers: list[tuple[str, bytes | None]] = [("content-type", MSGPACK.encode())]
+        report = await publish(self._producer, [Send(topic, value, key, None, headers)], self._budget)
+        if report.acked:
+            return True
+        if report.unsent:  # the broker could not be reached in time: hand the job back rather than lose it
+            why = describe(report.unsent[0].error or Exception())
+            log.warning("head %s: completion of %s not sent (%s); nacking it", self.head_id, job.job_id, why)
+            return await self._nack(rec, ctx.attempt, f"head_completion_unsent: {why}")
+        # Refused for good (a result too large, a reply_to the broker refuses): say so without the result.
+        why = describe(report.fatal[0].error or Exception())
         self.stats.completions_lost += 1
-        log.warning("head %s: completion record for %s not sent: %s", self.head_id, job_id, exc)
+        log.warning(
+            "head %s: completion record of %s refused by %s: %s", self.head_id, job.job_id, topic, why
+        )
+        if "result" in doc:
+            doc.pop("result")
+            doc["status"] = "error"
+            doc["error"] = f"completion record not publishable: {why}"[:1000]
+            slim = msgpack.packb(doc, use_bin_type=True, default=str)
+            report = await publish(self._producer, [Send(topic, slim, key, None, headers)], self._budget)
+            if report.acked:
+                return True
+            if report.unsent:
+                return await self._nack(rec, ctx.attempt, f"head_completion_unsent: {why}")
+            why = describe(report.fatal[0].error or Exception())
+        return await self._dead_letter(rec, PUBLISH_ERROR, f"completion record to {topic} refused: {why}",
+                                       ctx.attempt)  # fmt: skip
+
+    async def _nack(self, rec: Any, attempt: int, reason: str) -> bool:
+        """Hand one job back to the routers through the retry tier for its next attempt."""
+        return rec.offset in await self._nack_many([rec], reason, self._budget, backoff=True, attempt=attempt)
+
+    async def _nack_many(self, records: Sequence[Any], reason: str, budget: RetryBudget, *, backoff: bool,
+                         attempt: int | None = None) -> set[int]:  # fmt: skip
+        """Nack ``records`` (each with the attempt it was routed as, unless given); finish and return the
+        offsets settled (nack, or for a record the retry tier refuses for good, dead letter acknowledged).
+
+        ``backoff``: wait the tier's back-off (a failed job) or none (a job this head merely gives back)."""
+        assert self._producer is not None
+        delays = self.s.retry_backoff_ms
+        now = now_ms()
+        sends: list[Send] = []
+        by_send: dict[int, Any] = {}
+        for rec in records:
+            n = attempt if attempt is not None else header_int(rec.headers, H_ATTEMPT, 1)
+            tier = min(max(1, n), len(delays)) if backoff else 1
+            not_before = now + delays[tier - 1] if backoff else now
+            headers = retry_headers(
+                rec.headers, reason[:200], rec.topic, rec.partition, rec.offset, n, not_before
+            )
+            key = rec.key if (rec.key is not None or rec.value is not None) else b""
+            send = Send(self.topics.retry(tier), rec.value, key, None, headers)
+            by_send[id(send)] = rec
+            sends.append(send)
+        report = await publish(self._producer, sends, budget)
+        settled = {by_send[id(x)].offset for x in report.acked}
+        self.stats.nacked += len(report.acked)
+        if report.fatal:
+            for x in report.fatal:
+                rec = by_send[id(x)]
+                why = describe(x.error or Exception())
+                log.warning("head %s: retry tier refused offset %d (%s); dead-lettering it", self.head_id,
+                            rec.offset, why)  # fmt: skip
+                n = attempt if attempt is not None else header_int(rec.headers, H_ATTEMPT, 1)
+                if await self._dead_letter(rec, PUBLISH_ERROR, f"nack refused: {why}", n):
+                    settled.add(rec.offset)
+        if report.unsent:
+            self.stats.unsettled += len(report.unsent)
+            first = min(by_send[id(x)].offset for x in report.unsent)
+            log.error("head %s: %d nacks of %s not acknowledged (%s); nothing from offset %d on is committed, so "
+                      "the partition's next reader serves them", self.head_id, len(report.unsent), self.topic,
+                      describe(report.unsent[0].error or Exception()), first)  # fmt: skip
+        for off in settled:
+            self._finish(off)
+        return settled
+
+    async def _dead_letter(self, rec: Any, reason: str, detail: str, attempt: int) -> bool:
+        """Dead-letter one record (original bytes, truncated past the producer's limit); True (and the record
+        finished) once acknowledged."""
+        assert self._producer is not None
+        limit = self.s.kafka_max_message_bytes
+        for cut_to in (limit, DLQ_KEEP_BYTES):
+            value, cut = truncate_for_dlq(rec.value, cut_to, DLQ_KEEP_BYTES)
+            headers = dead_letter_headers(rec.headers, reason, detail, rec.topic, rec.partition, rec.offset,
+                                          attempt) + cut  # fmt: skip
+            key = rec.key if (rec.key is not None or value is not None) else b""
+            report = await publish(
+                self._producer, [Send(self.topics.dlq, value, key, None, headers)], self._budget
+            )
+            if report.acked:
+                self.stats.dead_lettered += 1
+                self._finish(rec.offset)
+                return True
+            if report.unsent:
+                break
+        self.stats.unsettled += 1
+        log.error("head %s: dead letter of offset %d (%s) not acknowledged; it stays uncommitted", self.head_id,
+                  rec.offset, reason)  # fmt: skip
+        return False
+
+    # --- background loops ------------------------------------------------------------------------------
 
     async def _release_loop(self) -> None:
         """Give finished jobs back to the shared in-flight count often, so routers see capacity return fast."""
         interval = self.s.head_release_ms / 1000
-        while not self._stop.is_set():
+        while True:  # until cancelled, after shutdown's nacks
             await asyncio.sleep(interval)
             st = self.stats
             if not st.released:
@@ -338,20 +549,32 @@ class ModelWorker:
                 log.warning("head %s: release failed: %s", self.head_id, exc)
 
     async def _heartbeat_loop(self) -> None:
+        """Heartbeat until cancelled (through shutdown too, so a draining head is not reaped meanwhile)."""
         interval = self.s.head_heartbeat_ms / 1000
         slot = (self.topic, self.partition)
-        while not self._stop.is_set():
+        while True:
             await asyncio.sleep(interval)
             st = self.stats
             stats = HeadStats(inflight=st.inflight, latency_ms=st.latency_ewma_ms, completed=st.completed,
                               cache_hit_rate=st.cache_hit_rate, quota_used=st.quota_used,
                               profile=self.learner.profile() if self.learner.n else None)  # fmt: skip
             try:
-                alive = await self.registry.heartbeat(self.head_id, stats, slot)
+                result = await self.registry.heartbeat(self.head_id, stats, slot)
             except Exception as exc:
                 log.warning("head %s: heartbeat failed: %s", self.head_id, exc)
                 continue
-            if not alive:
-                log.warning("head %s was removed by an operator; stopping", self.head_id)
-                self.stop()
-                return
+            if result:
+                self._last_beat = time.monotonic()
+                continue
+            # Falsy: removed (False, or HeartbeatResult.REMOVED) or another head owns the slot (SLOT_LOST).
+            if getattr(result, "value", None) == _SLOT_LOST:
+                self._lost = _SLOT_LOST
+                log.error("head %s: another head (or a reaper) owns partition %d of %s now; stopping at once "
+                          "(serving a partition another head owns delivers every job twice)", self.head_id,
+                          self.partition, self.topic)  # fmt: skip
+            else:
+                self._lost = self._lost or _REMOVED
+                log.warning("head %s was removed (by an operator, or reaped after its heartbeat lapsed); "
+                            "stopping", self.head_id)  # fmt: skip
+            self.stop()
+            return

@@ -40,6 +40,7 @@ from router_worker.pipeline.marks import Marks
 from router_worker.pipeline.outcomes import DeadLettered, Hold, Outcome, Plan, Retried, Routed, commit_offsets
 from router_worker.pipeline.plan import Claim, PlanConfig, Stats, dead_letter, plan
 from router_worker.pipeline.publish import RetryBudget, Send, describe, publish
+from router_worker.pipeline.reaper import Reaper
 from router_worker.pipeline.topology import ModelTopology
 from router_worker.settings import Settings
 from router_worker.state.cache import StateCache
@@ -47,6 +48,7 @@ from router_worker.state.heads import HeadRegistry
 from router_worker.state.health import RedisHealth
 from router_worker.state.keys import Keys
 from router_worker.state.policy_store import PolicyStore
+from router_worker.tasks import cancel_and_wait
 from router_worker.topics import Topics
 from schemas.envelope import DeadLetterReason
 
@@ -114,6 +116,7 @@ class Router:
         self.state = StateCache(redis, self.registry, self.policies, s.head_refresh_ms, self._on_refresh,
                                 self._on_event, health=self.health, vet=self._vet)  # fmt: skip
         self.topology: ModelTopology | None = None
+        self.reaper: Reaper | None = None
         self.invalid_heads: dict[str, str] = {}
         """Heads left out of routing: head id -> why (a partition their model topic lacks)."""
         self.marks = Marks(redis, self.keys, audit, claim_ttl_ms=s.claim_ttl_ms, dedupe_ttl_ms=s.dedupe_ttl_s * 1000,
@@ -161,9 +164,12 @@ class Router:
         consumer = make_consumer(s, group_id=s.group_id)
         self._producer, self._consumer = producer, consumer
         self.topology = ModelTopology(s, producer)
+        self.reaper = Reaper(s, self.redis, self.registry, producer, self.router_id)
+        reaping: asyncio.Task[None] | None = None
         try:
             await producer.start()
             await self.state.start()
+            reaping = asyncio.create_task(self._reap_loop(), name="reaper")
             consumer.subscribe([self.topics.requests, *self._retry_topics], listener=_Rebalance(self))
             await consumer.start()
             await self.audit.emit("router_started", self.router_id, group_id=s.group_id)
@@ -172,6 +178,8 @@ class Router:
         finally:
             # Each batch committed at its end; leave the group at once so partitions move without waiting.
             self.ready.clear()
+            if reaping is not None:
+                await cancel_and_wait([reaping])
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(consumer.stop(), s.shutdown_timeout_s)
             with contextlib.suppress(Exception):
@@ -181,6 +189,18 @@ class Router:
             await self.state.stop()
             with contextlib.suppress(Exception):
                 await self.audit.emit("router_stopped", self.router_id, routed=self.stats.routed)
+
+    async def _reap_loop(self) -> None:
+        """Re-route the jobs of heads that died with work in hand (see :mod:`reaper`)."""
+        interval = max(0.5, self.s.head_ttl_ms / 1000)
+        while not self._stop.is_set():
+            await asyncio.sleep(interval)
+            if self.reaper is None or not self.health.up:  # judged on a stale snapshot: never reap
+                continue
+            try:
+                await self.reaper.reap(list(self.state.index.heads.values()), now_ms())
+            except Exception:
+                log.exception("reaping dead heads failed; trying again")
 
     async def _loop(self, consumer: AIOKafkaConsumer, producer: AIOKafkaProducer) -> None:
         s = self.s

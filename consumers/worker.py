@@ -63,6 +63,7 @@ from router_worker.pipeline.messages import (
     retry_headers,
 )
 from router_worker.pipeline.publish import RetryBudget, Send, describe, publish, truncate_for_dlq
+from router_worker.pipeline.topology import topic_partitions
 from router_worker.settings import Settings
 from router_worker.state.heads import HeadRecord, HeadRegistry, HeadStats
 from router_worker.state.keys import Keys
@@ -220,8 +221,16 @@ class ModelWorker:
         ]
         wanted += [(self.topics.retry(i + 1), s.requests_partitions) for i in range(len(s.retry_backoff_ms))]
         await ensure_topics(s, wanted)
+        # A topic created earlier (by another deployment, with fewer partitions) bounds the slots: claim only
+        # a partition it really has, or the routers could never address this head.
+        try:
+            real = await topic_partitions(s, self.topic)
+        except Exception as exc:
+            log.warning("head %s: partition count of %s not read (%s); assuming %d", self.head_id, self.topic,
+                        exc, s.model_partitions)  # fmt: skip
+            real = None
         self.partition = await self.registry.claim_partition(self.head_id, self.topic, s.model_partitions,
-                                                             c.partition)  # fmt: skip
+                                                             c.partition, valid_partitions=real)  # fmt: skip
         record = HeadRecord(
             head_id=self.head_id, model_id=c.model_id, region=c.region, capacity=c.capacity,
             partition=self.partition, families=c.families, backend=c.backend, quantizations=c.quantizations,

@@ -330,8 +330,8 @@ class Router:
         self._apply_holds(consumer, p.holds)
         self._log_bad(p)
         await self._mark([o for o in p.outcomes if o.final])
+        self._count(p, t_batch)  # what the broker acknowledged happened, whether or not the commit goes through
         await self._commit(consumer, commit_offsets(p))
-        self._count(p, t_batch)
 
     async def _claim(self, parts: Parts, now: int) -> dict[str, Claim]:
         """Claims for the batch's keys and the pins of its sessions; nothing while Redis is unreachable."""

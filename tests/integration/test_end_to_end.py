@@ -144,4 +144,5 @@ async def test_the_same_job_id_is_routed_once(settings: Settings, redis: Redis) 
         await asyncio.sleep(0.5)
     assert Counter(served.job_ids())["once"] == 1
     assert len(served.rows) == 6
-    assert router.stats.duplicates == 2
+    # at least the two re-sends were skipped (a batch read again after a rebalance skips them again)
+    assert router.stats.duplicates >= 2

@@ -24,8 +24,10 @@ from router_worker.bench_e2e import (
     Latency,
     Phase,
     Report,
+    Sample,
     _pct,
     _rate_between,
+    _sample_before,
     check_plot_available,
     child_env,
     proc_cpu_s,
@@ -232,3 +234,17 @@ def test_plot_without_matplotlib_says_how_to_get_it(monkeypatch: pytest.MonkeyPa
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
     with pytest.raises(BenchError, match=r"router-worker\[bench\]"):
         check_plot_available()
+
+
+def test_costs_are_counted_from_the_last_sample_before_the_first_routed_record() -> None:
+    samples = [
+        Sample(10.0, {1: 1.0}, None),  # the router's admin port was not answering yet
+        Sample(10.5, {1: 1.5}, (7, 0)),
+        Sample(10.9, {1: 1.6}, None),
+        Sample(11.2, {1: 2.5}, (20, 3)),  # after the first record: already routing
+    ]
+    start = _sample_before(samples, 11.0)
+    assert start.wall == 10.9
+    assert start.cpu == {1: 1.6}
+    assert start.counters == (7, 0), "the latest counters before it"
+    assert _sample_before(samples, 5.0) is samples[0]

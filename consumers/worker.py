@@ -189,6 +189,8 @@ class ModelWorker:
         self._open: dict[int, Any] = {}
         """Records fetched and not finished, by offset: what shutdown nacks."""
         self._producer: AIOKafkaProducer | None = None
+        self._release_failing = False
+        self._beat_failing = False
         self._budget = RetryBudget()
         self._lost: str | None = None
         """Why the head may no longer serve its partition: removed, or its slot taken by another head."""
@@ -555,7 +557,15 @@ class ModelWorker:
                 await self.registry.release(self.head_id, n)
             except Exception as exc:
                 st.released += n
-                log.warning("head %s: release failed: %s", self.head_id, exc)
+                if not self._release_failing:  # once per outage, not every few milliseconds
+                    log.warning("head %s: release failed (kept, retried until Redis answers): %s", self.head_id,
+                                exc)  # fmt: skip
+                self._release_failing = True
+                await asyncio.sleep(min(1.0, 100 * interval))
+                continue
+            if self._release_failing:
+                log.warning("head %s: releases reach Redis again", self.head_id)
+                self._release_failing = False
 
     async def _heartbeat_loop(self) -> None:
         """Heartbeat until cancelled (through shutdown too, so a draining head is not reaped meanwhile)."""
@@ -570,8 +580,11 @@ class ModelWorker:
             try:
                 result = await self.registry.heartbeat(self.head_id, stats, slot)
             except Exception as exc:
-                log.warning("head %s: heartbeat failed: %s", self.head_id, exc)
+                if not self._beat_failing:
+                    log.warning("head %s: heartbeat failed (retrying every beat): %s", self.head_id, exc)
+                self._beat_failing = True
                 continue
+            self._beat_failing = False
             if result:
                 self._last_beat = time.monotonic()
                 continue

@@ -58,14 +58,14 @@ from router_worker.pipeline.kafka import ensure_topics, make_consumer, make_prod
 from router_worker.pipeline.messages import (
     H_ATTEMPT,
     H_DECIDED_AT,
-    dead_letter_headers,
     header_int,
     retry_headers,
 )
-from router_worker.pipeline.publish import RetryBudget, Send, describe, publish, truncate_for_dlq
+from router_worker.pipeline.publish import RetryBudget, Send, dead_letter_record, describe, publish
 from router_worker.pipeline.topology import topic_partitions
 from router_worker.settings import Settings
 from router_worker.state.heads import HeadRecord, HeadRegistry, HeadStats
+from router_worker.state.inflight import new_token
 from router_worker.state.keys import Keys
 from router_worker.tasks import cancel_and_wait
 from router_worker.topics import Topics
@@ -73,7 +73,6 @@ from schemas.envelope import MSGPACK, EnvelopeError, Job, content_type_of, decod
 
 log = logging.getLogger(__name__)
 
-DLQ_KEEP_BYTES = 4096
 """Bytes of an unpublishable record kept in its dead letter (the router keeps as many)."""
 PUBLISH_ERROR = "publish_error"
 """The dead-letter reason of a record no topic would take (``DeadLetterReason.PUBLISH_ERROR``)."""
@@ -189,7 +188,11 @@ class ModelWorker:
         self._open: dict[int, Any] = {}
         """Records fetched and not finished, by offset: what shutdown nacks."""
         self._producer: AIOKafkaProducer | None = None
+        self.instance = uuid.uuid4().hex[:12]
+        """This process's token: its slot holds ``head_id@instance``, so a second process started with the
+        same head id can neither register while this one lives nor share its partition."""
         self._release_failing = False
+        self._release_retry: tuple[str, int] | None = None
         self._beat_failing = False
         self._budget = RetryBudget()
         self._lost: str | None = None
@@ -231,8 +234,10 @@ class ModelWorker:
             log.warning("head %s: partition count of %s not read (%s); assuming %d", self.head_id, self.topic,
                         exc, s.model_partitions)  # fmt: skip
             real = None
+        await self.registry.assert_free(self.head_id, self.instance)
         self.partition = await self.registry.claim_partition(self.head_id, self.topic, s.model_partitions,
-                                                             c.partition, valid_partitions=real)  # fmt: skip
+                                                             c.partition, valid_partitions=real,
+                                                             instance=self.instance)  # fmt: skip
         record = HeadRecord(
             head_id=self.head_id, model_id=c.model_id, region=c.region, capacity=c.capacity,
             partition=self.partition, families=c.families, backend=c.backend, quantizations=c.quantizations,
@@ -246,7 +251,7 @@ class ModelWorker:
         self._producer = producer
         tp = TopicPartition(self.topic, self.partition)
         consumer.assign([tp])
-        await self.registry.register(record, slot_topic=self.topic)
+        await self.registry.register(record, slot_topic=self.topic, instance=self.instance)
         self._last_beat = time.monotonic()
         if self.audit:
             await self.audit.emit("head_registered", self.head_id, head_id=self.head_id, model_id=c.model_id,
@@ -368,6 +373,10 @@ class ModelWorker:
                 continue
             try:
                 settled = await self._handle(rec)
+            except asyncio.CancelledError:
+                if _being_cancelled():
+                    raise
+                settled = False  # a stray cancellation: the record stays open and is nacked at shutdown
             except Exception as exc:  # the SDK's own failure: the job goes back to the routers, never lost
                 log.exception("head %s failed handling offset %d; nacking it", self.head_id, rec.offset)
                 try:
@@ -398,6 +407,11 @@ class ModelWorker:
         try:
             result = await self.handler(job, ctx)
             status, error = "ok", None
+        except asyncio.CancelledError as exc:
+            if _being_cancelled():  # our own shutdown: let it through
+                raise
+            # The handler's library cancelled its own work (grpc.aio, anyio): a failure of this job, not ours.
+            result, status, error = None, "error", f"cancelled by the handler: {describe(exc)}"
         except Exception as exc:
             result, status, error = None, "error", f"{type(exc).__name__}: {exc}"
         finally:
@@ -522,12 +536,21 @@ class ModelWorker:
         """Dead-letter one record (original bytes, truncated past the producer's limit); True (and the record
         finished) once acknowledged."""
         assert self._producer is not None
-        limit = self.s.kafka_max_message_bytes
-        for cut_to in (limit, DLQ_KEEP_BYTES):
-            value, cut = truncate_for_dlq(rec.value, cut_to, DLQ_KEEP_BYTES)
-            headers = dead_letter_headers(rec.headers, reason, detail, rec.topic, rec.partition, rec.offset,
-                                          attempt) + cut  # fmt: skip
-            key = rec.key if (rec.key is not None or value is not None) else b""
+        for squeeze in (False, True):  # the second time, sized to fit whatever the broker allows
+            value, key, headers = dead_letter_record(
+                rec.value,
+                rec.key,
+                list(rec.headers or ()),
+                reason,
+                detail,
+                rec.topic,
+                rec.partition,
+                rec.offset,
+                attempt,
+                limit=self.s.kafka_max_message_bytes,
+                keep=self.s.dlq_keep_bytes,
+                squeeze=squeeze,
+            )
             report = await publish(
                 self._producer, [Send(self.topics.dlq, value, key, None, headers)], self._budget
             )
@@ -550,13 +573,16 @@ class ModelWorker:
         while True:  # until cancelled, after shutdown's nacks
             await asyncio.sleep(interval)
             st = self.stats
-            if not st.released:
-                continue
-            n, st.released = st.released, 0
+            if self._release_retry is None:
+                if not st.released:
+                    continue
+                self._release_retry = (new_token(), st.released)  # retried with its token until it lands
+                st.released = 0
+            token, n = self._release_retry
             try:
-                await self.registry.release(self.head_id, n)
+                await self.registry.release(self.head_id, n, token)
+                self._release_retry = None
             except Exception as exc:
-                st.released += n
                 if not self._release_failing:  # once per outage, not every few milliseconds
                     log.warning("head %s: release failed (kept, retried until Redis answers): %s", self.head_id,
                                 exc)  # fmt: skip
@@ -578,7 +604,7 @@ class ModelWorker:
                               cache_hit_rate=st.cache_hit_rate, quota_used=st.quota_used,
                               profile=self.learner.profile() if self.learner.n else None)  # fmt: skip
             try:
-                result = await self.registry.heartbeat(self.head_id, stats, slot)
+                result = await self.registry.heartbeat(self.head_id, stats, slot, self.instance)
             except Exception as exc:
                 if not self._beat_failing:
                     log.warning("head %s: heartbeat failed (retrying every beat): %s", self.head_id, exc)
@@ -600,3 +626,9 @@ class ModelWorker:
                             "stopping", self.head_id)  # fmt: skip
             self.stop()
             return
+
+
+def _being_cancelled() -> bool:
+    """Whether this task itself is being cancelled (not a CancelledError raised by code it awaited)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0

@@ -53,10 +53,15 @@ def _settings(config: Path | None, **overrides: Any) -> Settings:
 
 
 def _run(coro_fn: Callable[[], Awaitable[T]]) -> T:
+    from router_worker.state.heads import HeadIdInUse, PartitionOutOfRange
+
     try:
         return asyncio.run(coro_fn())  # type: ignore[arg-type]
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
+    except (HeadIdInUse, PartitionOutOfRange) as exc:  # an operator's mistake: one clear line, no traceback
+        err.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(2) from None
 
 
 @app.command(epilog=SETTINGS_EPILOG)

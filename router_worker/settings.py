@@ -86,7 +86,7 @@ class Settings(BaseSettings):
         30.0, gt=0, description="Longest time retriable publish errors are retried in one batch."
     )
     claim_ttl_ms: int = Field(
-        60_000,
+        300_000,
         ge=1_000,
         description="How long a router's claim on a job id lasts before another router may take it over.",
     )
@@ -162,6 +162,12 @@ class Settings(BaseSettings):
             raise ValueError("kafka_sasl_mechanism needs kafka_sasl_username and kafka_sasl_password")
         if not self.retry_backoff_ms or any(ms < 0 for ms in self.retry_backoff_ms):
             raise ValueError("retry_backoff_ms must be a non-empty list of non-negative delays")
+        longest_publish_ms = 2 * (self.publish_retry_max_s * 1000 + self.kafka_request_timeout_ms)
+        if self.claim_ttl_ms < longest_publish_ms:
+            raise ValueError(
+                f"claim_ttl_ms must outlast a batch's longest publish (2 x (publish_retry_max_s + "
+                f"kafka_request_timeout_ms) = {longest_publish_ms:.0f} ms), or a claim could lapse mid-publish"
+            )
         if not self.redis_prefix or any(c in self.redis_prefix for c in "{}: "):
             raise ValueError("redis_prefix must be non-empty without '{', '}', ':' or spaces")
         return self

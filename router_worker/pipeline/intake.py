@@ -14,7 +14,7 @@ from typing import Any
 from aiokafka import TopicPartition
 
 from router_worker.pipeline.gaps import RETRY_MS, GapGuard
-from router_worker.pipeline.messages import H_NOT_BEFORE, attempt_of, header, header_int
+from router_worker.pipeline.messages import H_NOT_BEFORE, attempt_of, header, header_int, headers_size
 from router_worker.pipeline.outcomes import Hold, Incoming, claim_key_of
 from schemas.envelope import MSGPACK, DeadLetterReason, EnvelopeError, Job, content_type_of, decode_job
 
@@ -28,6 +28,10 @@ def decode_one(rec: Any, tp: TopicPartition, attempt: int, max_bytes: int,
     job: Job | None = None
     error: EnvelopeError | None = None
     try:
+        size = len(rec.value or b"") + len(rec.key or b"") + headers_size(headers)
+        if size > max_bytes:  # the producer counts key and headers too: a routed copy could never be sent
+            raise EnvelopeError(DeadLetterReason.TOO_LARGE,
+                                f"{size} bytes (value, key and headers) exceeds the limit of {max_bytes}")  # fmt: skip
         ctype = content_type_of(headers)
         job = decode_job(rec.value, ctype, max_bytes)
     except EnvelopeError as exc:
@@ -43,8 +47,11 @@ def decode_one(rec: Any, tp: TopicPartition, attempt: int, max_bytes: int,
 
 
 def intake(batch: Mapping[TopicPartition, Sequence[Any]], gaps: GapGuard, retry_topics: frozenset[str],
-           now: int, max_bytes: int) -> tuple[Parts, list[Hold]]:  # fmt: skip
-    """Admitted records decoded per partition, and the holds that cut partitions short."""
+           now: int, max_bytes: int, max_hold_ms: int = 60_000) -> tuple[Parts, list[Hold]]:  # fmt: skip
+    """Admitted records decoded per partition, and the holds that cut partitions short.
+
+    A retry record's ``x-retry-not-before`` is honoured up to ``max_hold_ms`` from now (the longest
+    back-off): any client can write a retry tier, and one record must not pause a partition for years."""
     parts: Parts = []
     holds: list[Hold] = []
     for tp, fetched in batch.items():
@@ -64,7 +71,7 @@ def intake(batch: Mapping[TopicPartition, Sequence[Any]], gaps: GapGuard, retry_
                 else:
                     not_before = header_int(rec.headers, H_NOT_BEFORE)
                     if not_before > now:
-                        holds.append(Hold(tp, rec.offset, not_before, "not_due"))
+                        holds.append(Hold(tp, rec.offset, min(not_before, now + max_hold_ms), "not_due"))
                         gap_at = None  # held before the gap: the gap is read again anyway
                         break
                     attempt = prev + 1

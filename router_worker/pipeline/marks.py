@@ -30,6 +30,7 @@ from redis.exceptions import RedisError
 from router_worker.audit import AuditSink
 from router_worker.pipeline.outcomes import DeadLettered, Incoming, Outcome, Retried, Routed
 from router_worker.pipeline.plan import Claim
+from router_worker.state.inflight import InflightChanges, new_token
 from router_worker.state.keys import Keys
 
 log = logging.getLogger(__name__)
@@ -77,12 +78,14 @@ class _Pending:
     """Writes that waited for Redis."""
 
     done: list[tuple[str, str]] = field(default_factory=list)
-    pins: list[tuple[str, str, bool]] = field(default_factory=list)
-    inflight: Counter[str] = field(default_factory=Counter)
+    pins: dict[str, tuple[str, bool]] = field(default_factory=dict)
+    """session -> (head, only if absent): the newest write of a session wins."""
+    inflight: list[tuple[str, Counter[str]]] = field(default_factory=list)
+    """(token, per-head additions) of each batch: applied once however often they are sent."""
     audit: deque[bytes] = field(default_factory=deque)
 
     def size(self) -> int:
-        return len(self.done) + len(self.pins) + len(self.audit)
+        return len(self.done) + len(self.pins) + len(self.inflight) + len(self.audit)
 
 
 class Marks:
@@ -97,7 +100,10 @@ class Marks:
         self.pending = _Pending()
         self.dropped = 0
         """Buffered writes dropped because the outage outlasted the buffer."""
+        self.errors = 0
+        """Commands Redis refused (answered with an error): logged, never retried."""
         self._claim = redis.register_script(_CLAIM)
+        self._inflight = InflightChanges(redis, keys)
 
     @property
     def dedupe(self) -> bool:
@@ -128,7 +134,7 @@ class Marks:
 
     async def mark(self, settled: Sequence[Outcome], pin_ms: int) -> dict[str, int] | None:
         """Write what the settled outcomes imply (plus anything buffered); return the shared in-flight
-        counts, or None when Redis did not answer (the writes are then buffered)."""
+        counts, or None when Redis did not answer (the writes are then buffered, bounded)."""
         p = self.pending
         per_head: Counter[str] = Counter()
         for o in settled:
@@ -137,44 +143,68 @@ class Marks:
             if isinstance(o, Routed):
                 per_head[o.head_id] += 1
                 if o.pin is not None:  # sliding timeout: every routed job of a session renews its pin
-                    p.pins.append((o.pin[0], o.pin[1], o.new_pin))
-        p.inflight.update(per_head)
+                    sid, head_id = o.pin
+                    p.pins.pop(sid, None)
+                    p.pins[sid] = (head_id, o.new_pin)
+        if per_head:
+            p.inflight.append((new_token(), per_head))
         lines = self.audit.write_file(o.audit for o in settled if o.audit is not None)
         p.audit.extend(lines)
+        pin_ms = max(1, pin_ms)
         try:
             async with self.redis.pipeline(transaction=False) as pipe:
                 ttl = self.dedupe_ttl_ms
                 for key, value in p.done:
                     pipe.set(self.keys.seen(key), value, px=ttl)
-                for sid, head_id, nx in p.pins:
+                for sid, (head_id, nx) in p.pins.items():
                     pipe.set(self.keys.affinity(sid), head_id, px=pin_ms, nx=nx)
-                for head_id, n in p.inflight.items():
-                    if n:
-                        pipe.hincrby(self.keys.inflight, head_id, n)
+                for token, deltas in p.inflight:
+                    await self._inflight.apply(token, deltas, client=pipe)
                 at = len(pipe)
                 pipe.hgetall(self.keys.inflight)
                 self.audit.publish_into(pipe, p.audit)
-                res = await pipe.execute()
+                res = await pipe.execute(raise_on_error=False)
         except (RedisError, OSError) as exc:
             self.audit.publish_failed(exc)
             self._bound()
             return None
         self.pending = _Pending()
-        return {k: int(v) for k, v in res[at].items()}
+        refused = [r for r in res if isinstance(r, Exception)]
+        if refused:  # Redis answered, with an error for some command: a bug or a bad value, not an outage
+            self.errors += len(refused)
+            log.error("Redis refused %d of %d writes after a batch: %s", len(refused), len(res), refused[0])
+        inflight = res[at]
+        if isinstance(inflight, Exception):
+            return {}
+        return {k: int(v) for k, v in inflight.items()}
 
     def _bound(self) -> None:
-        """Keep the buffer within ``buffer_max`` entries: the oldest audit records go first, then marks."""
+        """Keep the buffer within ``buffer_max`` entries. The oldest audit records go first, then pins, then
+        in-flight additions; done marks (what keeps replays from routing twice) go last."""
         p = self.pending
         over = p.size() - self.buffer_max
+        if over <= 0:
+            return
+        first = self.dropped == 0
         while over > 0 and p.audit:
             p.audit.popleft()
-            self.dropped += 1
             over -= 1
+            self.dropped += 1
+        while over > 0 and p.pins:
+            del p.pins[next(iter(p.pins))]
+            over -= 1
+            self.dropped += 1
+        if over > 0 and p.inflight:
+            n = min(over, len(p.inflight))
+            del p.inflight[:n]
+            over -= n
+            self.dropped += n
         if over > 0:
             del p.done[:over]
             self.dropped += over
-            if self.dropped == over:
-                log.warning("Redis outage outlasted the write buffer: dropping the oldest marks")
+        if first:
+            log.warning("Redis outage outlasted the write buffer (%d entries): dropping the oldest writes",
+                        self.buffer_max)  # fmt: skip
 
     @property
     def buffered(self) -> int:

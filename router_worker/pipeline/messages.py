@@ -25,12 +25,26 @@ H_NOT_BEFORE = "x-retry-not-before"
 H_RETRY_REASON = "x-retry-reason"
 H_DLQ_TRUNCATED = "x-dlq-truncated"
 H_DLQ_SHA256 = "x-dlq-sha256"
+H_DLQ_HEADERS_DROPPED = "x-dlq-headers-dropped"
+H_DLQ_KEY_TRUNCATED = "x-dlq-key-truncated"
 
 _OURS = frozenset(
     {H_JOB_ID, H_HEAD, H_STRATEGY, H_ATTEMPT, H_FALLBACK, H_DECIDED_AT, H_DLQ_REASON, H_DLQ_ERROR, H_NOT_BEFORE,
-     H_RETRY_REASON, H_DLQ_TRUNCATED, H_DLQ_SHA256}
+     H_RETRY_REASON, H_DLQ_TRUNCATED, H_DLQ_SHA256, H_DLQ_HEADERS_DROPPED, H_DLQ_KEY_TRUNCATED}
 )  # fmt: skip
 _ORIGIN = frozenset({H_ORIG_TOPIC, H_ORIG_PARTITION, H_ORIG_OFFSET})
+
+
+def headers_size(headers: Sequence[tuple[str, bytes | None]] | None) -> int:
+    """Bytes the headers add to a record (names and values; what counts against the producer's limit)."""
+    if not headers:
+        return 0
+    return sum(len(k) + (len(v) if v is not None else 0) for k, v in headers)
+
+
+def origin_only(headers: Sequence[tuple[str, bytes | None]] | None) -> Headers:
+    """Just the origin headers (where a record was first read): what a squeezed dead letter keeps."""
+    return [(k, v) for k, v in (headers or ()) if k in _ORIGIN]
 
 
 def header(headers: Sequence[tuple[str, bytes | None]] | None, name: str) -> bytes | None:

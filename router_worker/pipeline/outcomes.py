@@ -48,8 +48,10 @@ def claim_key_of(job: Job | None, attempt: int, tp: TopicPartition, offset: int)
     as its next attempt; a replay of one attempt is a duplicate). A record that is not a job has no id:
     it is handled once per coordinates, so its dead letter is written once even when the batch replays."""
     if job is None:
-        return f"rec|{tp.topic}|{tp.partition}|{offset}"
-    return job.job_id if attempt <= 1 else f"{job.job_id}#{attempt}"
+        return f"r|{tp.topic}|{tp.partition}|{offset}"
+    # The attempt (digits, no '|') comes first and the id is the whole rest: no two (job id, attempt) pairs,
+    # whatever the ids hold, share a key, and no job key is a record key ("j|" and "r|" namespaces).
+    return f"j|{attempt}|{job.job_id}"
 
 
 @dataclass(slots=True)

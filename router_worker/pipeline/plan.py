@@ -23,9 +23,9 @@ from router_worker.core.engine import HeadIndex, decide, record
 from router_worker.core.model import Decision, Outcome, RouterMemory
 from router_worker.core.policy import Policy
 from router_worker.pipeline.intake import Parts
-from router_worker.pipeline.messages import dead_letter_headers, retry_headers, routed_headers
+from router_worker.pipeline.messages import retry_headers, routed_headers
 from router_worker.pipeline.outcomes import DeadLettered, Duplicate, Hold, Incoming, Plan, Retried, Routed
-from router_worker.pipeline.publish import Send, truncate_for_dlq
+from router_worker.pipeline.publish import Send, dead_letter_record
 from router_worker.topics import Topics
 from schemas.envelope import DeadLetterReason, Job
 
@@ -63,13 +63,12 @@ class Stats:
 
 def dead_letter(inc: Incoming, reason: DeadLetterReason, detail: str, cfg: PlanConfig, now: int,
                 force_truncate: bool = False) -> DeadLettered:  # fmt: skip
-    """A dead letter for ``inc``: original bytes (truncated past the producer's limit), reason, origin."""
+    """A dead letter for ``inc``: the original record, or a squeezed copy when it can not be published as it
+    is (see :func:`publish.dead_letter_record`), with the reason and the origin."""
     tp = inc.tp
-    limit = cfg.dlq_keep_bytes if force_truncate else cfg.max_message_bytes
-    value, cut = truncate_for_dlq(inc.value, limit, cfg.dlq_keep_bytes)
-    headers = dead_letter_headers(inc.headers, reason.value, detail, tp.topic, tp.partition, inc.offset,
-                                  inc.attempt) + cut  # fmt: skip
-    key = inc.key if (inc.key is not None or value is not None) else b""  # Kafka needs a key or a value
+    value, key, headers = dead_letter_record(inc.value, inc.key, inc.headers, reason.value, detail, tp.topic,
+                                             tp.partition, inc.offset, inc.attempt, limit=cfg.max_message_bytes,
+                                             keep=cfg.dlq_keep_bytes, squeeze=force_truncate)  # fmt: skip
     job = inc.job
     audit: dict[str, Any] = {
         "ts": now, "event": "dead_letter", "router_id": cfg.router_id, "reason": reason.value,
@@ -79,7 +78,7 @@ def dead_letter(inc: Incoming, reason: DeadLetterReason, detail: str, cfg: PlanC
     if job is not None:
         audit["job_id"] = job.job_id
         audit["model_type"] = job.model_type
-    if cut:
+    if value is not inc.value:
         audit["truncated"] = len(inc.value or b"")
     return DeadLettered(inc, Send(cfg.topics.dlq, value, key, None, headers), audit, reason=reason,
                         detail=detail)  # fmt: skip

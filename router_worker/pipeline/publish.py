@@ -43,7 +43,16 @@ from tenacity import (
     wait_random,
 )
 
-from router_worker.pipeline.messages import H_DLQ_SHA256, H_DLQ_TRUNCATED, Headers
+from router_worker.pipeline.messages import (
+    H_DLQ_HEADERS_DROPPED,
+    H_DLQ_KEY_TRUNCATED,
+    H_DLQ_SHA256,
+    H_DLQ_TRUNCATED,
+    Headers,
+    dead_letter_headers,
+    headers_size,
+    origin_only,
+)
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +168,8 @@ async def publish(producer: AIOKafkaProducer, sends: Sequence[Send], budget: Ret
 
     retrying = AsyncRetrying(
         stop=stop_after_attempt(budget.attempts) | stop_after_delay(budget.max_s),
-        wait=wait_exponential(multiplier=budget.initial_s, max=budget.max_wait_s) + wait_random(0, budget.initial_s),
+        wait=wait_exponential(multiplier=budget.initial_s, max=budget.max_wait_s)
+        + wait_random(0, budget.initial_s),
         retry=retry_if_exception_type(_Retriable),
         reraise=False,
     )
@@ -186,3 +196,41 @@ def truncate_for_dlq(value: bytes | None, limit: int, keep: int) -> tuple[bytes 
         (H_DLQ_TRUNCATED, str(len(value)).encode()),
         (H_DLQ_SHA256, digest.encode()),
     ]
+
+
+KEY_KEEP_BYTES = 256
+"""A squeezed dead letter keeps at most this much of the original key."""
+
+
+def dead_letter_record(value: bytes | None, key: bytes | None, headers: Headers | None, reason: str, error: str,
+                       topic: str, partition: int, offset: int, attempt: int, *, limit: int, keep: int,
+                       squeeze: bool = False) -> tuple[bytes | None, bytes | None, Headers]:  # fmt: skip
+    """The value, key and headers of the dead letter of a record, sized to be publishable.
+
+    The original record (value, key, the producer's headers) is kept untouched when it fits within ``limit``.
+    Otherwise, or when ``squeeze`` is asked for (the broker refused the record for its size), the dead
+    letter keeps the first ``keep`` bytes of the value, at most :data:`KEY_KEEP_BYTES` of the key and none of
+    the producer's headers, and says so (``x-dlq-truncated`` with ``x-dlq-sha256``, ``x-dlq-key-truncated``,
+    ``x-dlq-headers-dropped``): ops fetch the original from its coordinates while it is retained.
+    """
+    size = len(value or b"") + len(key or b"") + headers_size(headers)
+    squeeze = squeeze or size > limit
+    if not squeeze:
+        out_value, cut = truncate_for_dlq(value, limit, keep)
+        out = dead_letter_headers(headers, reason, error, topic, partition, offset, attempt) + cut
+        out_key = key
+    else:
+        out_value, cut = truncate_for_dlq(value, min(limit, keep), keep)
+        out = (
+            dead_letter_headers(origin_only(headers), reason, error, topic, partition, offset, attempt) + cut
+        )
+        dropped = sum(1 for k, _ in (headers or ()) if k not in dict(out))
+        if dropped:
+            out.append((H_DLQ_HEADERS_DROPPED, str(dropped).encode()))
+        out_key = key
+        if key is not None and len(key) > KEY_KEEP_BYTES:
+            out_key = key[:KEY_KEEP_BYTES]
+            out.append((H_DLQ_KEY_TRUNCATED, str(len(key)).encode()))
+    if out_key is None and out_value is None:
+        out_key = b""  # Kafka needs a key or a value
+    return out_value, out_key, out

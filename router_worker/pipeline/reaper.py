@@ -51,8 +51,8 @@ from router_worker.clock import now_ms as clock_ms
 from router_worker.core.model import Head
 from router_worker.pipeline.gaps import RETRY_MS, GapGuard, seek_to_gap, start_offset
 from router_worker.pipeline.kafka import make_consumer
-from router_worker.pipeline.messages import attempt_of, dead_letter_headers, retry_headers
-from router_worker.pipeline.publish import RetryBudget, Send, describe, publish, truncate_for_dlq
+from router_worker.pipeline.messages import attempt_of, retry_headers
+from router_worker.pipeline.publish import RetryBudget, Send, dead_letter_record, describe, publish
 from router_worker.settings import Settings
 from router_worker.state.heads import HeadRegistry
 from router_worker.state.keys import Keys
@@ -71,7 +71,6 @@ STALL_S = 10.0
 (committing what it republished) and is tried again on the next call."""
 CHUNK = 500
 """Records republished (and committed) per round."""
-DLQ_KEEP_BYTES = 4096
 PUBLISH_ERROR = "publish_error"
 
 # KEYS[1] the slot; ARGV[1] our lock value. Deletes it only while it is still ours.
@@ -181,7 +180,12 @@ class Reaper:
             if not h and not out.rerouted:  # reaped (or removed) already; this snapshot was stale
                 log.debug("reaper %s: head %s was already gone", self.router_id, head.head_id)
                 return 0
-            await self.registry.remove(head.head_id, actor="reaper")
+            seen_at = h.get("registered_at", h.get(b"registered_at")) if h else None
+            if isinstance(seen_at, bytes):
+                seen_at = seen_at.decode()
+            if not await self.registry.remove(head.head_id, actor="reaper", if_registered_at=seen_at):
+                log.info("reaper %s: head %s registered again while its backlog was re-routed; kept", self.router_id,
+                         head.head_id)  # fmt: skip
             self.stats.heads_reaped += 1
             span = f"offsets {out.first}..{out.end - 1}" if out.rerouted else "nothing unfinished"
             log.info("reaper %s: head %s of %s reaped %d ms after its heartbeat lapsed: %d jobs re-routed from "
@@ -291,14 +295,29 @@ class Reaper:
         return len(report.acked), nxt
 
     async def _dead_letter(self, rec: Any, detail: str) -> bool:
-        value, cut = truncate_for_dlq(rec.value, self.s.kafka_max_message_bytes, DLQ_KEEP_BYTES)
-        headers = dead_letter_headers(rec.headers, PUBLISH_ERROR, detail, rec.topic, rec.partition, rec.offset,
-                                      attempt_of(rec.headers) or 1) + cut  # fmt: skip
-        key = rec.key if (rec.key is not None or value is not None) else b""
-        report = await publish(self.producer, [Send(self.topics.dlq, value, key, None, headers)], self.budget)
-        if report.acked:
-            self.stats.dead_lettered += 1
-            return True
+        for squeeze in (False, True):  # the second time, sized to fit whatever the broker allows
+            value, key, headers = dead_letter_record(
+                rec.value,
+                rec.key,
+                list(rec.headers or ()),
+                PUBLISH_ERROR,
+                detail,
+                rec.topic,
+                rec.partition,
+                rec.offset,
+                attempt_of(rec.headers) or 1,
+                limit=self.s.kafka_max_message_bytes,
+                keep=self.s.dlq_keep_bytes,
+                squeeze=squeeze,
+            )
+            report = await publish(
+                self.producer, [Send(self.topics.dlq, value, key, None, headers)], self.budget
+            )
+            if report.acked:
+                self.stats.dead_lettered += 1
+                return True
+            if report.unsent:
+                break
         log.error("reaper %s: dead letter of %s[%d]@%d not acknowledged", self.router_id, rec.topic,
                   rec.partition, rec.offset)  # fmt: skip
         return False

@@ -197,6 +197,8 @@ class Router:
             await asyncio.sleep(interval)
             if self.reaper is None or not self.health.up:  # judged on a stale snapshot: never reap
                 continue
+            if now_ms() - self.health.recovered_ms < 3 * self.s.head_ttl_ms:
+                continue  # heads have not had time to heartbeat since Redis came back
             try:
                 await self.reaper.reap(list(self.state.index.heads.values()), now_ms())
             except Exception:
@@ -283,6 +285,10 @@ class Router:
         self._last_inflight = state.inflight
         self.memory.reset_pending(dict(state.inflight))
         now = now_ms()
+        pins = self.memory.affinity
+        if len(pins) > 1000:  # sessions that went quiet: their pins expired (Redis has its own TTL)
+            for sid in [sid for sid, (_, until) in pins.items() if until < now]:
+                del pins[sid]
         self.metrics.active_heads.set(
             sum(1 for h in state.index.heads.values() if h.status == "healthy" and h.expires_at_ms >= now)
         )
@@ -312,7 +318,8 @@ class Router:
                       producer: AIOKafkaProducer) -> None:  # fmt: skip
         t_batch = time.perf_counter()
         now = now_ms()
-        parts, holds = intake(batch, self.gaps, self._retry_set, now, self.s.kafka_max_message_bytes)
+        parts, holds = intake(batch, self.gaps, self._retry_set, now, self.s.kafka_max_message_bytes,
+                              max(self.s.retry_backoff_ms))  # fmt: skip
         try:
             claims = await self._claim(parts, now)
             p = self._plan(parts, claims, now)
@@ -330,7 +337,9 @@ class Router:
         self._apply_holds(consumer, p.holds)
         self._log_bad(p)
         await self._mark([o for o in p.outcomes if o.final])
-        self._count(p, t_batch)  # what the broker acknowledged happened, whether or not the commit goes through
+        self._count(
+            p, t_batch
+        )  # what the broker acknowledged happened, whether or not the commit goes through
         await self._commit(consumer, commit_offsets(p))
 
     async def _claim(self, parts: Parts, now: int) -> dict[str, Claim]:

@@ -22,6 +22,7 @@ from redis.asyncio import Redis
 from router_worker.clock import now_ms
 from router_worker.core.adaptive import Profile
 from router_worker.core.model import Head, HeadStatus
+from router_worker.state.inflight import InflightChanges, new_token
 from router_worker.state.keys import Keys
 
 
@@ -167,10 +168,25 @@ class PartitionOutOfRange(ValueError):
     """A head asked for a partition its model topic does not have."""
 
 
-# KEYS[1] the head hash, KEYS[2] its slot (optional). ARGV: head id, slot ttl ms, hash ttl ms, field, value, ...
-# Returns 1 OK, 0 removed, 2 slot owned by another head. Nothing is written unless the result is 1.
+class HeadIdInUse(RuntimeError):
+    """Another live process is registered under this head id: two would serve one partition."""
+
+
+def slot_owner(head_id: str, instance: str | None) -> str:
+    """The value a head's slot holds: its id and, for a running process, that process's own token, so two
+    processes started with one head id never both own a partition."""
+    return head_id if not instance else f"{head_id}@{instance}"
+
+
+# KEYS[1] the head hash, KEYS[2] its slot (optional). ARGV: slot owner, slot ttl ms, hash ttl ms, instance ('' for
+# none), field, value, ... Returns 1 OK, 0 removed, 2 slot owned by another head (or the head id registered again
+# by another process). Nothing is written unless the result is 1.
 _HEARTBEAT_LUA = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+if ARGV[4] ~= '' then
+  local inst = redis.call('HGET', KEYS[1], 'instance')
+  if inst and inst ~= '' and inst ~= ARGV[4] then return 2 end
+end
 if KEYS[2] then
   local owner = redis.call('GET', KEYS[2])
   if owner == ARGV[1] then
@@ -181,7 +197,7 @@ if KEYS[2] then
     redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2])
   end
 end
-redis.call('HSET', KEYS[1], unpack(ARGV, 4))
+redis.call('HSET', KEYS[1], unpack(ARGV, 5))
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return 1
 """
@@ -204,7 +220,10 @@ return -1
 _REMOVE_LUA = """
 local n = redis.call('DEL', KEYS[1]) + redis.call('SREM', KEYS[2], ARGV[1])
 redis.call('HDEL', KEYS[3], ARGV[1])
-if KEYS[4] and redis.call('GET', KEYS[4]) == ARGV[1] then redis.call('DEL', KEYS[4]) end
+if KEYS[4] then
+  local v = redis.call('GET', KEYS[4])
+  if v == ARGV[1] or (v and string.sub(v, 1, #ARGV[1] + 1) == ARGV[1] .. '@') then redis.call('DEL', KEYS[4]) end
+end
 return n
 """
 
@@ -218,6 +237,7 @@ class HeadRegistry:
         self.redis = redis
         self.keys = keys
         self.ttl_ms = ttl_ms
+        self._inflight = InflightChanges(redis, keys)
         self._heartbeat_script = redis.register_script(_HEARTBEAT_LUA)
         self._claim_script = redis.register_script(_CLAIM_LUA)
         self._remove_script = redis.register_script(_REMOVE_LUA)
@@ -238,6 +258,7 @@ class HeadRegistry:
         preferred: int | None,
         *,
         valid_partitions: int | None = None,
+        instance: str | None = None,
     ) -> int:
         """Own a partition of the model topic: the preferred one if it is free (or already ours), else the
         first free one. One atomic script: a slot is taken only with SET NX, or renewed while it is ours.
@@ -257,15 +278,34 @@ class HeadRegistry:
             order = [preferred] + [p for p in order if p != preferred]
         if order:
             keys = [self.keys.slot(topic, p) for p in order]
-            i = int(await self._claim_script(keys=keys, args=[head_id, self.ttl_ms]))
+            i = int(await self._claim_script(keys=keys, args=[slot_owner(head_id, instance), self.ttl_ms]))
             if i >= 0:
                 return order[i]
         raise RuntimeError(f"all {bound} partitions of {topic} are owned by live heads")
 
-    async def register(self, record: HeadRecord, slot_topic: str | None = None) -> None:
+    async def assert_free(self, head_id: str, instance: str) -> None:
+        """Raise :class:`HeadIdInUse` when another live process (heartbeat deadline not passed) is registered
+        under ``head_id``."""
+        ts = now_ms()
+        got = await self.redis.hmget(self.keys.head(head_id), ["instance", "expires_at"])
+        other, expires = cast(list[str | None], got)
+        if other and other != instance and expires and int(float(expires)) > ts:
+            raise HeadIdInUse(
+                f"head id {head_id!r} is in use by a live head (instance {other}, heartbeat deadline in "
+                f"{int(float(expires)) - ts} ms): choose another --head-id, or stop that one first"
+            )
+
+    async def register(
+        self, record: HeadRecord, slot_topic: str | None = None, instance: str | None = None
+    ) -> None:
+        """Write the head's registration. With ``instance`` (a running process's token), refuse when another
+        live process holds this head id (:class:`HeadIdInUse`); a lapsed one is replaced."""
         key = self.keys.head(record.head_id)
         ts = now_ms()
+        if instance:
+            await self.assert_free(record.head_id, instance)
         fields = record.to_hash() | {
+            "instance": instance or "",
             "status": HeadStatus.HEALTHY.value,
             "registered_at": str(ts),
             "expires_at": str(ts + self.ttl_ms),
@@ -281,12 +321,13 @@ class HeadRegistry:
             await pipe.execute()
         await self.publish_event("head_registered", head_id=record.head_id, model_id=record.model_id)
 
-    async def release(self, head_id: str, n: int) -> None:
-        """The head finished ``n`` jobs: take them off the shared in-flight count."""
-        await self.redis.hincrby(self.keys.inflight, head_id, -n)
+    async def release(self, head_id: str, n: int, token: str | None = None) -> None:
+        """The head finished ``n`` jobs: take them off the shared in-flight count. A retry after a failure
+        passes the same ``token``, so a release whose reply was lost is not applied twice."""
+        await self._inflight.apply(token or new_token(), {head_id: -n})
 
     async def heartbeat(
-        self, head_id: str, stats: HeadStats, slot: tuple[str, int] | None = None
+        self, head_id: str, stats: HeadStats, slot: tuple[str, int] | None = None, instance: str | None = None
     ) -> HeartbeatResult:
         """Extend the head's deadline, report its stats and renew its slot ``(topic, partition)``: one script,
         one round trip, all or nothing.
@@ -300,7 +341,7 @@ class HeadRegistry:
         keys = [self.keys.head(head_id)]
         if slot is not None:
             keys.append(self.keys.slot(*slot))
-        args: list[str | int] = [head_id, self.ttl_ms, self._gc_ms]
+        args: list[str | int] = [slot_owner(head_id, instance), self.ttl_ms, self._gc_ms, instance or ""]
         for k, v in fields.items():
             args += [k, v]
         res = int(await self._heartbeat_script(keys=keys, args=args))
@@ -314,11 +355,16 @@ class HeadRegistry:
         await self.publish_event("head_status", head_id=head_id, status=status.value, actor=actor)
         return True
 
-    async def remove(self, head_id: str, actor: str = "") -> bool:
+    async def remove(self, head_id: str, actor: str = "", if_registered_at: str | None = None) -> bool:
         """Remove a head: its hash, index entry, in-flight count and its slot (only while the slot is still
-        this head's, so a head that lost its slot never frees the new owner's). One script."""
+        this head's, so a head that lost its slot never frees the new owner's). One script.
+
+        With ``if_registered_at``, only the registration seen then is removed: a head that registered again
+        under the same id meanwhile (a restart) is left alone."""
         key = self.keys.head(head_id)
         h = cast(dict[str, str], await self.redis.hgetall(key))
+        if if_registered_at is not None and h and h.get("registered_at") != if_registered_at:
+            return False
         keys = [key, self.keys.heads, self.keys.inflight]
         if h.get("slot_topic"):
             keys.append(self.keys.slot(h["slot_topic"], _i(h, "partition")))

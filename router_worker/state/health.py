@@ -16,9 +16,13 @@ class RedisHealth:
     last_ok_ms: int = 0
     down_since_ms: int | None = None
     failures: int = 0
+    recovered_ms: int = 0
+    """When Redis last came back after an outage (0: never down)."""
 
     def ok(self, now_ms: int) -> None:
         self.last_ok_ms = now_ms
+        if self.down_since_ms is not None:
+            self.recovered_ms = now_ms
         self.down_since_ms = None
 
     def failed(self, now_ms: int) -> None:

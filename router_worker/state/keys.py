@@ -11,8 +11,14 @@ in one Redis Cluster slot and the pipelines and scripts that touch several of th
 | ``{p}:models`` | hash | model id -> registered characteristics (JSON) |
 | ``{p}:policy`` | string | the current policy (JSON) |
 | ``{p}:policy:history`` | list | earlier policies, newest first (capped) |
-| ``{p}:seen:<key>`` | string | idempotency of one job attempt (key: ``job_id``, ``job_id#attempt``, or ``rec|topic|partition|offset`` for a record that is no job): ``c|topic|partition|offset`` while a router holds the claim (expires after ``claim_ttl_ms``), then ``d|routed|<head>``, ``d|retry|<tier>`` or ``d|dlq|<reason>`` (expires after ``dedupe_ttl_s``); see ``pipeline/marks.py`` |
+| ``{p}:seen:<key>`` | string | idempotency of one job attempt: its claim, then where it ended (see below) |
 | ``{p}:events`` | pub/sub | head and policy change notifications to routers |
+| ``{p}:tok:<uuid>`` | string | an in-flight change already applied: a replay after a lost reply is a no-op (expires) |
+
+Idempotency keys (``pipeline/marks.py``): ``<key>`` is ``j|<attempt>|<job_id>``, or ``r|topic|partition|offset``
+for a record that is no job. The value is ``c|topic|partition|offset`` while a router holds the claim (expires
+after ``claim_ttl_ms``), then ``d|routed|<head>``, ``d|retry|<tier>`` or ``d|dlq|<reason>`` (expires after
+``dedupe_ttl_s``).
 
 A slot is only ever taken with SET NX, and renewed or deleted only while it holds the caller's head id, each
 in one compare-and-set script (``state/heads.py``): a head that lapsed never overwrites its successor.
@@ -66,3 +72,6 @@ class Keys:
     @property
     def events(self) -> str:
         return f"{self.tag}:events"
+
+    def token(self, token: str) -> str:
+        return f"{self.tag}:tok:{token}"

@@ -112,7 +112,9 @@ async def test_a_job_for_a_model_with_no_head_is_retried_then_dead_lettered(sett
     assert router.stats.retried == 2
 
 
-async def test_a_head_on_a_partition_its_topic_lacks_is_never_picked(settings: Settings, redis: Redis) -> None:
+async def test_a_head_on_a_partition_its_topic_lacks_is_never_picked(
+    settings: Settings, redis: Redis
+) -> None:
     """A head registered (by hand, by a stale tool) on partition 999 of an 8-partition topic: routers leave it
     out and say why, instead of dying on aiokafka's 'Unrecognized partition'."""
     from router_worker.state.heads import HeadRecord, HeadRegistry

@@ -81,11 +81,13 @@ def test_the_wait_timer_survives_re_reads_and_seeks_back_to_the_same_gap() -> No
     for t in (1_010, 1_050, 1_090):  # the router seeks back to the gap and pauses: the timer keeps running
         g.expect(TP, 11)
         admitted, hold = g.admit(TP, recs(12), now_ms=t)
-        assert list(admitted) == [] and hold == 11
+        assert list(admitted) == []
+        assert hold == 11
         g.admit(TP, [], now_ms=t + 1)  # an empty fetch does not close the gap either
     g.expect(TP, 11)
     admitted, hold = g.admit(TP, recs(12, 13), now_ms=1_101)
-    assert [r.offset for r in admitted] == [12, 13] and hold is None, "accepted once the wait is over"
+    assert [r.offset for r in admitted] == [12, 13], "accepted once the wait is over"
+    assert hold is None
     assert g.accepted == 1
     # a later gap starts its own timer
     _, hold = g.admit(TP, recs(15), now_ms=5_000)

@@ -107,7 +107,7 @@ def test_a_retry_not_due_holds_its_partition_and_the_commit_stops_before_it() ->
 def test_claims_done_are_duplicates_and_busy_holds_the_partition() -> None:
     tp0, tp1 = TopicPartition("req", 0), TopicPartition("req", 1)
     _, p = run({tp0: [Rec(0, job("x")), Rec(1, job("y"))], tp1: [Rec(0, job("z")), Rec(1, job("w"))]},
-               claims={"x": Claim.DONE, "z": Claim.BUSY})  # fmt: skip
+               claims={"j|1|x": Claim.DONE, "j|1|z": Claim.BUSY})  # fmt: skip
     assert isinstance(p.outcomes[0], Duplicate)
     assert isinstance(p.outcomes[1], Routed)
     assert [(h.tp, h.offset, h.why) for h in p.holds] == [(tp1, 0, "claimed_elsewhere")]
@@ -138,7 +138,9 @@ record = st.one_of(
 @settings(max_examples=300, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(
     st.lists(st.lists(record, max_size=12), min_size=1, max_size=4),
-    st.dictionaries(st.sampled_from([f"j{i}" for i in range(20)]), st.sampled_from(list(Claim)), max_size=6),
+    st.dictionaries(
+        st.sampled_from([f"j|1|j{i}" for i in range(20)]), st.sampled_from(list(Claim)), max_size=6
+    ),
     st.integers(1, 4),
     st.lists(st.booleans(), max_size=60),
 )

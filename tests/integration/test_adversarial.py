@@ -1,6 +1,6 @@
-"""Regression tests from an adversarial review, against the real embedded broker and Redis. Each test states the promise it
-checks; each failed on the code before its fix (lost jobs, stalled partitions, double-counted loads, two heads
-on one partition, a pool shrunk by a stray CancelledError)."""
+"""Regression tests from an adversarial review, against the real embedded broker and Redis. Each test states
+the promise it checks; each failed on the code before its fix (lost jobs, stalled partitions, double-counted
+loads, two heads on one partition, a pool shrunk by a stray CancelledError)."""
 
 from __future__ import annotations
 

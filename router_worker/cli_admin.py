@@ -213,7 +213,7 @@ def policy_show(config: ConfigOpt = None) -> None:
 
     async def main() -> None:
         async with runtime(_settings(config), allow_embedded=False) as rt:
-            p = await PolicyStore(rt.redis, Keys(rt.settings.redis_prefix)).get()
+            p = await PolicyStore.for_settings(rt.redis, rt.settings).get()
         console.print_json(p.model_dump_json())
 
     _run(main)
@@ -247,7 +247,7 @@ def policy_set(
 
     async def main() -> int:
         async with runtime(_settings(config), allow_embedded=False) as rt:
-            store = PolicyStore(rt.redis, Keys(rt.settings.redis_prefix))
+            store = PolicyStore.for_settings(rt.redis, rt.settings)
             stored = await store.set(policy, expect_version, actor=OPERATOR)
             await rt.audit().emit("policy_changed", OPERATOR, actor=OPERATOR, version=stored.version,
                                   strategy=stored.default_strategy)  # fmt: skip
@@ -318,7 +318,7 @@ def explain(
         async with runtime(_settings(config), allow_embedded=False) as rt:
             keys = Keys(rt.settings.redis_prefix)
             heads, profiles, inflight = await _registry(rt).snapshot()
-            policy = await PolicyStore(rt.redis, keys).get()
+            policy = await PolicyStore.for_settings(rt.redis, rt.settings).get()
             specs = await ModelCatalog(rt.redis, keys).all()
             pinned = cast(str | None, await rt.redis.get(keys.affinity(session))) if session else None
         memory = RouterMemory(pending=inflight)

@@ -77,7 +77,10 @@ class Settings(BaseSettings):
     router_id: str | None = Field(None, description="Unique id of this router process. Default: host-pid.")
     batch_max_records: int = Field(500, ge=1, le=100_000, description="Most jobs routed per batch.")
     batch_timeout_ms: int = Field(20, ge=0, le=10_000, description="Longest wait to fill a batch.")
-    default_strategy: str = "least_loaded"
+    default_strategy: str = Field(
+        "least_loaded", description="Strategy of the policy in force until one is stored (`policy set`)."
+    )
+
     head_refresh_ms: int = Field(1_000, ge=50, description="Full resync of the head snapshot from Redis.")
     publish_retry_attempts: int = Field(
         5, ge=1, description="Tries of a publish failing with retriable errors before it is left unsent."
@@ -147,6 +150,15 @@ class Settings(BaseSettings):
     @classmethod
     def _empty_is_unset(cls, value: Any) -> Any:
         return None if value == "" else value
+
+    @field_validator("default_strategy")
+    @classmethod
+    def _known_strategy(cls, value: str) -> str:
+        from router_worker.core.policy import STRATEGIES
+
+        if value not in STRATEGIES:
+            raise ValueError(f"unknown strategy {value!r} (one of {', '.join(sorted(STRATEGIES))})")
+        return value
 
     @model_validator(mode="after")
     def _check(self) -> Settings:

@@ -112,7 +112,7 @@ class Router:
         self.keys = Keys(s.redis_prefix)
         self.health = RedisHealth(last_ok_ms=now_ms())
         self.registry = HeadRegistry(redis, self.keys, s.head_ttl_ms)
-        self.policies = PolicyStore(redis, self.keys)
+        self.policies = PolicyStore.for_settings(redis, s)
         self.state = StateCache(redis, self.registry, self.policies, s.head_refresh_ms, self._on_refresh,
                                 self._on_event, health=self.health, vet=self._vet)  # fmt: skip
         self.topology: ModelTopology | None = None

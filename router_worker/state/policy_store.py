@@ -12,6 +12,7 @@ from pydantic import ValidationError
 from redis.asyncio import Redis
 
 from router_worker.core.policy import DEFAULT_POLICY, Policy
+from router_worker.settings import Settings
 from router_worker.state.keys import Keys
 
 HISTORY_LEN = 50
@@ -48,19 +49,25 @@ def load_policy_file(path: str | Path) -> Policy:
 
 
 class PolicyStore:
-    def __init__(self, redis: Redis, keys: Keys) -> None:
+    def __init__(self, redis: Redis, keys: Keys, default: Policy = DEFAULT_POLICY) -> None:
         self.redis = redis
         self.keys = keys
+        self.default = default
+        """The policy in force while none is stored (``ROUTER_DEFAULT_STRATEGY`` sets its strategy)."""
+
+    @classmethod
+    def for_settings(cls, redis: Redis, settings: Settings) -> PolicyStore:
+        return cls(redis, Keys(settings.redis_prefix), Policy(default_strategy=settings.default_strategy))
 
     async def get(self) -> Policy:
         raw = await self.redis.get(self.keys.policy)
         if not raw:
-            return DEFAULT_POLICY
+            return self.default
         try:
             return Policy.model_validate(orjson.loads(raw))
         except (orjson.JSONDecodeError, ValidationError):
             # Written by hand past validation: keep routing on the defaults rather than stop.
-            return DEFAULT_POLICY
+            return self.default
 
     async def set(self, policy: Policy, expect_version: int | None = None, actor: str = "") -> Policy:
         """Store a new version (WATCH/MULTI compare-and-set, so concurrent writers never lose an update

@@ -146,3 +146,16 @@ async def test_the_same_job_id_is_routed_once(settings: Settings, redis: Redis) 
     assert len(served.rows) == 6
     # at least the two re-sends were skipped (a batch read again after a rebalance skips them again)
     assert router.stats.duplicates >= 2
+
+
+async def test_the_default_strategy_setting_applies_until_a_policy_is_stored(settings: Settings, redis: Redis
+                                                                            ) -> None:  # fmt: skip
+    s = settings.model_copy(update={"default_strategy": "round_robin"})
+    served = Served()
+    worker = make_worker(s, redis, served, "m")
+    router = make_router(s, redis)
+    async with running(worker, router):
+        async with JobProducer(s) as p:
+            await p.submit("m", "x", job_id="rr")
+        await wait_until(lambda: len(served.rows) >= 1)
+    assert served.rows[0][4]["x-route-strategy"] == b"round_robin"

@@ -78,3 +78,8 @@ def test_help_lists_every_setting() -> None:
     for name in ("ROUTER_KAFKA_BOOTSTRAP_SERVERS", "ROUTER_REDIS_URL", "ROUTER_TOPIC_PREFIX", "ROUTER_GROUP_ID",
                  "ROUTER_ADMIN_PORT", "ROUTER_ADMIN_TOKEN", "ROUTER_AUDIT_FILE"):  # fmt: skip
         assert name in text
+
+
+def test_an_unknown_default_strategy_is_refused_at_start() -> None:
+    with pytest.raises(SettingsError, match=r"ROUTER_DEFAULT_STRATEGY.*unknown strategy 'fastest'"):
+        load_settings(default_strategy="fastest")

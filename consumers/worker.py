@@ -65,7 +65,7 @@ from router_worker.pipeline.publish import RetryBudget, Send, dead_letter_record
 from router_worker.pipeline.topology import topic_partitions
 from router_worker.settings import Settings
 from router_worker.state.heads import HeadRecord, HeadRegistry, HeadStats
-from router_worker.state.inflight import new_token
+from router_worker.state.inflight import InflightChanges
 from router_worker.state.keys import Keys
 from router_worker.tasks import cancel_and_wait
 from router_worker.topics import Topics
@@ -191,8 +191,11 @@ class ModelWorker:
         self.instance = uuid.uuid4().hex[:12]
         """This process's token: its slot holds ``head_id@instance``, so a second process started with the
         same head id can neither register while this one lives nor share its partition."""
+        self._changes = InflightChanges(
+            redis, Keys(settings.redis_prefix), f"head:{self.head_id}@{self.instance}"
+        )
         self._release_failing = False
-        self._release_retry: tuple[str, int] | None = None
+        self._release_retry: tuple[int, int] | None = None
         self._beat_failing = False
         self._budget = RetryBudget()
         self._lost: str | None = None
@@ -235,8 +238,13 @@ class ModelWorker:
                         exc, s.model_partitions)  # fmt: skip
             real = None
         await self.registry.assert_free(self.head_id, self.instance)
+        preferred = c.partition
+        if preferred is None:  # a restart takes its partition back, and with it what it left unfinished there
+            preferred = await self.registry.previous_partition(self.head_id, self.topic)
+            if preferred is not None and not 0 <= preferred < (real or s.model_partitions):
+                preferred = None
         self.partition = await self.registry.claim_partition(self.head_id, self.topic, s.model_partitions,
-                                                             c.partition, valid_partitions=real,
+                                                             preferred, valid_partitions=real,
                                                              instance=self.instance)  # fmt: skip
         record = HeadRecord(
             head_id=self.head_id, model_id=c.model_id, region=c.region, capacity=c.capacity,
@@ -274,7 +282,8 @@ class ModelWorker:
             finally:
                 await cancel_and_wait((beat, releaser))
                 with contextlib.suppress(Exception):
-                    await self.registry.remove(self.head_id, actor="worker")
+                    await self.registry.remove(self.head_id, actor="worker", instance=self.instance,
+                                               own_slot=(self.topic, self.partition))  # fmt: skip
                 if self.audit:
                     with contextlib.suppress(Exception):
                         await self.audit.emit(
@@ -576,11 +585,14 @@ class ModelWorker:
             if self._release_retry is None:
                 if not st.released:
                     continue
-                self._release_retry = (new_token(), st.released)  # retried with its token until it lands
+                self._release_retry = (
+                    self._changes.next_seq(),
+                    st.released,
+                )  # retried as it is until it lands
                 st.released = 0
-            token, n = self._release_retry
+            seq, n = self._release_retry
             try:
-                await self.registry.release(self.head_id, n, token)
+                await self.registry.release(self.head_id, n, self._changes, seq)
                 self._release_retry = None
             except Exception as exc:
                 if not self._release_failing:  # once per outage, not every few milliseconds

@@ -50,8 +50,9 @@ def intake(batch: Mapping[TopicPartition, Sequence[Any]], gaps: GapGuard, retry_
            now: int, max_bytes: int, max_hold_ms: int = 60_000) -> tuple[Parts, list[Hold]]:  # fmt: skip
     """Admitted records decoded per partition, and the holds that cut partitions short.
 
-    A retry record's ``x-retry-not-before`` is honoured up to ``max_hold_ms`` from now (the longest
-    back-off): any client can write a retry tier, and one record must not pause a partition for years."""
+    A retry record's ``x-retry-not-before`` is honoured only when it lies within ``max_hold_ms`` (the longest
+    back-off) from now; one further away is taken as due: any client can write a retry tier, and one record
+    must not pause a partition for years."""
     parts: Parts = []
     holds: list[Hold] = []
     for tp, fetched in batch.items():
@@ -70,8 +71,8 @@ def intake(batch: Mapping[TopicPartition, Sequence[Any]], gaps: GapGuard, retry_
                     )
                 else:
                     not_before = header_int(rec.headers, H_NOT_BEFORE)
-                    if not_before > now:
-                        holds.append(Hold(tp, rec.offset, min(not_before, now + max_hold_ms), "not_due"))
+                    if now < not_before <= now + max_hold_ms:  # further than any back-off: bogus, due now
+                        holds.append(Hold(tp, rec.offset, not_before, "not_due"))
                         gap_at = None  # held before the gap: the gap is read again anyway
                         break
                     attempt = prev + 1

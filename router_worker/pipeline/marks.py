@@ -30,7 +30,7 @@ from redis.exceptions import RedisError
 from router_worker.audit import AuditSink
 from router_worker.pipeline.outcomes import DeadLettered, Incoming, Outcome, Retried, Routed
 from router_worker.pipeline.plan import Claim
-from router_worker.state.inflight import InflightChanges, new_token
+from router_worker.state.inflight import InflightChanges
 from router_worker.state.keys import Keys
 
 log = logging.getLogger(__name__)
@@ -80,8 +80,8 @@ class _Pending:
     done: list[tuple[str, str]] = field(default_factory=list)
     pins: dict[str, tuple[str, bool]] = field(default_factory=dict)
     """session -> (head, only if absent): the newest write of a session wins."""
-    inflight: list[tuple[str, Counter[str]]] = field(default_factory=list)
-    """(token, per-head additions) of each batch: applied once however often they are sent."""
+    inflight: list[tuple[int, Counter[str]]] = field(default_factory=list)
+    """(number, per-head additions) of each batch, in order: applied once however often they are sent."""
     audit: deque[bytes] = field(default_factory=deque)
 
     def size(self) -> int:
@@ -90,7 +90,7 @@ class _Pending:
 
 class Marks:
     def __init__(self, redis: Redis, keys: Keys, audit: AuditSink, *, claim_ttl_ms: int, dedupe_ttl_ms: int,
-                 buffer_max: int) -> None:  # fmt: skip
+                 buffer_max: int, writer: str) -> None:  # fmt: skip
         self.redis = redis
         self.keys = keys
         self.audit = audit
@@ -103,7 +103,7 @@ class Marks:
         self.errors = 0
         """Commands Redis refused (answered with an error): logged, never retried."""
         self._claim = redis.register_script(_CLAIM)
-        self._inflight = InflightChanges(redis, keys)
+        self._inflight = InflightChanges(redis, keys, writer)
 
     @property
     def dedupe(self) -> bool:
@@ -147,7 +147,7 @@ class Marks:
                     p.pins.pop(sid, None)
                     p.pins[sid] = (head_id, o.new_pin)
         if per_head:
-            p.inflight.append((new_token(), per_head))
+            p.inflight.append((self._inflight.next_seq(), per_head))
         lines = self.audit.write_file(o.audit for o in settled if o.audit is not None)
         p.audit.extend(lines)
         pin_ms = max(1, pin_ms)
@@ -158,8 +158,8 @@ class Marks:
                     pipe.set(self.keys.seen(key), value, px=ttl)
                 for sid, (head_id, nx) in p.pins.items():
                     pipe.set(self.keys.affinity(sid), head_id, px=pin_ms, nx=nx)
-                for token, deltas in p.inflight:
-                    await self._inflight.apply(token, deltas, client=pipe)
+                for seq, deltas in p.inflight:
+                    await self._inflight.apply(seq, deltas, client=pipe)
                 at = len(pipe)
                 pipe.hgetall(self.keys.inflight)
                 self.audit.publish_into(pipe, p.audit)

@@ -42,9 +42,17 @@ def headers_size(headers: Sequence[tuple[str, bytes | None]] | None) -> int:
     return sum(len(k) + (len(v) if v is not None else 0) for k, v in headers)
 
 
+_ORIGIN_MAX = 256
+
+
 def origin_only(headers: Sequence[tuple[str, bytes | None]] | None) -> Headers:
-    """Just the origin headers (where a record was first read): what a squeezed dead letter keeps."""
-    return [(k, v) for k, v in (headers or ()) if k in _ORIGIN]
+    """Just the origin headers (where a record was first read): what a squeezed dead letter keeps. Any
+    client can write them, so they are kept only when all three are there and short; else none (the dead
+    letter then names the record's own coordinates)."""
+    kept = [(k, v) for k, v in (headers or ()) if k in _ORIGIN]
+    if len(kept) != len(_ORIGIN) or any(v is None or len(v) > _ORIGIN_MAX for _, v in kept):
+        return []
+    return kept
 
 
 def header(headers: Sequence[tuple[str, bytes | None]] | None, name: str) -> bytes | None:

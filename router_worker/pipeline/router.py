@@ -18,6 +18,7 @@ import contextlib
 import logging
 import random
 import time
+import uuid
 from collections import Counter as Tally
 from dataclasses import dataclass, field
 from typing import Any
@@ -120,7 +121,8 @@ class Router:
         self.invalid_heads: dict[str, str] = {}
         """Heads left out of routing: head id -> why (a partition their model topic lacks)."""
         self.marks = Marks(redis, self.keys, audit, claim_ttl_ms=s.claim_ttl_ms, dedupe_ttl_ms=s.dedupe_ttl_s * 1000,
-                           buffer_max=s.outage_buffer_max)  # fmt: skip
+                           buffer_max=s.outage_buffer_max,
+                           writer=f"router:{s.effective_router_id}@{uuid.uuid4().hex[:12]}")  # fmt: skip
         self.memory = RouterMemory()
         self.router_id = s.effective_router_id
         self.stats = RouterStats()

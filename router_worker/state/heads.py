@@ -22,7 +22,7 @@ from redis.asyncio import Redis
 from router_worker.clock import now_ms
 from router_worker.core.adaptive import Profile
 from router_worker.core.model import Head, HeadStatus
-from router_worker.state.inflight import InflightChanges, new_token
+from router_worker.state.inflight import InflightChanges
 from router_worker.state.keys import Keys
 
 
@@ -227,6 +227,11 @@ end
 return n
 """
 
+_DELETE_IF_LUA = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
 _HEARTBEAT_RESULTS = {0: HeartbeatResult.REMOVED, 1: HeartbeatResult.OK, 2: HeartbeatResult.SLOT_LOST}
 
 
@@ -237,10 +242,10 @@ class HeadRegistry:
         self.redis = redis
         self.keys = keys
         self.ttl_ms = ttl_ms
-        self._inflight = InflightChanges(redis, keys)
         self._heartbeat_script = redis.register_script(_HEARTBEAT_LUA)
         self._claim_script = redis.register_script(_CLAIM_LUA)
         self._remove_script = redis.register_script(_REMOVE_LUA)
+        self._delete_if_script = redis.register_script(_DELETE_IF_LUA)
 
     @property
     def _gc_ms(self) -> int:
@@ -283,6 +288,15 @@ class HeadRegistry:
                 return order[i]
         raise RuntimeError(f"all {bound} partitions of {topic} are owned by live heads")
 
+    async def previous_partition(self, head_id: str, topic: str) -> int | None:
+        """The partition of ``topic`` an earlier process of this head id owned, if its registration is still
+        there: a restarted head takes it back, and so serves what it left unfinished there."""
+        got = await self.redis.hmget(self.keys.head(head_id), ["slot_topic", "partition"])
+        slot_topic, partition = cast(list[str | None], got)
+        if slot_topic != topic or partition is None or not partition.lstrip("-").isdigit():
+            return None
+        return int(partition)
+
     async def assert_free(self, head_id: str, instance: str) -> None:
         """Raise :class:`HeadIdInUse` when another live process (heartbeat deadline not passed) is registered
         under ``head_id``."""
@@ -321,10 +335,16 @@ class HeadRegistry:
             await pipe.execute()
         await self.publish_event("head_registered", head_id=record.head_id, model_id=record.model_id)
 
-    async def release(self, head_id: str, n: int, token: str | None = None) -> None:
-        """The head finished ``n`` jobs: take them off the shared in-flight count. A retry after a failure
-        passes the same ``token``, so a release whose reply was lost is not applied twice."""
-        await self._inflight.apply(token or new_token(), {head_id: -n})
+    async def release(
+        self, head_id: str, n: int, changes: InflightChanges | None = None, seq: int = 0
+    ) -> None:
+        """The head finished ``n`` jobs: take them off the shared in-flight count. A head process passes its
+        own numbered ``changes`` and retries a failed release with the same ``seq``, so a release whose reply
+        was lost is not applied twice."""
+        if changes is None:
+            await self.redis.hincrby(self.keys.inflight, head_id, -n)
+            return
+        await changes.apply(seq, {head_id: -n})
 
     async def heartbeat(
         self, head_id: str, stats: HeadStats, slot: tuple[str, int] | None = None, instance: str | None = None
@@ -355,15 +375,25 @@ class HeadRegistry:
         await self.publish_event("head_status", head_id=head_id, status=status.value, actor=actor)
         return True
 
-    async def remove(self, head_id: str, actor: str = "", if_registered_at: str | None = None) -> bool:
+    async def remove(self, head_id: str, actor: str = "", if_registered_at: str | None = None,
+                     instance: str | None = None, own_slot: tuple[str, int] | None = None) -> bool:  # fmt: skip
         """Remove a head: its hash, index entry, in-flight count and its slot (only while the slot is still
         this head's, so a head that lost its slot never frees the new owner's). One script.
 
         With ``if_registered_at``, only the registration seen then is removed: a head that registered again
-        under the same id meanwhile (a restart) is left alone."""
+        under the same id meanwhile (a restart) is left alone. With ``instance`` (a head process removing
+        itself), a registration another process holds under the same id is left alone too; only the
+        leaving process's ``own_slot`` is freed."""
         key = self.keys.head(head_id)
         h = cast(dict[str, str], await self.redis.hgetall(key))
         if if_registered_at is not None and h and h.get("registered_at") != if_registered_at:
+            return False
+        if instance and h and h.get("instance") not in (None, "", instance):
+            # A process leaving whose head id another process took over: free its own slot, nothing else.
+            if own_slot is not None:
+                await self._delete_if_script(
+                    keys=[self.keys.slot(*own_slot)], args=[slot_owner(head_id, instance)]
+                )
             return False
         keys = [key, self.keys.heads, self.keys.inflight]
         if h.get("slot_topic"):

@@ -2,13 +2,14 @@
 
 A pipeline whose reply is lost (a Redis that paused past the client's timeout, then ran what was already in
 its socket) leaves the caller unsure whether its ``HINCRBY`` ran. Sending it again could count a batch
-twice, and a head would look busier than it is for good. So every change carries a token: the script applies
-the deltas only if it can create the token's key, and a replay finds it there.
+twice, and a head would look busier (or idler) than it is for good. So every writer (a router process, a head
+process) numbers its changes and sends them in order; the script applies a change only when its number is
+above the last one applied for that writer, and a replay finds it already counted. One small key per live
+writer (``{p}:seq:<writer>``), expiring a day after its last change: nothing accumulates per change.
 """
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Mapping
 from typing import Any
 
@@ -16,34 +17,41 @@ from redis.asyncio import Redis
 
 from router_worker.state.keys import Keys
 
-TOKEN_TTL_MS = 3_600_000
-"""How long an applied change is remembered: longer than any replay of a buffered write."""
+SEQ_TTL_MS = 86_400_000
+"""A writer's last applied number is kept this long after its last change (any replay comes far sooner)."""
 
-# KEYS[1]: the in-flight hash; KEYS[2]: the token key. ARGV[1]: token TTL; then head id, delta pairs.
+# KEYS[1]: the in-flight hash; KEYS[2]: the writer's sequence key. ARGV[1]: its TTL; ARGV[2]: this change's
+# number; then head id, delta pairs. Applied only when the number is above the last one applied.
 _APPLY_ONCE = """
-if redis.call('SET', KEYS[2], '1', 'NX', 'PX', ARGV[1]) then
-  for i = 2, #ARGV, 2 do
-    redis.call('HINCRBY', KEYS[1], ARGV[i], ARGV[i + 1])
-  end
-  return 1
+local last = tonumber(redis.call('GET', KEYS[2]) or '0')
+if tonumber(ARGV[2]) <= last then return 0 end
+redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[1])
+for i = 3, #ARGV, 2 do
+  redis.call('HINCRBY', KEYS[1], ARGV[i], ARGV[i + 1])
 end
-return 0
+return 1
 """
 
 
-def new_token() -> str:
-    return uuid.uuid4().hex
-
-
 class InflightChanges:
-    def __init__(self, redis: Redis, keys: Keys) -> None:
+    """One writer's numbered changes. ``writer`` must be unique per process (include an instance token)."""
+
+    def __init__(self, redis: Redis, keys: Keys, writer: str) -> None:
         self.keys = keys
+        self.writer = writer
+        self._seq = 0
         self._script = redis.register_script(_APPLY_ONCE)
 
-    async def apply(self, token: str, deltas: Mapping[str, int], client: Any = None) -> Any:
-        """Add ``deltas`` (head id -> change) once per ``token``; on a pipeline when ``client`` is one."""
-        args: list[Any] = [TOKEN_TTL_MS]
+    def next_seq(self) -> int:
+        self._seq += 1
+        return self._seq
+
+    async def apply(self, seq: int, deltas: Mapping[str, int], client: Any = None) -> Any:
+        """Add ``deltas`` (head id -> change) unless change ``seq`` of this writer was applied already; on a
+        pipeline when ``client`` is one. Changes must be sent in the order of their numbers."""
+        args: list[Any] = [SEQ_TTL_MS, seq]
         for head_id, n in deltas.items():
             if n:
                 args += [head_id, n]
-        return await self._script(keys=[self.keys.inflight, self.keys.token(token)], args=args, client=client)
+        return await self._script(keys=[self.keys.inflight, self.keys.writer_seq(self.writer)], args=args,
+                                  client=client)  # fmt: skip

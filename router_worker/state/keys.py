@@ -13,7 +13,7 @@ in one Redis Cluster slot and the pipelines and scripts that touch several of th
 | ``{p}:policy:history`` | list | earlier policies, newest first (capped) |
 | ``{p}:seen:<key>`` | string | idempotency of one job attempt: its claim, then where it ended (see below) |
 | ``{p}:events`` | pub/sub | head and policy change notifications to routers |
-| ``{p}:tok:<uuid>`` | string | an in-flight change already applied: a replay after a lost reply is a no-op (expires) |
+| ``{p}:seq:<writer>`` | string | the last in-flight change applied for a writer: replays are no-ops (expires) |
 
 Idempotency keys (``pipeline/marks.py``): ``<key>`` is ``j|<attempt>|<job_id>``, or ``r|topic|partition|offset``
 for a record that is no job. The value is ``c|topic|partition|offset`` while a router holds the claim (expires
@@ -73,5 +73,5 @@ class Keys:
     def events(self) -> str:
         return f"{self.tag}:events"
 
-    def token(self, token: str) -> str:
-        return f"{self.tag}:tok:{token}"
+    def writer_seq(self, writer: str) -> str:
+        return f"{self.tag}:seq:{writer}"

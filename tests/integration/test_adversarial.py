@@ -52,7 +52,7 @@ async def test_a_mark_that_timed_out_on_a_paused_redis_is_not_applied_twice(tmp_
         try:
             await redis.hset(keys.inflight, "h", 0)
             marks = Marks(redis, keys, AuditSink(None, "audit", None), claim_ttl_ms=60_000,
-                          dedupe_ttl_ms=60_000, buffer_max=1000)  # fmt: skip
+                          dedupe_ttl_ms=60_000, buffer_max=1000, writer="test")  # fmt: skip
             os.kill(server.popen.pid, signal.SIGSTOP)
             try:
                 t0 = time.monotonic()

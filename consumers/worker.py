@@ -97,6 +97,19 @@ class JobContext:
 Handler = Callable[[Job, JobContext], Awaitable[Any]]
 
 
+@dataclass(slots=True)
+class _Done:
+    """A job whose handler finished, waiting for its completion record to be acknowledged."""
+
+    rec: Any
+    job: Job
+    ctx: JobContext
+    status: str
+    result: Any
+    error: str | None
+    service_ms: float
+
+
 @dataclass(frozen=True, slots=True)
 class WorkerConfig:
     model_id: str
@@ -184,6 +197,8 @@ class ModelWorker:
         self.ready = asyncio.Event()
         self._stop = asyncio.Event()
         self._queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=config.capacity * 2)
+        self._settle_q: asyncio.Queue[_Done] = asyncio.Queue(maxsize=config.capacity * 4)
+        """Jobs whose handler finished, waiting for their completion record's acknowledgement."""
         self._tracker = OffsetTracker()
         self._open: dict[int, Any] = {}
         """Records fetched and not finished, by offset: what shutdown nacks."""
@@ -265,6 +280,7 @@ class ModelWorker:
             await self.audit.emit("head_registered", self.head_id, head_id=self.head_id, model_id=c.model_id,
                                   region=c.region, partition=self.partition, actor="worker")  # fmt: skip
         pool = [asyncio.create_task(self._serve(), name=f"serve-{i}") for i in range(c.capacity)]
+        pool.append(asyncio.create_task(self._settle_loop(), name="settle"))
         beat = asyncio.create_task(self._heartbeat_loop(), name="heartbeat")
         releaser = asyncio.create_task(self._release_loop(), name="release")
         fetch = asyncio.create_task(self._fetch_loop(consumer, tp), name="fetch")
@@ -302,12 +318,19 @@ class ModelWorker:
         """Let running handlers finish (bounded), nack the rest, commit what is finished."""
         while not self._queue.empty():  # fetched, never started: stays in _open, nacked below
             self._queue.get_nowait()
-        for _ in pool:
+        serving, settling = pool[:-1], pool[-1:]
+        for _ in serving:
             self._queue.put_nowait(None)
         grace = 0.0 if self._lost == _SLOT_LOST else self.s.shutdown_timeout_s
         if grace > 0:
-            await asyncio.wait(pool, timeout=grace)
+            deadline = time.monotonic() + grace
+            await asyncio.wait(serving, timeout=grace)
+            with contextlib.suppress(
+                TimeoutError
+            ):  # completions already handed over: let them be acknowledged
+                await asyncio.wait_for(self._settle_q.join(), max(0.0, deadline - time.monotonic()))
         await cancel_and_wait(pool)
+        del settling
         if self._lost == _SLOT_LOST:
             # Another head owns the partition and reads it from the committed offset, which never passed an
             # unfinished record: nacking or committing now would only duplicate its work or rewind it.
@@ -436,9 +459,75 @@ class ModelWorker:
             st.failed += 1
             if self.config.retry_on_error:
                 return await self._nack(rec, ctx.attempt, f"head_error: {error or 'error'}")
-        return await self._complete(rec, job, ctx, status, result, error, service_ms)
+        # The slot is free for the next job now; the completion is acknowledged in batches by the settler, and
+        # the offset is finished (committable) only then.
+        await self._settle_q.put(_Done(rec, job, ctx, status, result, error, service_ms))
+        return False
 
     # --- publishing: completions, nacks, dead letters -----------------------------------------------------
+
+    async def _settle_loop(self) -> None:
+        """Publish finished jobs' completion records in batches, one wait for the acknowledgements of all;
+        finish each record once its completion is acknowledged (or nacked, or dead-lettered)."""
+        q = self._settle_q
+        while True:
+            done = [await q.get()]
+            while not q.empty() and len(done) < 500:
+                done.append(q.get_nowait())
+            try:
+                assert self._producer is not None
+                sends = [self._completion(d) for d in done]
+                report = await publish(self._producer, sends, self._budget)
+                acked = {id(x) for x in report.acked}
+                for d, send in zip(done, sends, strict=True):
+                    if id(send) in acked:
+                        self._finish(d.rec.offset)
+                    elif await self._complete(d.rec, d.job, d.ctx, d.status, d.result, d.error, d.service_ms):
+                        self._finish(
+                            d.rec.offset
+                        )  # sent again one by one: refused results, nacks, dead letters
+            except Exception as exc:  # the SDK's own failure: the jobs go back to the routers, never lost
+                log.exception(
+                    "head %s: settling %d completions failed; nacking them", self.head_id, len(done)
+                )
+                for d in done:
+                    if d.rec.offset not in self._open:
+                        continue
+                    try:
+                        if await self._nack(d.rec, d.ctx.attempt, f"head_sdk_error: {describe(exc)}"):
+                            self._finish(d.rec.offset)
+                    except Exception:  # left open: nacked at shutdown, never committed past
+                        log.exception("head %s: nack of offset %d failed", self.head_id, d.rec.offset)
+            finally:
+                for _ in done:
+                    q.task_done()
+
+    def _completion(self, d: _Done) -> Send:
+        value = self._completion_value(d.job, d.ctx, d.status, d.result, d.error, d.service_ms)
+        return Send(d.job.reply_to or self.topics.results, value, d.job.job_id.encode(), None,
+                    [("content-type", MSGPACK.encode())])  # fmt: skip
+
+    def _completion_value(self, job: Job, ctx: JobContext, status: str, result: Any, error: str | None,
+                          service_ms: float) -> bytes:  # fmt: skip
+        finished = now_ms()
+        doc: dict[str, Any] = {
+            "job_id": job.job_id, "model_type": job.model_type, "model_id": self.config.model_id,
+            "head_id": self.head_id, "status": status, "attempt": ctx.attempt, "service_ms": round(service_ms, 3),
+            "routed_at": ctx.routed_at_ms, "finished_at": finished,
+        }  # fmt: skip
+        if job.created_at is not None:
+            doc["created_at"] = job.created_at
+            doc["latency_ms"] = finished - job.created_at
+        if error is not None:
+            doc["error"] = error
+        if result is not None:
+            doc["result"] = result
+        try:
+            return msgpack.packb(doc, use_bin_type=True, default=str)  # type: ignore[no-any-return]
+        except (TypeError, ValueError) as exc:
+            doc.pop("result", None)
+            doc["error"] = f"result not serialisable: {exc}"
+            return msgpack.packb(doc, use_bin_type=True)  # type: ignore[no-any-return]
 
     async def _complete(self, rec: Any, job: Job, ctx: JobContext, status: str, result: Any, error: str | None,
                         service_ms: float) -> bool:  # fmt: skip

@@ -204,6 +204,9 @@ def print_summary(console: Console, out: Completions, routers: list[Router], job
         summary.add_row(f"router {i + 1} routed", f"{r.stats.routed} in {r.stats.batches} batches")
     summary.add_row("routed/s (whole run)", f"{routed / elapsed_s:,.0f}")
     summary.add_row("dead letters", str(sum(r.stats.dead_lettered for r in routers)))
+    held = {k: sum(getattr(r.stats, k) for r in routers) for k in ("saturated", "gap_waits", "claimed_elsewhere",
+                                                                    "unsent")}  # fmt: skip
+    summary.add_row("partition holds", ", ".join(f"{k} {v}" for k, v in held.items()))
     for q in (50, 95, 99):
         summary.add_row(f"end-to-end latency p{q}", f"{percentile(out.latencies, q):.1f} ms")
     console.print(summary)

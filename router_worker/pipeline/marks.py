@@ -25,13 +25,14 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from router_worker.audit import AuditSink
 from router_worker.pipeline.outcomes import DeadLettered, Incoming, Outcome, Retried, Routed
 from router_worker.pipeline.plan import Claim
 from router_worker.state.inflight import InflightChanges
 from router_worker.state.keys import Keys
+from router_worker.state.scripts import LoadedScript
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +103,7 @@ class Marks:
         """Buffered writes dropped because the outage outlasted the buffer."""
         self.errors = 0
         """Commands Redis refused (answered with an error): logged, never retried."""
-        self._claim = redis.register_script(_CLAIM)
+        self._claim = LoadedScript(redis, _CLAIM)
         self._inflight = InflightChanges(redis, keys, writer)
 
     @property
@@ -120,14 +121,21 @@ class Marks:
         if not first and not sessions:
             return {}, []
         keys = list(first)
-        async with self.redis.pipeline(transaction=False) as pipe:
-            if keys:
-                await self._claim(keys=[self.keys.seen(k) for k in keys],
-                                  args=[self.claim_ttl_ms, *(claim_value(first[k]) for k in keys)],
-                                  client=pipe)  # fmt: skip
-            if sessions:
-                pipe.mget([self.keys.affinity(sid) for sid in sessions])
-            res = await pipe.execute()
+        for last_try in (False, True):
+            await self._claim.ensure()
+            try:
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    if keys:
+                        self._claim.queue(pipe, [self.keys.seen(k) for k in keys],
+                                          [self.claim_ttl_ms, *(claim_value(first[k]) for k in keys)])  # fmt: skip
+                    if sessions:
+                        pipe.mget([self.keys.affinity(sid) for sid in sessions])
+                    res = await pipe.execute()
+                break
+            except NoScriptError:  # Redis restarted or flushed its scripts
+                self._claim.lost()
+                if last_try:
+                    raise
         claims = {k: Claim(int(c)) for k, c in zip(keys, res[0], strict=True)} if keys else {}
         pins = cast(list[str | None], res[-1]) if sessions else []
         return claims, pins
@@ -152,14 +160,17 @@ class Marks:
         p.audit.extend(lines)
         pin_ms = max(1, pin_ms)
         try:
+            if p.inflight:
+                await self._inflight.loaded.ensure()
             async with self.redis.pipeline(transaction=False) as pipe:
                 ttl = self.dedupe_ttl_ms
                 for key, value in p.done:
                     pipe.set(self.keys.seen(key), value, px=ttl)
                 for sid, (head_id, nx) in p.pins.items():
                     pipe.set(self.keys.affinity(sid), head_id, px=pin_ms, nx=nx)
+                first_change = len(pipe)
                 for seq, deltas in p.inflight:
-                    await self._inflight.apply(seq, deltas, client=pipe)
+                    self._inflight.queue(pipe, seq, deltas)
                 at = len(pipe)
                 pipe.hgetall(self.keys.inflight)
                 self.audit.publish_into(pipe, p.audit)
@@ -168,7 +179,18 @@ class Marks:
             self.audit.publish_failed(exc)
             self._bound()
             return None
+        changes = p.inflight
         self.pending = _Pending()
+        if any(isinstance(r, NoScriptError) for r in res[first_change:at]):
+            # Redis lost its scripts (a restart): apply the changes again, loaded anew; numbered, so once only.
+            self._inflight.loaded.lost()
+            try:
+                for seq, deltas in changes:
+                    await self._inflight.apply(seq, deltas)
+            except (RedisError, OSError):
+                self.pending.inflight = changes
+            res = [r for r in res if not isinstance(r, NoScriptError)]
+            at -= len(changes)
         refused = [r for r in res if isinstance(r, Exception)]
         if refused:  # Redis answered, with an error for some command: a bug or a bad value, not an outage
             self.errors += len(refused)

@@ -16,6 +16,7 @@ from typing import Any
 from redis.asyncio import Redis
 
 from router_worker.state.keys import Keys
+from router_worker.state.scripts import LoadedScript
 
 SEQ_TTL_MS = 86_400_000
 """A writer's last applied number is kept this long after its last change (any replay comes far sooner)."""
@@ -41,17 +42,27 @@ class InflightChanges:
         self.writer = writer
         self._seq = 0
         self._script = redis.register_script(_APPLY_ONCE)
+        self.loaded = LoadedScript(redis, _APPLY_ONCE)
+        """The same script, for pipelines (see :mod:`scripts`)."""
 
     def next_seq(self) -> int:
         self._seq += 1
         return self._seq
 
-    async def apply(self, seq: int, deltas: Mapping[str, int], client: Any = None) -> Any:
-        """Add ``deltas`` (head id -> change) unless change ``seq`` of this writer was applied already; on a
-        pipeline when ``client`` is one. Changes must be sent in the order of their numbers."""
+    def _keys_args(self, seq: int, deltas: Mapping[str, int]) -> tuple[list[str], list[Any]]:
         args: list[Any] = [SEQ_TTL_MS, seq]
         for head_id, n in deltas.items():
             if n:
                 args += [head_id, n]
-        return await self._script(keys=[self.keys.inflight, self.keys.writer_seq(self.writer)], args=args,
-                                  client=client)  # fmt: skip
+        return [self.keys.inflight, self.keys.writer_seq(self.writer)], args
+
+    async def apply(self, seq: int, deltas: Mapping[str, int]) -> Any:
+        """Add ``deltas`` (head id -> change) unless change ``seq`` of this writer was applied already.
+        Changes must be sent in the order of their numbers."""
+        keys, args = self._keys_args(seq, deltas)
+        return await self._script(keys=keys, args=args)
+
+    def queue(self, pipe: Any, seq: int, deltas: Mapping[str, int]) -> None:
+        """The same, queued on a pipeline (call ``await self.loaded.ensure()`` before executing it)."""
+        keys, args = self._keys_args(seq, deltas)
+        self.loaded.queue(pipe, keys, args)

@@ -71,3 +71,30 @@ async def test_past_the_window_the_router_pauses_then_resumes_by_itself(
             await pubsub.aclose()
             await listener.aclose()
             await redis.aclose()
+
+
+async def test_a_redis_that_lost_its_scripts_is_served_again(settings: Settings) -> None:
+    """Scripts are queued on pipelines by SHA, loaded once: after a restart or SCRIPT FLUSH, NOSCRIPT reloads
+    them, for claims and for in-flight changes alike, and nothing is routed twice or lost."""
+    assert settings.redis_url
+    redis = make_redis(settings.redis_url)
+    try:
+        served = Served()
+        router = make_router(settings, redis)
+        worker = make_worker(settings, redis, served, "m", head_id="h")
+        async with running(worker, router), JobProducer(settings) as producer:
+            for i in range(10):
+                await producer.submit("m", i, job_id=f"a-{i}")
+            await wait_until(lambda: len(served.rows) >= 10)
+            await redis.script_flush()
+            for i in range(10):
+                await producer.submit("m", i, job_id=f"b-{i}")
+            await wait_until(lambda: len(served.rows) >= 20)
+            await asyncio.sleep(0.5)
+        assert sorted(r[0] for r in served.rows) == sorted(
+            [f"a-{i}" for i in range(10)] + [f"b-{i}" for i in range(10)]
+        )
+        assert router.marks.errors == 0
+        assert router.stats.routed == 20
+    finally:
+        await redis.aclose()

@@ -198,6 +198,8 @@ class ModelWorker:
         self._stop = asyncio.Event()
         self._queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=config.capacity * 2)
         self._settle_q: asyncio.Queue[_Done] = asyncio.Queue(maxsize=config.capacity * 4)
+        self._released_early: set[int] = set()
+        """Offsets whose in-flight count was released when their handler finished (before settling)."""
         """Jobs whose handler finished, waiting for their completion record's acknowledgement."""
         self._tracker = OffsetTracker()
         self._open: dict[int, Any] = {}
@@ -391,8 +393,9 @@ class ModelWorker:
     def _finish(self, offset: int) -> None:
         """The record at ``offset`` is settled (idempotent)."""
         self._tracker.finished(offset)
-        if self._open.pop(offset, None) is not None:
+        if self._open.pop(offset, None) is not None and offset not in self._released_early:
             self.stats.released += 1
+        self._released_early.discard(offset)
 
     # --- serving ---------------------------------------------------------------------------------------
 
@@ -461,6 +464,10 @@ class ModelWorker:
                 return await self._nack(rec, ctx.attempt, f"head_error: {error or 'error'}")
         # The slot is free for the next job now; the completion is acknowledged in batches by the settler, and
         # the offset is finished (committable) only then.
+        # The head's capacity is free again: release the job from the shared in-flight count now, not when the
+        # completion is acknowledged (routers would see the head busy for a broker round trip longer).
+        self._released_early.add(rec.offset)
+        self.stats.released += 1
         await self._settle_q.put(_Done(rec, job, ctx, status, result, error, service_ms))
         return False
 

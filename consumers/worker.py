@@ -510,12 +510,14 @@ class ModelWorker:
                     q.task_done()
 
     def _completion(self, d: _Done) -> Send:
-        value = self._completion_value(d.job, d.ctx, d.status, d.result, d.error, d.service_ms)
+        value = self._pack_completion(
+            self._completion_doc(d.job, d.ctx, d.status, d.result, d.error, d.service_ms)
+        )
         return Send(d.job.reply_to or self.topics.results, value, d.job.job_id.encode(), None,
                     [("content-type", MSGPACK.encode())])  # fmt: skip
 
-    def _completion_value(self, job: Job, ctx: JobContext, status: str, result: Any, error: str | None,
-                          service_ms: float) -> bytes:  # fmt: skip
+    def _completion_doc(self, job: Job, ctx: JobContext, status: str, result: Any, error: str | None,
+                        service_ms: float) -> dict[str, Any]:  # fmt: skip
         finished = now_ms()
         doc: dict[str, Any] = {
             "job_id": job.job_id, "model_type": job.model_type, "model_id": self.config.model_id,
@@ -529,6 +531,11 @@ class ModelWorker:
             doc["error"] = error
         if result is not None:
             doc["result"] = result
+        return doc
+
+    @staticmethod
+    def _pack_completion(doc: dict[str, Any]) -> bytes:
+        """The record's bytes; a result MessagePack can not carry is replaced by an error saying so."""
         try:
             return msgpack.packb(doc, use_bin_type=True, default=str)  # type: ignore[no-any-return]
         except (TypeError, ValueError) as exc:
@@ -540,25 +547,8 @@ class ModelWorker:
                         service_ms: float) -> bool:  # fmt: skip
         """Publish the completion record and wait for its acknowledgement (this coroutine only)."""
         assert self._producer is not None
-        finished = now_ms()
-        doc: dict[str, Any] = {
-            "job_id": job.job_id, "model_type": job.model_type, "model_id": self.config.model_id,
-            "head_id": self.head_id, "status": status, "attempt": ctx.attempt, "service_ms": round(service_ms, 3),
-            "routed_at": ctx.routed_at_ms, "finished_at": finished,
-        }  # fmt: skip
-        if job.created_at is not None:
-            doc["created_at"] = job.created_at
-            doc["latency_ms"] = finished - job.created_at
-        if error is not None:
-            doc["error"] = error
-        if result is not None:
-            doc["result"] = result
-        try:
-            value = msgpack.packb(doc, use_bin_type=True, default=str)
-        except (TypeError, ValueError) as exc:
-            doc.pop("result", None)
-            doc["error"] = f"result not serialisable: {exc}"
-            value = msgpack.packb(doc, use_bin_type=True)
+        doc = self._completion_doc(job, ctx, status, result, error, service_ms)
+        value = self._pack_completion(doc)
         topic = job.reply_to or self.topics.results
         key = job.job_id.encode()
         headers: list[tuple[str, bytes | None]] = [("content-type", MSGPACK.encode())]

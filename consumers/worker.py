@@ -61,7 +61,7 @@ from router_worker.pipeline.messages import (
     header_int,
     retry_headers,
 )
-from router_worker.pipeline.publish import RetryBudget, Send, dead_letter_record, describe, publish
+from router_worker.pipeline.publish import RetryBudget, Send, describe, publish, publish_dead_letter
 from router_worker.pipeline.topology import topic_partitions
 from router_worker.settings import Settings
 from router_worker.state.heads import HeadRecord, HeadRegistry, HeadStats
@@ -631,30 +631,12 @@ class ModelWorker:
         """Dead-letter one record (original bytes, truncated past the producer's limit); True (and the record
         finished) once acknowledged."""
         assert self._producer is not None
-        for squeeze in (False, True):  # the second time, sized to fit whatever the broker allows
-            value, key, headers = dead_letter_record(
-                rec.value,
-                rec.key,
-                list(rec.headers or ()),
-                reason,
-                detail,
-                rec.topic,
-                rec.partition,
-                rec.offset,
-                attempt,
-                limit=self.s.kafka_max_message_bytes,
-                keep=self.s.dlq_keep_bytes,
-                squeeze=squeeze,
-            )
-            report = await publish(
-                self._producer, [Send(self.topics.dlq, value, key, None, headers)], self._budget
-            )
-            if report.acked:
-                self.stats.dead_lettered += 1
-                self._finish(rec.offset)
-                return True
-            if report.unsent:
-                break
+        if await publish_dead_letter(self._producer, self.topics.dlq, rec, reason, detail, attempt,
+                                     limit=self.s.kafka_max_message_bytes, keep=self.s.dlq_keep_bytes,
+                                     budget=self._budget):  # fmt: skip
+            self.stats.dead_lettered += 1
+            self._finish(rec.offset)
+            return True
         self.stats.unsettled += 1
         log.error("head %s: dead letter of offset %d (%s) not acknowledged; it stays uncommitted", self.head_id,
                   rec.offset, reason)  # fmt: skip

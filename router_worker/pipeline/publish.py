@@ -234,3 +234,20 @@ def dead_letter_record(value: bytes | None, key: bytes | None, headers: Headers 
     if out_key is None and out_value is None:
         out_key = b""  # Kafka needs a key or a value
     return out_value, out_key, out
+
+
+async def publish_dead_letter(producer: AIOKafkaProducer, dlq_topic: str, rec: Any, reason: str, error: str,
+                              attempt: int, *, limit: int, keep: int, budget: RetryBudget) -> bool:  # fmt: skip
+    """Dead-letter a consumed record (one with ``value``, ``key``, ``headers``, ``topic``, ``partition``,
+    ``offset``): as it is when it fits, squeezed when the broker refused it for good. True once acknowledged;
+    False when it was not (the caller must not commit past the record)."""
+    for squeeze in (False, True):
+        value, key, headers = dead_letter_record(rec.value, rec.key, list(rec.headers or ()), reason, error,
+                                                 rec.topic, rec.partition, rec.offset, attempt, limit=limit,
+                                                 keep=keep, squeeze=squeeze)  # fmt: skip
+        report = await publish(producer, [Send(dlq_topic, value, key, None, headers)], budget)
+        if report.acked:
+            return True
+        if report.unsent:
+            return False
+    return False

@@ -52,7 +52,7 @@ from router_worker.core.model import Head
 from router_worker.pipeline.gaps import RETRY_MS, GapGuard, seek_to_gap, start_offset
 from router_worker.pipeline.kafka import make_consumer
 from router_worker.pipeline.messages import attempt_of, retry_headers
-from router_worker.pipeline.publish import RetryBudget, Send, dead_letter_record, describe, publish
+from router_worker.pipeline.publish import RetryBudget, Send, describe, publish, publish_dead_letter
 from router_worker.settings import Settings
 from router_worker.state.heads import HeadRegistry
 from router_worker.state.keys import Keys
@@ -295,29 +295,11 @@ class Reaper:
         return len(report.acked), nxt
 
     async def _dead_letter(self, rec: Any, detail: str) -> bool:
-        for squeeze in (False, True):  # the second time, sized to fit whatever the broker allows
-            value, key, headers = dead_letter_record(
-                rec.value,
-                rec.key,
-                list(rec.headers or ()),
-                PUBLISH_ERROR,
-                detail,
-                rec.topic,
-                rec.partition,
-                rec.offset,
-                attempt_of(rec.headers) or 1,
-                limit=self.s.kafka_max_message_bytes,
-                keep=self.s.dlq_keep_bytes,
-                squeeze=squeeze,
-            )
-            report = await publish(
-                self.producer, [Send(self.topics.dlq, value, key, None, headers)], self.budget
-            )
-            if report.acked:
-                self.stats.dead_lettered += 1
-                return True
-            if report.unsent:
-                break
+        if await publish_dead_letter(self.producer, self.topics.dlq, rec, PUBLISH_ERROR, detail,
+                                     attempt_of(rec.headers) or 1, limit=self.s.kafka_max_message_bytes,
+                                     keep=self.s.dlq_keep_bytes, budget=self.budget):  # fmt: skip
+            self.stats.dead_lettered += 1
+            return True
         log.error("reaper %s: dead letter of %s[%d]@%d not acknowledged", self.router_id, rec.topic,
                   rec.partition, rec.offset)  # fmt: skip
         return False

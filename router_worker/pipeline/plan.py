@@ -16,8 +16,6 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any
 
-from aiokafka import TopicPartition
-
 from router_worker.audit import decision_record
 from router_worker.core.engine import HeadIndex, decide, record
 from router_worker.core.model import Decision, Outcome, RouterMemory
@@ -178,7 +176,3 @@ def plan(parts: Parts, claims: Mapping[str, Claim], index: HeadIndex, policy: Po
         if end is not None:
             out.next_offset[tp] = end
     return out
-
-
-def next_offsets_of(parts: Parts) -> dict[TopicPartition, int]:
-    return {tp: items[-1].offset + 1 for tp, items in parts if items}

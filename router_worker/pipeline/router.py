@@ -237,6 +237,7 @@ class Router:
     async def _outage_hold(self, consumer: AIOKafkaConsumer) -> bool:
         """Past the staleness window of a Redis outage: pause every partition until Redis answers."""
         now = now_ms()
+        self.metrics.redis_up.set(1 if self.health.up else 0)
         if self.health.up or self.health.down_for_ms(now) <= self.s.redis_staleness_ms:
             if self._outage_paused:
                 self._outage_paused = False
@@ -320,8 +321,11 @@ class Router:
                       producer: AIOKafkaProducer) -> None:  # fmt: skip
         t_batch = time.perf_counter()
         now = now_ms()
+        accepted = self.gaps.accepted
         parts, holds = intake(batch, self.gaps, self._retry_set, now, self.s.kafka_max_message_bytes,
                               max(self.s.retry_backoff_ms))  # fmt: skip
+        if self.gaps.accepted > accepted:
+            self.metrics.gaps_accepted.inc(self.gaps.accepted - accepted)
         try:
             claims = await self._claim(parts, now)
             p = self._plan(parts, claims, now)
@@ -497,6 +501,7 @@ class Router:
     async def _mark(self, settled: list[Outcome]) -> None:
         inflight = await self.marks.mark(settled, self._pin_ms())
         now = now_ms()
+        self.metrics.outage_buffered.set(self.marks.buffered)
         if inflight is None:
             self.health.failed(now)
             self.metrics.external_calls.labels("redis", "error").inc()

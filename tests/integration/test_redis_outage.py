@@ -41,6 +41,7 @@ async def test_past_the_window_the_router_pauses_then_resumes_by_itself(
                 await server.stop()
                 await wait_until(lambda: not router.is_ready(), timeout=20)
                 assert router.stats.outage_pauses == 1
+                assert router.metrics.redis_up._value.get() == 0
                 for i in range(20):  # published while the router is paused: they wait in Kafka
                     await producer.submit("m", i, job_id=f"during-{i}")
                 await producer.flush()
@@ -51,6 +52,8 @@ async def test_past_the_window_the_router_pauses_then_resumes_by_itself(
                 await pubsub.subscribe(s.audit_channel)
                 await wait_until(router.is_ready, timeout=20)
                 await wait_until(lambda: len(served.rows) >= 40, timeout=30)
+                await wait_until(lambda: router.metrics.redis_up._value.get() == 1, timeout=5)
+                assert router.metrics.outage_buffered._value.get() == 0, "what waited for Redis was written"
             ids = [r[0] for r in served.rows]
             assert sorted(ids) == sorted(
                 [f"before-{i}" for i in range(20)] + [f"during-{i}" for i in range(20)]

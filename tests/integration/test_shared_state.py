@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 from collections import defaultdict
 from pathlib import Path
@@ -12,12 +13,30 @@ from redis.asyncio import Redis
 
 from producers.producer import JobProducer
 from router_worker.core.policy import Policy
+from router_worker.pipeline.router import Router
 from router_worker.settings import Settings
 from router_worker.state.keys import Keys
 from router_worker.state.policy_store import PolicyStore
 from tests.helpers import Served, make_router, make_worker, running, wait_until
 
 pytestmark = pytest.mark.integration
+
+
+async def _wait_for_a_settled_split(*routers: Router, quiet_s: float = 2.0) -> None:
+    """Every router holds partitions, and the split has not changed for ``quiet_s`` (the embedded broker can
+    run a second rebalance a few seconds after a member joins)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 60
+    last: tuple[frozenset[object], ...] = ()
+    since = loop.time()
+    while loop.time() < deadline:
+        now = tuple(frozenset(r._consumer.assignment()) if r._consumer else frozenset() for r in routers)
+        if now != last:
+            last, since = now, loop.time()
+        elif all(now) and loop.time() - since >= quiet_s:
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"the group never settled with every router holding partitions: {last}")
 
 
 async def test_session_pins_are_shared_so_a_rebalance_keeps_every_session_on_its_head(
@@ -31,9 +50,7 @@ async def test_session_pins_are_shared_so_a_rebalance_keeps_every_session_on_its
     sessions = [f"user-{i}" for i in range(24)]
     async with running(*workers), running(r2):
         async with running(r1):
-            await wait_until(
-                lambda: len(r1._consumer.assignment()) > 0 and len(r2._consumer.assignment()) > 0
-            )  # type: ignore[union-attr]
+            await _wait_for_a_settled_split(r1, r2)
             async with JobProducer(settings) as p:
                 for rnd in range(5):
                     for sid in sessions:

@@ -402,8 +402,19 @@ class HeadRegistry:
         await self.publish_event("head_removed", head_id=head_id, actor=actor)
         return removed > 0
 
-    async def snapshot(self) -> tuple[list[Head], dict[str, Profile], dict[str, int]]:
-        """Every registered head, learned profiles and shared in-flight counts: two round trips."""
+    async def get(self, head_id: str) -> tuple[Head, int] | None:
+        """One head and its shared in-flight count (reads only); None when it is not registered."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hgetall(self.keys.head(head_id))
+            pipe.hget(self.keys.inflight, head_id)
+            h, inflight = await pipe.execute()
+        head = head_from_hash(h) if h else None
+        return None if head is None else (head, int(inflight or 0))
+
+    async def snapshot(self, *, prune: bool = True) -> tuple[list[Head], dict[str, Profile], dict[str, int]]:
+        """Every registered head, learned profiles and shared in-flight counts: two round trips. With
+        ``prune`` (routers), index entries of expired hashes are deleted; without it (admin reads) nothing is
+        written."""
         ids = sorted(cast(set[str], await self.redis.smembers(self.keys.heads)))
         async with self.redis.pipeline(transaction=False) as pipe:
             for head_id in ids:
@@ -423,7 +434,7 @@ class HeadRegistry:
             prof = profile_from_hash(h)
             if prof is not None:
                 profiles[head_id] = prof
-        if gone:  # hashes that expired (head died long ago): drop them from the index
+        if gone and prune:  # hashes that expired (head died long ago): drop them from the index
             async with self.redis.pipeline(transaction=False) as pipe:
                 pipe.srem(self.keys.heads, *gone)
                 pipe.hdel(self.keys.inflight, *gone)

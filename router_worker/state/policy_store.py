@@ -22,6 +22,10 @@ class PolicyError(ValueError):
     """A policy document that was refused; the message names the bad field."""
 
 
+class PolicyVersionConflict(PolicyError):
+    """A write that expected another version than the one stored (someone changed the policy meanwhile)."""
+
+
 def describe_errors(exc: ValidationError) -> str:
     return "; ".join(
         f"{'.'.join(str(p) for p in e['loc']) or '<policy>'}: {e['msg']}"
@@ -84,7 +88,7 @@ class PolicyStore:
                 except (orjson.JSONDecodeError, AttributeError, ValueError):
                     version = 0
             if expect_version is not None and expect_version != version:
-                raise PolicyError(
+                raise PolicyVersionConflict(
                     f"policy changed meanwhile: expected version {expect_version}, found {version}"
                 )
             stored = policy.model_copy(update={"version": version + 1})

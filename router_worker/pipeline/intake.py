@@ -15,7 +15,7 @@ from aiokafka import TopicPartition
 
 from router_worker.pipeline.gaps import RETRY_MS, GapGuard
 from router_worker.pipeline.messages import H_NOT_BEFORE, attempt_of, header, header_int, headers_size
-from router_worker.pipeline.outcomes import Hold, Incoming, claim_key_of
+from router_worker.pipeline.outcomes import Hold, Incoming, claim_key_of, redrive_of
 from schemas.envelope import MSGPACK, DeadLetterReason, EnvelopeError, Job, content_type_of, decode_job
 
 Parts = list[tuple[TopicPartition, list[Incoming]]]
@@ -43,7 +43,7 @@ def decode_one(rec: Any, tp: TopicPartition, attempt: int, max_bytes: int,
     if error is not None:
         job = None
     return Incoming(tp, rec.offset, rec.key, rec.value, headers, ctype, attempt, job, error,
-                    claim_key_of(job, attempt, tp, rec.offset))  # fmt: skip
+                    claim_key_of(job, attempt, tp, rec.offset, redrive_of(headers)))  # fmt: skip
 
 
 def intake(batch: Mapping[TopicPartition, Sequence[Any]], gaps: GapGuard, retry_topics: frozenset[str],

@@ -16,6 +16,7 @@ outcomes: nothing after them in their partition is planned, and the commit stops
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,14 +44,37 @@ class Incoming:
     """The idempotency key this record is claimed and marked under (see :func:`claim_key_of`)."""
 
 
-def claim_key_of(job: Job | None, attempt: int, tp: TopicPartition, offset: int) -> str:
+H_REDRIVE = "x-redrive"
+"""The contract's header on a redriven dead letter: the redrive's id."""
+REDRIVE_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+"""What a redrive id may hold: never a '|', so a key's fields stay unambiguous."""
+
+
+def redrive_of(headers: Headers | None) -> str | None:
+    """The record's redrive id (``x-redrive``), or None when absent or not a valid id (then the record is
+    keyed as any other: a header written by hand can not open a new idempotency namespace at will)."""
+    for k, v in headers or ():
+        if k == H_REDRIVE:
+            if v is None or len(v) > 64:
+                return None
+            text = v.decode("ascii", errors="replace")
+            return text if REDRIVE_ID.fullmatch(text) else None
+    return None
+
+
+def claim_key_of(job: Job | None, attempt: int, tp: TopicPartition, offset: int, redrive: str | None = None
+                 ) -> str:  # fmt: skip
     """What "handled once" means: once per job id and attempt (a nacked or retried job is handled again
     as its next attempt; a replay of one attempt is a duplicate). A record that is not a job has no id:
-    it is handled once per coordinates, so its dead letter is written once even when the batch replays."""
+    it is handled once per coordinates, so its dead letter is written once even when the batch replays.
+    A redriven job (``x-redrive``, kept through its retries) is keyed within its redrive, so it routes
+    afresh instead of colliding with the done mark of its dead-lettered attempt."""
     if job is None:
         return f"r|{tp.topic}|{tp.partition}|{offset}"
     # The attempt (digits, no '|') comes first and the id is the whole rest: no two (job id, attempt) pairs,
     # whatever the ids hold, share a key, and no job key is a record key ("j|" and "r|" namespaces).
+    if redrive is not None:  # "jr|" namespace; the redrive id holds no '|' (REDRIVE_ID)
+        return f"jr|{redrive}|{attempt}|{job.job_id}"
     return f"j|{attempt}|{job.job_id}"
 
 

@@ -14,11 +14,14 @@ in one Redis Cluster slot and the pipelines and scripts that touch several of th
 | ``{p}:seen:<key>`` | string | idempotency of one job attempt: its claim, then where it ended (see below) |
 | ``{p}:events`` | pub/sub | head and policy change notifications to routers |
 | ``{p}:seq:<writer>`` | string | the last in-flight change applied for a writer: replays are no-ops (expires) |
+| ``{p}:dlq:*`` | various | dead-letter redrives: per dead letter, progress, a lock (``dlq/state.py``) |
 
 Idempotency keys (``pipeline/marks.py``): ``<key>`` is ``j|<attempt>|<job_id>``, or ``r|topic|partition|offset``
-for a record that is no job. The value is ``c|topic|partition|offset`` while a router holds the claim (expires
-after ``claim_ttl_ms``), then ``d|routed|<head>``, ``d|retry|<tier>`` or ``d|dlq|<reason>`` (expires after
-``dedupe_ttl_s``).
+for a record that is no job. A redriven job (header ``x-redrive``, a valid redrive id, see
+``pipeline/outcomes.py``) is keyed ``jr|<redrive_id>|<attempt>|<job_id>``, so it routes afresh instead of meeting
+the done mark of its dead-lettered attempt. The value is ``c|topic|partition|offset`` while a router holds the
+claim (expires after ``claim_ttl_ms``), then ``d|routed|<head>``, ``d|retry|<tier>`` or ``d|dlq|<reason>``
+(expires after ``dedupe_ttl_s``).
 
 A slot is only ever taken with SET NX, and renewed or deleted only while it holds the caller's head id, each
 in one compare-and-set script (``state/heads.py``): a head that lapsed never overwrites its successor.

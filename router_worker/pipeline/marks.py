@@ -3,13 +3,16 @@
 Idempotency is claim-then-complete, keyed by job id and attempt (:func:`outcomes.claim_key_of`):
 
 1. **claim** (one server-side script for the whole batch): a key that is free is claimed for this record
-   (``c|topic|partition|offset``, expiring after ``claim_ttl_ms``); a key this same record claimed before
+   (``c|topic|partition|offset``, kept at least ``claim_ttl_ms``); a key this same record claimed before
    (read again after a crash, a rebalance or an unsent publish) is taken over; a key marked done is a
    duplicate; a key another record claimed is busy, and that record waits. The sessions' pins are read in
    the same round trip.
 2. **mark** (one pipeline, after the broker acknowledged the publishes): each settled record's key is
-   marked done (``d|routed|head``, ``d|retry|tier``, ``d|dlq|reason``, expiring after the dedupe TTL),
+   marked done (``d|routed|head``, ``d|retry|tier``, ``d|dlq|reason``, kept at least the dedupe TTL),
    pins are written, shared in-flight counts added and read back, audit records published.
+
+Both live as fields of time-bucketed hashes (:mod:`state.idempotency`): a batch's claims are one script call
+and its done marks one ``HSET``, whatever the batch's size.
 
 While Redis is unreachable the router keeps routing for a bounded window (see the router): claims are
 skipped (every record is taken as its own) and marks, in-flight additions and audit records are buffered,
@@ -28,37 +31,15 @@ from redis.asyncio import Redis
 from redis.exceptions import NoScriptError, RedisError
 
 from router_worker.audit import AuditSink
+from router_worker.clock import now_ms
 from router_worker.pipeline.outcomes import DeadLettered, Incoming, Outcome, Retried, Routed
 from router_worker.pipeline.plan import Claim
+from router_worker.state.idempotency import CLAIM_LUA, LIFETIMES_KEPT, claim_keys, queue_done
 from router_worker.state.inflight import InflightChanges
 from router_worker.state.keys import Keys
 from router_worker.state.scripts import LoadedScript
 
 log = logging.getLogger(__name__)
-
-# KEYS: claim keys. ARGV[1]: claim TTL in ms; ARGV[i+1]: the claim value of KEYS[i].
-# Returns per key 0 (mine), 1 (done), 2 (busy: claimed by another record).
-_CLAIM = """
-local ttl = ARGV[1]
-local out = {}
-for i, key in ipairs(KEYS) do
-  local want = ARGV[i + 1]
-  local cur = redis.call('GET', key)
-  if not cur then
-    redis.call('SET', key, want, 'PX', ttl)
-    out[i] = 0
-  elseif cur == want then
-    redis.call('PEXPIRE', key, ttl)
-    out[i] = 0
-  elseif string.sub(cur, 1, 2) == 'd|' then
-    out[i] = 1
-  else
-    out[i] = 2
-  end
-end
-return out
-"""
-
 
 def claim_value(inc: Incoming) -> str:
     return f"c|{inc.tp.topic}|{inc.tp.partition}|{inc.offset}"
@@ -103,7 +84,7 @@ class Marks:
         """Buffered writes dropped because the outage outlasted the buffer."""
         self.errors = 0
         """Commands Redis refused (answered with an error): logged, never retried."""
-        self._claim = LoadedScript(redis, _CLAIM)
+        self._claim = LoadedScript(redis, CLAIM_LUA)
         self._inflight = InflightChanges(redis, keys, writer)
 
     @property
@@ -126,8 +107,11 @@ class Marks:
             try:
                 async with self.redis.pipeline(transaction=False) as pipe:
                     if keys:
-                        self._claim.queue(pipe, [self.keys.seen(k) for k in keys],
-                                          [self.claim_ttl_ms, *(claim_value(first[k]) for k in keys)])  # fmt: skip
+                        args: list[Any] = [LIFETIMES_KEPT * self.claim_ttl_ms]
+                        for k in keys:
+                            args += (k, claim_value(first[k]))
+                        hashes = claim_keys(self.keys, now_ms(), self.claim_ttl_ms, self.dedupe_ttl_ms)
+                        self._claim.queue(pipe, hashes, args)
                     if sessions:
                         pipe.mget([self.keys.affinity(sid) for sid in sessions])
                     res = await pipe.execute()
@@ -163,9 +147,7 @@ class Marks:
             if p.inflight:
                 await self._inflight.loaded.ensure()
             async with self.redis.pipeline(transaction=False) as pipe:
-                ttl = self.dedupe_ttl_ms
-                for key, value in p.done:
-                    pipe.set(self.keys.seen(key), value, px=ttl)
+                queue_done(pipe, self.keys, p.done, now_ms(), self.dedupe_ttl_ms)
                 for sid, (head_id, nx) in p.pins.items():
                     pipe.set(self.keys.affinity(sid), head_id, px=pin_ms, nx=nx)
                 first_change = len(pipe)

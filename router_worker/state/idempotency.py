@@ -1,0 +1,126 @@
+"""Idempotency marks kept in time-bucketed hashes, so a whole batch costs a handful of Redis commands.
+
+One string key per job attempt (``SET``/``GET`` each) made idempotency the router's largest Redis cost: about
+three commands per job. Here every mark of one time bucket is a field of one hash:
+
+| key | type | holds |
+|---|---|---|
+| ``{p}:claims:<bucket>`` | hash | idempotency key -> ``c|topic|partition|offset`` while a router holds its claim |
+| ``{p}:done:<bucket>`` | hash | idempotency key -> where it ended: ``d|routed|<head>``, ``d|retry|<n>``, ``d|dlq|…`` |
+
+A bucket spans one lifetime (``claim_ttl_ms`` for claims, ``dedupe_ttl_s`` for done marks) of the writer's clock.
+Writes go to the current bucket; reads look at the previous, current and next one, so a mark is found for at least
+one full lifetime (at most three) whatever bucket boundary lies between writer and reader, and routers whose
+clocks differ by less than a lifetime agree. Each hash expires three lifetimes after its last write. A batch's
+claims are one script call (reads of the six hashes, one ``HSET``, one ``PEXPIRE``); its done marks are one
+``HSET`` and one ``PEXPIRE``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from redis.asyncio import Redis
+
+from router_worker.state.keys import Keys
+
+# KEYS: claims of the previous, current and next bucket, then done marks of the same three buckets.
+# ARGV[1]: how long the current claims hash lives (ms); then field, wanted value pairs.
+# Returns per field 0 (mine: free, or claimed before by this same record), 1 (done), 2 (busy: another record's).
+CLAIM_LUA = """
+local n = (#ARGV - 1) / 2
+local fields = {}
+for i = 1, n do fields[i] = ARGV[2 * i] end
+local function found(keys_from, keys_to)
+  local seen = {}
+  for k = keys_from, keys_to do
+    for lo = 1, n, 1000 do
+      local hi = math.min(n, lo + 999)
+      local got = redis.call('HMGET', KEYS[k], unpack(fields, lo, hi))
+      for i = lo, hi do
+        local v = got[i - lo + 1]
+        if v and not seen[i] then seen[i] = v end
+      end
+    end
+  end
+  return seen
+end
+local done = found(4, 6)
+local claimed = found(1, 3)
+local out = {}
+local write = {}
+for i = 1, n do
+  local want = ARGV[2 * i + 1]
+  if done[i] then
+    out[i] = 1
+  elseif claimed[i] and claimed[i] ~= want then
+    out[i] = 2
+  else
+    out[i] = 0
+    write[#write + 1] = fields[i]
+    write[#write + 1] = want
+  end
+end
+for lo = 1, #write, 2000 do
+  redis.call('HSET', KEYS[2], unpack(write, lo, math.min(#write, lo + 1999)))
+end
+if #write > 0 then redis.call('PEXPIRE', KEYS[2], ARGV[1]) end
+return out
+"""
+
+LIFETIMES_KEPT = 3
+"""A hash expires this many lifetimes after its last write (it is read for up to two lifetimes after its own)."""
+
+
+def bucket_of(now_ms: int, span_ms: int) -> int:
+    return now_ms // span_ms
+
+
+def claims_key(keys: Keys, bucket: int) -> str:
+    return f"{keys.tag}:claims:{bucket}"
+
+
+def done_key(keys: Keys, bucket: int) -> str:
+    return f"{keys.tag}:done:{bucket}"
+
+
+def around(bucket: int) -> tuple[int, int, int]:
+    """The buckets a reader looks at: previous, current, next."""
+    return bucket - 1, bucket, bucket + 1
+
+
+def claim_keys(keys: Keys, now_ms: int, claim_span_ms: int, done_span_ms: int) -> list[str]:
+    """KEYS of :data:`CLAIM_LUA` (the current claims hash is the second)."""
+    return [claims_key(keys, b) for b in around(bucket_of(now_ms, claim_span_ms))] + [
+        done_key(keys, b) for b in around(bucket_of(now_ms, done_span_ms))
+    ]
+
+
+def queue_done(pipe: Any, keys: Keys, marks: Sequence[tuple[str, str]], now_ms: int, done_span_ms: int) -> None:
+    """Queue one batch's done marks on a pipeline: one HSET and one PEXPIRE, whatever the batch's size."""
+    if not marks:
+        return
+    key = done_key(keys, bucket_of(now_ms, done_span_ms))
+    flat: list[str] = []
+    for field, value in marks:
+        flat += (field, value)
+    pipe.hset(key, items=flat)
+    pipe.pexpire(key, LIFETIMES_KEPT * done_span_ms)
+
+
+async def read_done(redis: Redis, keys: Keys, fields: Sequence[str], now_ms: int, done_span_ms: int
+                    ) -> dict[str, str]:  # fmt: skip
+    """Where each of these idempotency keys ended, for the ones that ended (read-only; for tools)."""
+    if not fields:
+        return {}
+    async with redis.pipeline(transaction=False) as pipe:
+        for b in around(bucket_of(now_ms, done_span_ms)):
+            pipe.hmget(done_key(keys, b), list(fields))
+        answers: list[list[bytes | str | None]] = await pipe.execute()
+    out: dict[str, str] = {}
+    for got in answers:
+        for f, v in zip(fields, got, strict=True):
+            if v is not None and f not in out:
+                out[f] = v.decode() if isinstance(v, bytes) else v
+    return out

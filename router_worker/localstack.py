@@ -8,6 +8,7 @@ with this process even if it is killed, and are always stopped on exit, Ctrl-C a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import shutil
 import signal
@@ -151,21 +152,23 @@ def local_stack(workdir: str | Path | None = None) -> Iterator[LocalStack]:
             shutil.rmtree(wd, ignore_errors=True)
 
 
-async def wait_kafka_ready(bootstrap: str, within_s: float = 20.0) -> None:
-    """Wait until the broker answers metadata requests (the port opens a moment before)."""
-    from aiokafka.admin import AIOKafkaAdminClient
+async def wait_kafka_ready(bootstrap: str, within_s: float = 30.0) -> None:
+    """Wait until the broker takes a produce to a new topic. The port opens before metadata is answered, and a
+    just-started broker has answered NotLeaderForPartition to produces for a while after it answered metadata."""
+    from aiokafka import AIOKafkaProducer
 
     deadline = time.monotonic() + within_s
     last: Exception | None = None
     while time.monotonic() < deadline:
-        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=3000)
+        producer = AIOKafkaProducer(bootstrap_servers=bootstrap, request_timeout_ms=3000, enable_idempotence=False)
         try:
-            await admin.start()
-            await admin.list_topics()
+            await producer.start()
+            await asyncio.wait_for(producer.send_and_wait("__localstack_ready", b"ready"), 5.0)
             return
         except Exception as exc:
             last = exc
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(0.2)
         finally:
-            await admin.close()
+            with contextlib.suppress(Exception):
+                await producer.stop()
     raise LocalStackError(f"broker at {bootstrap} not ready: {last}")

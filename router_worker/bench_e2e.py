@@ -54,6 +54,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -104,6 +105,8 @@ class E2EConfig:
     baseline: bool = True
     drain_timeout_s: float | None = None
     """Longest drain; None: 30 s + 1 ms per job."""
+    profile_dir: Path | None = None
+    """Where py-spy writes a flame graph of each router process's drain (None: no profiling)."""
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -759,7 +762,70 @@ def _rate_between(timeline: Sequence[tuple[float, int]], total: int, lo: float, 
     return (hi - lo) * total / (b - a)
 
 
-def _spawn_group(kind: str, procs: int, lay: Layout, tag: str, workdir: Path, kids: list[Child]) -> None:
+def _profile(child: Child, out_dir: Path, spies: list[subprocess.Popen[bytes]]) -> None:
+    """Attach py-spy to a router for as long as it runs: its stacks, folded (``flamegraph.pl`` or speedscope draw
+    them; :func:`profile_top` ranks them)."""
+    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    if not Path(spy).exists():
+        raise BenchError("--profile needs py-spy: pip install py-spy")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    args = [spy, "record", "--pid", str(child.pid), "--rate", "200", "--format", "raw",
+            "--output", str(out_dir / f"{child.name}.folded")]  # fmt: skip
+    with open(out_dir / f"{child.name}.py-spy.log", "wb") as out:
+        proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+    spies.append(proc)
+
+
+def profile_top(folded: str, n: int = 15) -> tuple[list[tuple[str, float]], list[tuple[str, float]]]:
+    """The functions most often on CPU (self) and on the stack (inclusive), as shares of all samples, from
+    py-spy's folded stacks (``frame;frame;... count`` lines). Idle waits in the event loop's selector count
+    as samples too, so the shares say where a router's wall time goes."""
+    own: Counter[str] = Counter()
+    inclusive: Counter[str] = Counter()
+    total = 0
+    for line in folded.splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        k = int(count)
+        total += k
+        frames = [_short(f) for f in stack.split(";")]
+        own[frames[-1]] += k
+        for f in set(frames):
+            inclusive[f] += k
+    if not total:
+        return [], []
+    return ([(f, c / total) for f, c in own.most_common(n)],
+            [(f, c / total) for f, c in inclusive.most_common(n)])  # fmt: skip
+
+
+def _short(frame: str) -> str:
+    """``fn (path/to/module.py:123)`` -> ``fn (module.py)``: lines merged, so a function counts once."""
+    name, _, where = frame.partition(" (")
+    file = where.rsplit(":", 1)[0].rsplit("/", 1)[-1]
+    return f"{name} ({file})" if file else name
+
+
+@contextlib.contextmanager
+def _profilers() -> Iterator[list[subprocess.Popen[bytes]]]:
+    """py-spy processes: each writes its graph once its router exits (stopped first), or on SIGINT."""
+    spies: list[subprocess.Popen[bytes]] = []
+    try:
+        yield spies
+    finally:
+        for proc in spies:
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.send_signal(signal.SIGINT)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(15)
+            if proc.poll() is None:
+                proc.kill()
+
+
+def _spawn_group(kind: str, procs: int, lay: Layout, tag: str, workdir: Path, kids: list[Child],
+                 profile: tuple[Path, list[subprocess.Popen[bytes]]] | None = None) -> None:  # fmt: skip
     """Start ``procs`` counted routers, or one pipe, on the layout's topics; each is added to ``kids`` as soon
     as it runs, so it is stopped whatever happens next."""
     s = lay.settings
@@ -770,6 +836,8 @@ def _spawn_group(kind: str, procs: int, lay: Layout, tag: str, workdir: Path, ki
                             audit_file=str(workdir / f"audit-{tag}-{i}.log"))  # fmt: skip
             args = ["-m", "router_worker.bench_e2e", "router", "--counters", str(workdir / f"{tag}-{i}.json")]
             kids.append(_spawn(f"{tag}-{i}", args, env, workdir, port))
+            if profile is not None:
+                _profile(kids[-1], *profile)
         return
     env = child_env(s, log_level="WARNING")
     args = ["-m", "router_worker.bench_e2e", "pipe", "--source", lay.topics.requests,
@@ -823,10 +891,13 @@ async def _drain(kind: str, procs: int, base: Settings, redis: Redis, cfg: E2ECo
     try:
         async with arrivals(lay, DRAIN_FETCH_WAIT_MS) as reader:
             arr = reader.arr
-            with _children() as kids:
+            with _profilers() as spies, _children() as kids:
                 calls0 = await redis_commands(redis)
                 t_spawn = time.perf_counter()
-                _spawn_group(kind, procs, lay, tag, workdir, kids)
+                profile = (
+                    (cfg.profile_dir, spies) if cfg.profile_dir is not None and kind == "router" else None
+                )
+                _spawn_group(kind, procs, lay, tag, workdir, kids, profile)
                 watch = asyncio.create_task(_watch(kids))
                 try:
                     drained = asyncio.ensure_future(arr.wait_for(cfg.jobs, cfg.timeout_s))
@@ -1212,7 +1283,17 @@ def command(settings: Settings, cfg: E2EConfig, *, json_out: bool, plot_to: Path
         plot(report, plot_to)
         if not json_out:
             console.print(f"plot written to {plot_to}")
+    if cfg.profile_dir is not None and not json_out:
+        print_profiles(console, cfg.profile_dir)
     return report
+
+
+def print_profiles(console: Console, folder: Path) -> None:
+    for path in sorted(folder.glob("*.folded")):
+        own, inclusive = profile_top(path.read_text())
+        console.print(f"\n[bold]{path.name}[/]: share of samples (self | on the stack)")
+        for (f1, s1), (f2, s2) in zip(own, inclusive, strict=False):
+            console.print(f"  {s1:6.1%}  {f1:<60.60}  {s2:6.1%}  {f2}", soft_wrap=True)
 
 
 # --- the bare pipe (hidden entry point) -------------------------------------------------------------------

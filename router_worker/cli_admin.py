@@ -378,6 +378,10 @@ def bench(
         Path | None, typer.Option(help="e2e: draw drain and latency, router vs pipe, to this PNG "
                                   "(needs matplotlib: pip install 'router-worker[bench]').")
     ] = None,
+    profile: Annotated[
+        Path | None, typer.Option(help="e2e: write a py-spy flame graph of each router's drain to this folder "
+                                  "(needs py-spy).")
+    ] = None,
     config: ConfigOpt = None,
 ) -> None:  # fmt: skip
     """Benchmarks. decisions: routing decision time per strategy against a first-candidate baseline.
@@ -395,7 +399,8 @@ def bench(
             cfg = E2EConfig(jobs=jobs, heads=int(heads or 100), models=models, regions=regions,
                             payload_bytes=payload_bytes, latency_jobs=latency_jobs, rate=rate,
                             routers=tuple(int(x) for x in routers.split(",") if x.strip()),
-                            strategy=(strategy or ["least_loaded"])[0], baseline=baseline)  # fmt: skip
+                            strategy=(strategy or ["least_loaded"])[0], baseline=baseline,
+                            profile_dir=profile)  # fmt: skip
         except ValueError as exc:
             err.print(f"[red]error:[/] {escape(str(exc))}")
             raise typer.Exit(2) from exc

@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from consumers.worker import JobContext, ModelWorker, WorkerConfig
-from router_worker.admin import build_app, serve
+from router_worker.admin import router_app, serve
 from router_worker.metrics import Metrics
 from router_worker.pipeline.router import Router
 from router_worker.runtime import Runtime
@@ -26,8 +26,7 @@ async def run_router(rt: Runtime, router: Router) -> None:
     s = rt.settings
     runner = None
     if s.admin_port:
-        app = build_app(router.metrics, router.registry, router.policies, router.audit, router.router_id,
-                        s.admin_token, router.is_ready)  # fmt: skip
+        app = router_app(router, s)
         runner = await serve(app, s.admin_host, s.admin_port)
     try:
         await router.run()

@@ -9,16 +9,20 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 ENV_PREFIX = "ROUTER_"
 CONFIG_FILE_ENV = "ROUTER_CONFIG_FILE"
+
+
+_TOKEN_NAME = re.compile(r"[A-Za-z0-9._@-]{1,64}")
 
 
 class SettingsError(ValueError):
@@ -136,7 +140,19 @@ class Settings(BaseSettings):
     # --- Admin, audit, logs ------------------------------------------------------------------------------
     admin_host: str = "127.0.0.1"
     admin_port: int = Field(0, ge=0, le=65535, description="HTTP: /metrics, /healthz, admin API. 0: off.")
-    admin_token: str | None = Field(None, description="Bearer token the admin API requires.")
+    admin_token: SecretStr | None = Field(
+        None,
+        description="Bearer token of the admin API, named 'admin' (mutations are refused while no token is set).",
+    )
+    admin_tokens: Annotated[dict[str, SecretStr], NoDecode] = Field(
+        {},
+        description="More named admin API tokens: name=token,name=token; the name is the audit record's actor.",
+    )
+    admin_reads_public: bool = Field(
+        True,
+        description="Admin API reads without a token (false: they need one too). /metrics, /healthz, /readyz "
+        "and /openapi.json are always open.",
+    )
     audit_file: str = Field(
         "./var/log/routing_audit.log", description="Audit log file ('' to disable the file sink)."
     )
@@ -150,6 +166,37 @@ class Settings(BaseSettings):
     @classmethod
     def _empty_is_unset(cls, value: Any) -> Any:
         return None if value == "" else value
+
+    @field_validator("admin_tokens", mode="before")
+    @classmethod
+    def _named_tokens(cls, value: Any) -> Any:
+        """``name=token,name=token`` (the environment's form) to a mapping; a mapping (a file's) as it is."""
+        if not isinstance(value, str):
+            return value
+        if value.lstrip().startswith("{"):  # JSON, as pydantic-settings reads other mappings
+            try:
+                return json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"not valid JSON ({exc}); or use name=token,name=token") from None
+        out: dict[str, str] = {}
+        for item in filter(None, (part.strip() for part in value.split(","))):
+            name, sep, token = item.partition("=")
+            if not sep:
+                raise ValueError(f"expected name=token, got an item without '=' (item {len(out) + 1})")
+            if name.strip() in out:
+                raise ValueError(f"token name {name.strip()!r} given twice")
+            out[name.strip()] = token.strip()
+        return out
+
+    @field_validator("admin_tokens")
+    @classmethod
+    def _token_names(cls, value: dict[str, SecretStr]) -> dict[str, SecretStr]:
+        for name, token in value.items():
+            if not _TOKEN_NAME.fullmatch(name):
+                raise ValueError(f"token name {name!r} must be 1-64 of A-Z a-z 0-9 . _ @ -")
+            if not token.get_secret_value():
+                raise ValueError(f"token {name!r} is empty")
+        return value
 
     @field_validator("default_strategy")
     @classmethod
@@ -180,6 +227,13 @@ class Settings(BaseSettings):
                 f"claim_ttl_ms must outlast a batch's longest publish (2 x (publish_retry_max_s + "
                 f"kafka_request_timeout_ms) = {longest_publish_ms:.0f} ms), or a claim could lapse mid-publish"
             )
+        if self.admin_token is not None and "admin" in self.admin_tokens:
+            raise ValueError("admin_tokens names a token 'admin': that name is ROUTER_ADMIN_TOKEN's")
+        secrets = [t.get_secret_value() for t in self.admin_tokens.values()]
+        if self.admin_token is not None:
+            secrets.append(self.admin_token.get_secret_value())
+        if len(set(secrets)) < len(secrets):
+            raise ValueError("two admin tokens are equal: each name needs its own token (it is the actor)")
         if not self.redis_prefix or any(c in self.redis_prefix for c in "{}: "):
             raise ValueError("redis_prefix must be non-empty without '{', '}', ':' or spaces")
         return self

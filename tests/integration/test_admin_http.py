@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import aiohttp
+import orjson
 import pytest
 from redis.asyncio import Redis
 
 from producers.producer import JobProducer
-from router_worker.admin import build_app, serve
+from router_worker.admin import router_app, serve
 from router_worker.localstack import free_port
-from router_worker.settings import Settings
+from router_worker.settings import Settings, load_settings
 from tests.helpers import Served, make_router, make_worker, running, wait_until
 
 pytestmark = pytest.mark.integration
@@ -26,8 +27,7 @@ async def test_health_metrics_and_admin_api(settings: Settings, redis: Redis) ->
     served = Served()
     router = make_router(settings, redis)
     token = "s3cret"
-    app = build_app(router.metrics, router.registry, router.policies, router.audit, router.router_id, token,
-                    router.ready.is_set)  # fmt: skip
+    app = router_app(router, load_settings(**(settings.model_dump() | {"admin_token": token})))
     port = free_port()
     runner = await serve(app, "127.0.0.1", port)
     base = f"http://127.0.0.1:{port}"
@@ -66,6 +66,11 @@ async def test_health_metrics_and_admin_api(settings: Settings, redis: Redis) ->
                     auth = {"Authorization": f"Bearer {token}", "X-Actor": "alice"}
                     async with http.post(f"{base}/heads/h1/drain", headers=auth) as resp:
                         assert resp.status == 200
+                    with open(settings.audit_file, "rb") as f:
+                        drained = [r for r in map(orjson.loads, f) if r["event"] == "head_drained"]
+                    assert [(r["actor"], r["router_id"]) for r in drained] == [("admin", router.router_id)], (
+                        "the token's name is the actor, never a header the caller chose"
+                    )
                     async with http.put(
                         f"{base}/policy", headers=auth, json={"default_strategy": "nope"}
                     ) as resp:

@@ -434,3 +434,6 @@ def register(app: typer.Typer) -> None:
     app.add_typer(models_app, name="models")
     app.command("explain")(explain)
     app.command("bench")(bench)
+    from router_worker import cli_dlq
+
+    cli_dlq.register(app)

@@ -58,6 +58,8 @@ class Metrics:
         self.inflight_sends = Gauge("router_inflight_sends", "Publishes awaiting broker ack.", registry=r)
         self.dead_letters = Counter("dead_letters_total", "Dead letters published, by reason.", ["reason"],
                                     registry=r)  # fmt: skip
+        self.dead_letters_redriven = Counter("dead_letters_redriven_total", "Dead letters redriven to the "
+                                             "request topic, by reason.", ["reason"], registry=r)  # fmt: skip
         self.retries = Counter("retries_total", "Jobs sent to a retry tier, by tier.", ["tier"], registry=r)
         self.duplicates = Counter(
             "router_duplicates_total", "Records skipped as already handled.", registry=r

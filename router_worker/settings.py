@@ -132,6 +132,21 @@ class Settings(BaseSettings):
     max_attempts: int = Field(6, ge=1, description="Routing attempts before a job is dead-lettered.")
     dedupe_ttl_s: int = Field(86_400, ge=0, description="How long a routed job_id is remembered (0: off).")
 
+    # --- Circuit breakers (a policy's `breaker` section overrides these) ---------------------------------
+    breaker_enabled: bool = Field(True, description="Circuit breakers per head, shared by every router.")
+    breaker_window_s: float = Field(10.0, ge=0.5, le=3600, description="Window of outcomes a breaker counts.")
+    breaker_min_volume: int = Field(20, ge=1, description="Outcomes in the window before a breaker may open.")
+    breaker_error_threshold: float = Field(
+        0.5, gt=0.0, le=1.0, description="Failure share over the window that opens a head's breaker."
+    )
+    breaker_cooldown_s: float = Field(
+        30.0, ge=0, le=86_400, description="An open breaker stays open at least this long (never shortened)."
+    )
+    breaker_half_open_probes: int = Field(1, ge=1, le=1000, description="Jobs let through a half-open breaker.")
+    breaker_poll_ms: int = Field(
+        250, ge=10, le=60_000, description="How often a router re-reads breakers while nothing announced a change."
+    )
+
     # --- Heads -------------------------------------------------------------------------------------------
     head_ttl_ms: int = Field(5_000, ge=200, description="A head whose heartbeat is older is not a candidate.")
     head_heartbeat_ms: int = Field(1_000, ge=50)

@@ -37,7 +37,8 @@ class CandidateSet:
     excluded: tuple[tuple[str, str], ...] = ()
     region_fallback: bool = False
     min_expiry_ms: int = 0
-    heaps: dict[str, _Heap] = field(default_factory=dict)
+    heaps: dict[tuple[str, float], _Heap] = field(default_factory=dict)
+    """One lazy heap per (strategy, load limit): jobs of different priorities see different limits."""
     memo: dict[str, object] = field(default_factory=dict)
     """Per-set derived data strategies compute once (cumulative weights, hash ring, best latency)."""
 
@@ -62,7 +63,8 @@ class CandidateSet:
     def best(self, name: str, score: ScoreFn, mem: RouterMemory, limit: float, now_ms: int,
              rng: random.Random) -> Head | None:  # fmt: skip
         """The eligible head with the highest ``score``; ties broken at random. None: none eligible."""
-        heap = self.heaps.get(name)
+        hkey = (name, limit)
+        heap = self.heaps.get(hkey)
         heads = self.heads
         if heap is None or heap.epoch != mem.epoch:
             entries = []
@@ -71,7 +73,7 @@ class CandidateSet:
                     infl = mem.inflight(h)
                     entries.append((-score(h, infl / h.capacity), rng.random(), i, infl))
             heapq.heapify(entries)
-            heap = self.heaps[name] = _Heap(mem.epoch, entries)
+            heap = self.heaps[hkey] = _Heap(mem.epoch, entries)
         entries = heap.entries
         while entries:
             _neg, _tb, i, infl = entries[0]

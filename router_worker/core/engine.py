@@ -110,9 +110,12 @@ def _static_candidates(
     explain: bool,
     spec: ModelSpec | None = None,
     model: str = "",
+    blocked: Mapping[str, str] | None = None,
+    avoid: frozenset[str] = frozenset(),
 ) -> tuple[CandidateSet, ...]:
-    """Filters that depend only on the snapshot, the job's criteria and the policy (so they can be cached):
-    status, capabilities, quota, zero weight. ``geo_preferred`` gets one set per region tier, nearest first
+    """Filters that depend only on the snapshot, the job's criteria, the policy and the breakers (so they can
+    be cached): status, circuit breaker, heads that refused or failed this job, capabilities, quota, zero
+    weight. ``geo_preferred`` gets one set per region tier, nearest first
     (the preferred region, its fallbacks, then every other region), tried in order at decision time."""
     excluded: list[tuple[str, str]] = []
     meta = job.metadata or {}
@@ -123,6 +126,14 @@ def _static_candidates(
         if h.status is not HeadStatus.HEALTHY:
             if explain:
                 excluded.append((h.head_id, f"status {h.status.value}"))
+            continue
+        if blocked and h.head_id in blocked:
+            if explain:
+                excluded.append((h.head_id, blocked[h.head_id]))
+            continue
+        if avoid and h.head_id in avoid:
+            if explain:
+                excluded.append((h.head_id, "refused or failed this job before"))
             continue
         if meta:
             miss = capability_miss(h, meta)
@@ -247,8 +258,21 @@ def decide(
     rng: random.Random,
     attempt: int = 1,
     explain: bool = False,
+    avoid: frozenset[str] = frozenset(),
 ) -> Decision:
-    """Route one job. Never raises for a routable-looking job; every outcome is a Decision."""
+    """Route one job. Never raises for a routable-looking job; every outcome is a Decision.
+
+    ``avoid``: heads that refused or failed this job before (its nack said so); they are passed over while
+    any other head can take it, and tried again only when none can (better than no route at all)."""
+    if avoid:
+        d = _decide(job, index, policy, memory, now_ms, rng, attempt, explain, avoid)
+        if d.routed:
+            return d
+    return _decide(job, index, policy, memory, now_ms, rng, attempt, explain, frozenset())
+
+
+def _decide(job: Job, index: HeadIndex, policy: Policy, memory: RouterMemory, now_ms: int, rng: random.Random,
+            attempt: int, explain: bool, avoid: frozenset[str]) -> Decision:  # fmt: skip
     r = resolve_strategy(job, policy)
     if r.refused:
         return Decision(Outcome.REFUSED, r.strategy, r.refused, attempt=attempt)
@@ -258,25 +282,27 @@ def decide(
     excluded: list[tuple[str, str]] = []
     known = False
     saturated = False
-    limit = policy.max_load_threshold
+    limit = policy.load_limit(job.priority)
+    blocked = memory.blocked
     for tier, model in enumerate(models):
         heads = index.by_model.get(model)
         if not heads:
             continue
         known = True
-        key = (model, job.region, r.strategy, _meta_key(job), policy.version, id(policy))
+        key = (model, job.region, r.strategy, _meta_key(job), policy.version, id(policy), memory.breaker_epoch,
+               avoid)  # fmt: skip
         tiers = None if explain else index.cache.get(key)
         if tiers is None:
             index.misses += 1
             tiers = _static_candidates(
-                heads, job, r.strategy, policy, explain, index.models.get(model), model
+                heads, job, r.strategy, policy, explain, index.models.get(model), model, blocked, avoid
             )
             if not explain:
                 index.cache[key] = tiers
         else:
             index.hits += 1
         ctx = Context(job, policy, memory, now_ms, rng, policy.goal_for(model), index.profiles,
-                      index.models.get(model))  # fmt: skip
+                      index.models.get(model), limit)  # fmt: skip
         for cs in tiers:
             if explain:
                 excluded.extend(cs.excluded)
@@ -291,10 +317,13 @@ def decide(
             if explain:
                 excluded.extend(_dynamic_exclusions(cs, memory, limit, now_ms))
             prefix = r.note + (f"fallback model {model}; " if tier > 0 else "") if (r.note or tier) else ""
+            reason = prefix + pick.reason if prefix else pick.reason
+            if memory.probes and pick.head.head_id in memory.probes:
+                reason += "; half-open breaker probe"
             return Decision(
                 Outcome.ROUTED,
                 r.strategy,
-                prefix + pick.reason if prefix else pick.reason,
+                reason,
                 head=pick.head,
                 model_id=pick.head.model_id,
                 scores=pick.scores,
@@ -322,6 +351,15 @@ def record(decision: Decision, memory: RouterMemory, job: Job, policy: Policy, n
     model = job.model_type
     memory.rr_counters[model] = memory.rr_counters.get(model, 0) + 1
     memory.pending[head.head_id] = memory.pending.get(head.head_id, 0) + 1
+    probes = memory.probes
+    if probes and head.head_id in probes:  # a half-open probe: once the lease is spent, no more jobs go there
+        left = probes[head.head_id] - 1
+        if left > 0:
+            probes[head.head_id] = left
+        else:
+            del probes[head.head_id]
+            memory.blocked[head.head_id] = "circuit breaker half-open: probes in flight"
+            memory.breaker_epoch += 1
     if decision.sticky is not None:
         key, head_id = decision.sticky
         memory.affinity[key] = (head_id, now_ms + int(policy.affinity_timeout_s * 1000))

@@ -128,6 +128,19 @@ class RouterMemory:
     """session key -> (head id, expires at ms)."""
     epoch: int = 0
     """Bumped whenever ``pending`` is replaced from Redis: loads may have fallen, derived heaps rebuild."""
+    blocked: dict[str, str] = field(default_factory=dict)
+    """head id -> why it gets no jobs now: its circuit breaker is open (or half-open with no probe left)."""
+    probes: dict[str, int] = field(default_factory=dict)
+    """head id -> half-open probes this router holds a lease on: that many jobs may still go to it."""
+    breaker_epoch: int = 0
+    """Bumped whenever ``blocked`` or ``probes`` change: the cached candidate sets are rebuilt."""
+
+    def set_breakers(self, blocked: dict[str, str], probes: dict[str, int]) -> None:
+        """Replace the breaker view (from Redis); candidate sets are rebuilt only when it changed."""
+        if blocked != self.blocked or probes != self.probes:
+            self.blocked = blocked
+            self.probes = probes
+            self.breaker_epoch += 1
 
     def reset_pending(self, counts: dict[str, int]) -> None:
         self.pending = counts

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from enum import StrEnum
 from fnmatch import fnmatchcase
@@ -9,6 +10,9 @@ from functools import cached_property
 from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from router_worker.core.admission import Limit
+from router_worker.core.breaker import BreakerConfig
 
 STRATEGIES: tuple[str, ...] = (
     "round_robin",
@@ -102,6 +106,64 @@ class ABTest(_Strict):
         return self
 
 
+class BreakerPolicy(_Strict):
+    """Circuit breakers of every head (see ``core/breaker.py``). Absent from a policy: the router's settings
+    (``ROUTER_BREAKER_*``) apply."""
+
+    enabled: bool = True
+    window_s: Annotated[float, Field(ge=0.5, le=3600, description="Sliding window of outcomes counted.")] = (
+        10.0
+    )
+    min_volume: Annotated[int, Field(ge=1, description="Outcomes in the window before it may open.")] = 20
+    error_threshold: Annotated[float, Field(gt=0.0, le=1.0, description="Failure share that opens it.")] = 0.5
+    cooldown_s: Annotated[float, Field(ge=0, le=86_400, description="Open this long, at least.")] = 30.0
+    half_open_probes: Annotated[int, Field(ge=1, le=1000, description="Jobs let through half-open.")] = 1
+
+    def config(self) -> BreakerConfig:
+        return BreakerConfig(window_ms=int(self.window_s * 1000), min_volume=self.min_volume,
+                             error_threshold=self.error_threshold, cooldown_ms=int(self.cooldown_s * 1000),
+                             half_open_probes=self.half_open_probes)  # fmt: skip
+
+
+class RateLimit(_Strict):
+    """A token bucket: ``rate`` jobs per second, up to ``burst`` at once (default: one second's worth)."""
+
+    rate: Annotated[float, Field(gt=0, allow_inf_nan=False, description="Jobs per second.")]
+    burst: Annotated[int | None, Field(ge=1, description="Jobs at once after a quiet spell.")] = None
+
+    def limit(self) -> Limit:
+        return Limit(self.rate, self.burst or max(1, math.ceil(self.rate)))
+
+
+class AdmissionPolicy(_Strict):
+    """Token buckets per tenant and per model, shared by every router. A job over a limit waits in the retry
+    topics until its token is there; it is never dropped or dead-lettered for it. Jobs without a ``tenant``
+    have no tenant limit."""
+
+    tenant: RateLimit | None = None
+    """Default limit of every tenant (None: unlimited)."""
+    model: RateLimit | None = None
+    """Default limit of every model_type (None: unlimited)."""
+    tenants: dict[str, RateLimit | None] = Field(default_factory=dict)
+    """Per-tenant overrides (null: that tenant is unlimited)."""
+    models: dict[str, RateLimit | None] = Field(default_factory=dict)
+    """Per-model overrides (null: that model is unlimited)."""
+
+    @property
+    def active(self) -> bool:
+        return bool(self.tenant or self.model or any(self.tenants.values()) or any(self.models.values()))
+
+    def tenant_limit(self, tenant: str | None) -> Limit | None:
+        if not tenant:
+            return None
+        rl = self.tenants.get(tenant, self.tenant)
+        return rl.limit() if rl is not None else None
+
+    def model_limit(self, model: str) -> Limit | None:
+        rl = self.models.get(model, self.model)
+        return rl.limit() if rl is not None else None
+
+
 class Policy(_Strict):
     """Everything a router needs to decide. Validated on write; an invalid one never replaces a valid one."""
 
@@ -133,6 +195,14 @@ class Policy(_Strict):
     head_weights: dict[str, Annotated[float, Field(ge=0)]] = Field(default_factory=dict)
     adaptive_min_samples: Annotated[int, Field(ge=1)] = 5
     """Below this many samples the adaptive profile's confidence is low and load dominates."""
+    breaker: BreakerPolicy | None = None
+    """Circuit breakers of heads (None: the router's ``ROUTER_BREAKER_*`` settings)."""
+    admission: AdmissionPolicy = AdmissionPolicy()
+    """Rate limits per tenant and per model."""
+    priority_headroom: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
+    """Load share kept for higher-priority jobs: jobs with priority <= 0 (or none) stop at
+    ``max_load_threshold - priority_headroom``, negative priorities at twice that below; so as heads saturate,
+    lower-priority jobs are the ones held back first."""
 
     @cached_property
     def _rules(self) -> dict[str, Rule | None]:
@@ -166,6 +236,13 @@ class Policy(_Strict):
     def goal_for(self, model_type: str) -> Goal:
         rule = self.rule_for(model_type)
         return rule.goal if rule and rule.goal else self.goal
+
+    def load_limit(self, priority: int | None) -> float:
+        """The load threshold a job of ``priority`` sees (see ``priority_headroom``)."""
+        headroom = self.priority_headroom
+        if not headroom or (priority is not None and priority > 0):
+            return self.max_load_threshold
+        return self.max_load_threshold - headroom * (2 if priority is not None and priority < 0 else 1)
 
     def allows_override(self, strategy: str) -> bool:
         return self.allowed_overrides == "*" or strategy in self.allowed_overrides

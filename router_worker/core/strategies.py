@@ -38,10 +38,12 @@ class Context:
     """head id -> learned profile (adaptive)."""
     spec: ModelSpec | None = None
     """The registered characteristics of the model being routed, if any."""
+    load_limit: float | None = None
+    """The job's load threshold (the policy's, lowered for low priorities); None: the policy's."""
 
     @property
     def limit(self) -> float:
-        return self.policy.max_load_threshold
+        return self.policy.max_load_threshold if self.load_limit is None else self.load_limit
 
 
 Strategy = Callable[[CandidateSet, Context], Pick | None]

@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import math
+import random
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from router_worker.core.admission import Limit, model_key, retry_tier_for, schedule, tenant_key, tokens
+from router_worker.core.engine import HeadIndex, decide, record
+from router_worker.core.model import Outcome, RouterMemory
+from router_worker.core.policy import Policy
+from router_worker.state.policy_store import PolicyError, parse_policy
+from schemas.envelope import Job
+from tests.unit.core.sim import head
 
 T0 = 1_000_000.0
 A = tenant_key("acme")
@@ -121,3 +128,75 @@ def test_jobs_keep_their_order_and_the_first_burst_goes_now(lim: Limit, n: int) 
     _, at = schedule({}, {A: lim}, [[A]] * n, T0)
     assert at == sorted(at)
     assert sum(1 for t in at if t == T0) == min(n, lim.burst)
+
+
+# --- policy fields and priority ---------------------------------------------------------------------------------
+
+
+def test_policy_admission_defaults_and_overrides() -> None:
+    p = Policy.model_validate({"admission": {"tenant": {"rate": 10}, "tenants": {"acme": {"rate": 50, "burst": 5},
+                                                                                "vip": None},
+                                             "models": {"m": {"rate": 1000}}}})  # fmt: skip
+    a = p.admission
+    assert a.active
+    assert a.tenant_limit("acme") == Limit(50, 5)
+    assert a.tenant_limit("someone") == Limit(10, 10), "the default; burst defaults to one second's worth"
+    assert a.tenant_limit("vip") is None, "an override of null: unlimited"
+    assert a.tenant_limit(None) is None, "a job without a tenant has no tenant limit"
+    assert a.model_limit("m") == Limit(1000, 1000)
+    assert a.model_limit("other") is None
+    assert not Policy().admission.active
+
+
+@pytest.mark.parametrize(
+    ("doc", "field"),
+    [
+        ({"admission": {"tenant": {"rate": 0}}}, "admission.tenant.rate"),
+        ({"admission": {"tenants": {"a": {"rate": 1, "burst": 0}}}}, "admission.tenants.a.burst"),
+        ({"admission": {"tenant": {"rate": 1, "brust": 3}}}, "admission.tenant.brust"),
+        ({"breaker": {"error_threshold": 1.5}}, "breaker.error_threshold"),
+        ({"breaker": {"half_open_probes": 0}}, "breaker.half_open_probes"),
+        ({"breaker": {"window_s": 0.1}}, "breaker.window_s"),
+        ({"priority_headroom": 1.0}, "priority_headroom"),
+    ],
+)
+def test_bad_fault_fields_are_refused_naming_the_field(doc: dict[str, object], field: str) -> None:
+    with pytest.raises(PolicyError, match=field.replace(".", r"\.")):
+        parse_policy(doc)
+
+
+def _saturating(priority: int | None, headroom: float) -> int:
+    """Jobs of ``priority`` routed to one head of capacity 10 before the router holds them back."""
+    policy = Policy(max_load_threshold=1.0, priority_headroom=headroom)
+    index = HeadIndex.build([head("h", capacity=10)])
+    mem = RouterMemory()
+    n = 0
+    for i in range(20):
+        job = Job(job_id=f"j{i}", model_type="m", priority=priority)
+        d = decide(job, index, policy, mem, 1_000, random.Random(i))
+        if not d.routed:
+            assert d.outcome is Outcome.SATURATED
+            break
+        record(d, mem, job, policy, 1_000)
+        n += 1
+    return n
+
+
+def test_lower_priority_jobs_are_held_first_as_heads_saturate() -> None:
+    assert _saturating(1, 0.2) == 10
+    assert _saturating(None, 0.2) == 8
+    assert _saturating(0, 0.2) == 8
+    assert _saturating(-3, 0.2) == 6
+    assert _saturating(None, 0.0) == 10, "no headroom (the default): priority changes nothing"
+
+
+def test_a_high_priority_job_still_goes_where_low_priority_ones_are_held() -> None:
+    policy = Policy(max_load_threshold=1.0, priority_headroom=0.3)
+    index = HeadIndex.build([head("h", capacity=10)])
+    mem = RouterMemory(pending={"h": 8})
+    low = decide(Job(job_id="low", model_type="m"), index, policy, mem, 1_000, random.Random(1))
+    high = decide(Job(job_id="high", model_type="m", priority=5), index, policy, mem, 1_000, random.Random(1))
+    again = decide(Job(job_id="low2", model_type="m"), index, policy, mem, 1_000, random.Random(1))
+    assert low.outcome is Outcome.SATURATED
+    assert high.routed
+    assert again.outcome is Outcome.SATURATED

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -20,6 +22,12 @@ from router_worker.core.breaker import (
     routable,
     window_counts,
 )
+from router_worker.core.engine import HeadIndex, decide
+from router_worker.core.engine import record as record_decision
+from router_worker.core.model import Outcome, RouterMemory
+from router_worker.core.policy import STRATEGIES, Policy
+from schemas.envelope import Job
+from tests.unit.core.sim import head as sim_head
 
 CFG = BreakerConfig(
     window_ms=10_000, min_volume=10, error_threshold=0.5, cooldown_ms=5_000, half_open_probes=2
@@ -230,3 +238,74 @@ def test_window_counts_equal_a_brute_force_sum(
     want_err = sum(e for t, _, e in events if t - t % BUCKET_MS + BUCKET_MS > lo)
     assert window_counts(b, cfg, now) == (want_ok, want_err)
     assert window_counts(prune(b, cfg, now), cfg, now) == (want_ok, want_err)
+
+
+# --- the engine honours breakers and a job's excluded heads ---------------------------------------------------
+
+
+def _engine() -> tuple[HeadIndex, RouterMemory, Policy]:
+    return HeadIndex.build([sim_head("bad"), sim_head("good")]), RouterMemory(), Policy()
+
+
+def test_an_open_breaker_takes_its_head_out_of_every_strategy_and_explain_says_so() -> None:
+    index, mem, policy = _engine()
+    mem.set_breakers({"bad": "circuit breaker open until 123"}, {})
+    for name in STRATEGIES:
+        p = policy.model_copy(update={"default_strategy": name})
+        for i in range(20):
+            d = decide(Job(job_id=f"j{i}", model_type="m"), index, p, mem, T0, random.Random(i))
+            assert d.head is not None
+            assert d.head.head_id == "good", name
+    d = decide(Job(job_id="x", model_type="m"), index, policy, mem, T0, random.Random(1), explain=True)
+    assert ("bad", "circuit breaker open until 123") in d.excluded
+
+
+def test_a_breaker_view_change_rebuilds_cached_candidates() -> None:
+    index, mem, policy = _engine()
+    job = Job(job_id="x", model_type="m", strategy="random")
+
+    def picks() -> set[str]:
+        out = set()
+        for i in range(30):
+            d = decide(job, index, policy, mem, T0, random.Random(i))
+            assert d.head is not None
+            out.add(d.head.head_id)
+        return out
+
+    assert picks() == {"bad", "good"}
+    mem.set_breakers({"bad": "open"}, {})
+    assert picks() == {"good"}
+    mem.set_breakers({}, {})
+    assert picks() == {"bad", "good"}
+
+
+def test_half_open_probes_let_exactly_the_leased_number_of_jobs_through() -> None:
+    index = HeadIndex.build([sim_head("bad", capacity=1000)])
+    mem = RouterMemory()
+    mem.set_breakers({}, {"bad": 2})
+    policy = Policy()
+    routed = []
+    for i in range(5):
+        job = Job(job_id=f"j{i}", model_type="m")
+        d = decide(job, index, policy, mem, T0, random.Random(i))
+        if d.routed:
+            assert "half-open breaker probe" in d.reason
+            record_decision(d, mem, job, policy, T0)
+            routed.append(job.job_id)
+        else:
+            assert d.outcome is Outcome.NO_CAPACITY
+    assert routed == ["j0", "j1"]
+    assert "bad" in mem.blocked
+
+
+def test_heads_a_job_was_refused_or_failed_by_are_passed_over_while_another_can_take_it() -> None:
+    index, mem, policy = _engine()
+    for i in range(20):
+        d = decide(Job(job_id=f"j{i}", model_type="m"), index, policy, mem, T0, random.Random(i),
+                   avoid=frozenset({"bad"}))  # fmt: skip
+        assert d.head is not None
+        assert d.head.head_id == "good"
+    only_bad = HeadIndex.build([sim_head("bad")])
+    d = decide(Job(job_id="j", model_type="m"), only_bad, policy, mem, T0, random.Random(1),
+               avoid=frozenset({"bad"}))  # fmt: skip
+    assert d.head is not None, "no other head: the excluded one is tried again rather than no route at all"

@@ -777,9 +777,9 @@ def _profile(child: Child, out_dir: Path, spies: list[subprocess.Popen[bytes]]) 
 
 
 def profile_top(folded: str, n: int = 15) -> tuple[list[tuple[str, float]], list[tuple[str, float]]]:
-    """The functions most often on CPU (self) and on the stack (inclusive), as shares of all samples, from
-    py-spy's folded stacks (``frame;frame;... count`` lines). Idle waits in the event loop's selector count
-    as samples too, so the shares say where a router's wall time goes."""
+    """The functions most often on CPU (self) and, of the project's own, on the stack (inclusive), as shares of
+    all samples, from py-spy's folded stacks (``frame;frame;... count`` lines). py-spy samples a process only
+    while it is not idle, so these are shares of the router's CPU time, start-up included."""
     own: Counter[str] = Counter()
     inclusive: Counter[str] = Counter()
     total = 0
@@ -789,14 +789,19 @@ def profile_top(folded: str, n: int = 15) -> tuple[list[tuple[str, float]], list
             continue
         k = int(count)
         total += k
-        frames = [_short(f) for f in stack.split(";")]
-        own[frames[-1]] += k
-        for f in set(frames):
+        frames = stack.split(";")
+        own[_short(frames[-1])] += k
+        for f in {_short(f) for f in frames if any(m in f for m in _OURS)}:
             inclusive[f] += k
     if not total:
         return [], []
     return ([(f, c / total) for f, c in own.most_common(n)],
             [(f, c / total) for f, c in inclusive.most_common(n)])  # fmt: skip
+
+
+_OURS = ("/router_worker/", "/schemas/", "/consumers/", "/producers/")
+"""Inclusive shares are listed for the project's own functions only (the frames above them are the same
+wrappers in every sample)."""
 
 
 def _short(frame: str) -> str:

@@ -1,0 +1,22 @@
+"""`bench e2e --profile`: py-spy's folded stacks ranked by self and inclusive share."""
+
+from __future__ import annotations
+
+from router_worker.bench_e2e import profile_top
+
+FOLDED = """\
+main (/x/bench_e2e.py:10);process (/x/router_worker/pipeline/router.py:300);plan (/x/plan.py:5) 6
+main (/x/bench_e2e.py:10);process (/x/router_worker/pipeline/router.py:301);publish (/x/publish.py:9) 3
+main (/x/bench_e2e.py:11);select (/usr/lib/selectors.py:468) 1
+garbage line without a count
+"""
+
+
+def test_shares_merge_lines_of_one_function_and_sum_to_one() -> None:
+    own, inclusive = profile_top(FOLDED)
+    assert own == [("plan (plan.py)", 0.6), ("publish (publish.py)", 0.3), ("select (selectors.py)", 0.1)]
+    assert dict(inclusive) == {"process (router.py)": 0.9}, "the project's own; two lines of it count once"
+
+
+def test_an_empty_profile_has_no_entries() -> None:
+    assert profile_top("") == ([], [])

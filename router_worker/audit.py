@@ -1,18 +1,28 @@
 """Audit records: one JSON object per decision, fallback, retry, dead letter and admin operation, published
-to the Redis channel ``audit:routing:logs`` and appended as one line to a rotating log file.
+to the Redis channel ``audit:routing:logs``, appended as one line to a rotating log file, and kept in a capped
+Redis stream so ``router-worker audit tail --since`` can replay what happened before anyone was tailing.
 
-The router hands a whole batch of records to :meth:`AuditSink.emit_many`: one pipelined round trip and one
-file write per batch, never per job. Audit is best effort by design: a Redis outage is counted and logged
-once, it does not stop routing (the log file still has every record).
+The router hands a whole batch of records to :meth:`AuditSink.emit_many` (or queues them on its own pipeline
+with :meth:`AuditSink.publish_into`): one pipelined round trip and one file write per batch, never per job.
+The stream gets ONE entry per batch (field ``r``: the batch's JSON lines joined by newlines), so replay costs
+Redis one command per batch, not per record. Audit is best effort by design: a Redis outage is counted and
+logged once, it does not stop routing (the log file still has every record).
+
+Decision records (event ``route``) can be sampled (``ROUTER_AUDIT_SAMPLE``), deterministically by job id, so
+every router keeps or drops the same job's record; fallbacks, retries, dead letters and admin operations are
+always written.
 """
 
 from __future__ import annotations
 
+import getpass
 import logging
 import logging.handlers
+import os
+import zlib
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from redis.asyncio import Redis
@@ -21,7 +31,50 @@ from redis.exceptions import RedisError
 from router_worker.clock import now_ms
 from router_worker.core.model import Decision
 
+if TYPE_CHECKING:
+    from router_worker.settings import Settings
+
 log = logging.getLogger(__name__)
+
+STREAM_FIELD = "r"
+"""The stream entry's one field: the batch's records, JSON lines joined by ``\\n``."""
+STREAM_ENTRY_MAX_RECORDS = 1000
+"""Most records in one stream entry (a batch is one entry; a backlog written after an outage is several)."""
+SAMPLED_EVENTS = frozenset({"route"})
+"""The only events ``ROUTER_AUDIT_SAMPLE`` may drop: plain decisions. Everything else is always kept."""
+MODEL_FALLBACK = "model_fallback"
+REGION_FALLBACK = "region_fallback"
+
+
+def audit_stream_key(redis_prefix: str) -> str:
+    """The deployment's audit stream, under its hash tag like every other key (``state/keys.py``)."""
+    return "{" + redis_prefix + "}:audit"
+
+
+def os_actor() -> str:
+    """Who runs a CLI admin command: the OS user (the actor of its audit record)."""
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # a container user with no passwd entry and no USER/LOGNAME
+        return f"uid:{os.getuid()}"
+
+
+def keep_decision(job_id: str, sample: float) -> bool:
+    """Whether a sampled decision record is kept: the same answer for a job id in every router and run."""
+    if sample >= 1.0:
+        return True
+    if sample <= 0.0:
+        return False
+    return zlib.crc32(job_id.encode()) < sample * 4294967296.0
+
+
+def fallback_kind(decision: Decision) -> str | None:
+    """Why a routed decision is a fallback: another model of the policy's ``fallback_models``
+    (``model_fallback``) or a head outside the job's preferred region (``region_fallback``); None otherwise.
+    The engine marks a model fallback in the reason (``fallback model <id>; ...``)."""
+    if not decision.fallback:
+        return None
+    return MODEL_FALLBACK if "fallback model " in decision.reason else REGION_FALLBACK
 
 
 def audit_record(event: str, router_id: str, **fields: Any) -> dict[str, Any]:
@@ -31,7 +84,7 @@ def audit_record(event: str, router_id: str, **fields: Any) -> dict[str, Any]:
 
 
 def decision_record(decision: Decision, router_id: str, job_id: str, model_type: str,
-                    region: str | None, ts: int) -> dict[str, Any]:  # fmt: skip
+                    region: str | None, ts: int, tenant: str | None = None) -> dict[str, Any]:  # fmt: skip
     event = "route" if decision.routed else decision.outcome.value
     if decision.routed and decision.fallback:
         event = "route_fallback"
@@ -46,8 +99,12 @@ def decision_record(decision: Decision, router_id: str, job_id: str, model_type:
         "attempt": decision.attempt,
         "fallback": decision.fallback,
     }
+    if decision.fallback:
+        rec["fallback_reason"] = fallback_kind(decision)
     if region:
         rec["region"] = region
+    if tenant:
+        rec["tenant"] = tenant
     if decision.head is not None:
         rec["head_id"] = decision.head.head_id
         rec["model_id"] = decision.head.model_id
@@ -57,9 +114,14 @@ def decision_record(decision: Decision, router_id: str, job_id: str, model_type:
 
 class AuditSink:
     def __init__(self, redis: Redis | None, channel: str, file_path: str | None, max_bytes: int = 50 << 20,
-                 backups: int = 5) -> None:  # fmt: skip
+                 backups: int = 5, *, stream: str | None = None, stream_maxlen: int = 0,
+                 sample: float = 1.0) -> None:  # fmt: skip
         self.redis = redis
         self.channel = channel
+        self.stream = stream if stream and stream_maxlen > 0 else None
+        """The capped stream records are replayed from (None: no stream)."""
+        self.stream_maxlen = stream_maxlen
+        self.sample = sample
         self.failures = 0
         self._file: logging.Logger | None = None
         self._handler: logging.Handler | None = None
@@ -74,21 +136,45 @@ class AuditSink:
             file_logger.propagate = False
             self._file, self._handler = file_logger, handler
 
+    @classmethod
+    def from_settings(cls, redis: Redis | None, s: Settings, with_file: bool = True) -> AuditSink:
+        return cls(redis, s.audit_channel, s.audit_file if with_file else None, s.audit_file_max_bytes,
+                   s.audit_file_backups, stream=audit_stream_key(s.redis_prefix),
+                   stream_maxlen=s.audit_stream_maxlen, sample=s.audit_sample)  # fmt: skip
+
     async def emit(self, event: str, router_id: str, **fields: Any) -> dict[str, Any]:
         rec = audit_record(event, router_id, **fields)
         await self.emit_many((rec,))
         return rec
 
+    def _kept(self, records: Iterable[Mapping[str, Any]]) -> Iterable[Mapping[str, Any]]:
+        sample = self.sample
+        if sample >= 1.0:
+            return records
+        return (r for r in records
+                if r.get("event") not in SAMPLED_EVENTS or keep_decision(str(r.get("job_id", "")), sample))  # fmt: skip
+
     def write_file(self, records: Iterable[Mapping[str, Any]]) -> list[bytes]:
-        """Append the records to the log file (one write); return them encoded for publishing."""
-        lines = [orjson.dumps(r) for r in records]
+        """Append the records (sampled) to the log file, one write; return them encoded for publishing."""
+        lines = [orjson.dumps(r) for r in self._kept(records)]
         if lines and self._file is not None:
             self._file.info(b"\n".join(lines).decode())
         return lines
 
     def publish_into(self, pipe: Any, lines: Iterable[bytes]) -> None:
-        """Queue the encoded records on a pipeline the caller executes (shares its round trip)."""
-        for line in lines:
+        """Queue the encoded records on a pipeline the caller executes (shares its round trip): one stream
+        entry for the lot (``XADD ... MAXLEN ~``; one per thousand records for a backlog), then one channel
+        message per record. The entry goes first, so a record is on the channel only once it can be
+        replayed."""
+        batch = lines if isinstance(lines, list) else list(lines)
+        if not batch:
+            return
+        if self.stream is not None:
+            step = STREAM_ENTRY_MAX_RECORDS
+            for i in range(0, len(batch), step):
+                pipe.xadd(self.stream, {STREAM_FIELD: b"\n".join(batch[i : i + step])},
+                          maxlen=self.stream_maxlen, approximate=True)  # fmt: skip
+        for line in batch:
             pipe.publish(self.channel, line)
 
     def publish_failed(self, exc: BaseException) -> None:

@@ -1,4 +1,4 @@
-"""Operator commands: heads, policy, audit tail, explain, bench. They talk to a running deployment."""
+"""Operator commands: heads, policy, explain, bench (audit tail: cli_audit). They talk to a running deployment."""
 
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
+from router_worker import cli_audit
+from router_worker.audit import os_actor
 from router_worker.cli import ConfigOpt, _run, _settings, console, err
 from router_worker.clock import now_ms
 from router_worker.core.model import Head, HeadStatus
@@ -28,11 +30,13 @@ from router_worker.topics import Topics
 
 heads_app = typer.Typer(help="List, register, drain and remove heads.", no_args_is_help=True)
 policy_app = typer.Typer(help="Show, set and validate the routing policy.", no_args_is_help=True)
-audit_app = typer.Typer(help="Follow the audit channel.", no_args_is_help=True)
 models_app = typer.Typer(help="Register models with their characteristics (what heads they need).",
                          no_args_is_help=True)  # fmt: skip
 
 OPERATOR = "cli"
+"""The router_id of records the CLI writes."""
+ACTOR = os_actor()
+"""Who did it: the OS user running the command."""
 
 
 def _registry(rt: Runtime) -> HeadRegistry:
@@ -125,7 +129,7 @@ def heads_register(
             rec = HeadRecord(head_id, model, region, capacity, partition, backend=backend)
             await _registry(rt).register(rec)
             await rt.audit().emit(
-                "head_registered", OPERATOR, head_id=head_id, model_id=model, actor=OPERATOR
+                "head_registered", OPERATOR, head_id=head_id, model_id=model, actor=ACTOR
             )
         console.print(f"registered {head_id}")
 
@@ -137,13 +141,13 @@ def _admin_op(config: Path | None, head_id: str, op: str) -> None:
         async with runtime(_settings(config), allow_embedded=False) as rt:
             reg = _registry(rt)
             if op == "drain":
-                ok = await reg.set_status(head_id, HeadStatus.DRAINING, OPERATOR)
+                ok = await reg.set_status(head_id, HeadStatus.DRAINING, ACTOR)
                 event = "head_drained"
             else:
-                ok = await reg.remove(head_id, OPERATOR)
+                ok = await reg.remove(head_id, ACTOR)
                 event = "head_removed"
             if ok:
-                await rt.audit().emit(event, OPERATOR, head_id=head_id, actor=OPERATOR)
+                await rt.audit().emit(event, OPERATOR, head_id=head_id, actor=ACTOR)
             return ok
 
     if not _run(main):
@@ -186,8 +190,8 @@ def models_register(
 
     async def main() -> None:
         async with runtime(_settings(config), allow_embedded=False) as rt:
-            await ModelCatalog(rt.redis, Keys(rt.settings.redis_prefix)).register(spec, OPERATOR)
-            await rt.audit().emit("model_registered", OPERATOR, model_id=model_id, actor=OPERATOR)
+            await ModelCatalog(rt.redis, Keys(rt.settings.redis_prefix)).register(spec, ACTOR)
+            await rt.audit().emit("model_registered", OPERATOR, model_id=model_id, actor=ACTOR)
 
     _run(main)
     console.print(f"registered model {model_id}")
@@ -248,8 +252,8 @@ def policy_set(
     async def main() -> int:
         async with runtime(_settings(config), allow_embedded=False) as rt:
             store = PolicyStore.for_settings(rt.redis, rt.settings)
-            stored = await store.set(policy, expect_version, actor=OPERATOR)
-            await rt.audit().emit("policy_changed", OPERATOR, actor=OPERATOR, version=stored.version,
+            stored = await store.set(policy, expect_version, actor=ACTOR)
+            await rt.audit().emit("policy_changed", OPERATOR, actor=ACTOR, version=stored.version,
                                   strategy=stored.default_strategy)  # fmt: skip
             return stored.version
 
@@ -259,34 +263,6 @@ def policy_set(
         err.print(f"[red]refused:[/] {exc}")
         raise typer.Exit(1) from exc
     console.print(f"policy version {version} in force")
-
-
-@audit_app.command("tail")
-def audit_tail(
-    count: Annotated[
-        int, typer.Option("--count", "-n", help="Stop after N records (0: follow forever).")
-    ] = 0,
-    event: Annotated[str | None, typer.Option(help="Only this event type.")] = None,
-    config: ConfigOpt = None,
-) -> None:
-    """Print audit records from the Redis channel as they are published (one JSON object a line)."""
-
-    async def main() -> None:
-        async with runtime(_settings(config), allow_embedded=False) as rt:
-            pubsub = rt.redis.pubsub(ignore_subscribe_messages=True)
-            await pubsub.subscribe(rt.settings.audit_channel)
-            seen = 0
-            async for msg in pubsub.listen():
-                data = msg["data"]
-                if event and orjson.loads(data).get("event") != event:
-                    continue
-                print(data, flush=True)
-                seen += 1
-                if count and seen >= count:
-                    break
-            await pubsub.aclose()  # type: ignore[no-untyped-call]
-
-    _run(main)
 
 
 def explain(
@@ -430,7 +406,7 @@ def register(app: typer.Typer) -> None:
         return
     app.add_typer(heads_app, name="heads")
     app.add_typer(policy_app, name="policy")
-    app.add_typer(audit_app, name="audit")
+    cli_audit.register(app)
     app.add_typer(models_app, name="models")
     app.command("explain")(explain)
     app.command("bench")(bench)

@@ -23,9 +23,7 @@ class Runtime:
     stack: LocalStack | None
 
     def audit(self, with_file: bool = True) -> AuditSink:
-        s = self.settings
-        return AuditSink(self.redis, s.audit_channel, s.audit_file if with_file else None, s.audit_file_max_bytes,
-                         s.audit_file_backups)  # fmt: skip
+        return AuditSink.from_settings(self.redis, self.settings, with_file)
 
 
 def make_redis(url: str, timeout_s: float | None = 5.0) -> Redis:

@@ -175,6 +175,19 @@ class Settings(BaseSettings):
     audit_file_max_bytes: int = Field(50 * 1024 * 1024, ge=1024)
     audit_file_backups: int = Field(5, ge=0)
     audit_decisions: bool = Field(True, description="Audit every routing decision (not only admin events).")
+    audit_stream_maxlen: int = Field(
+        10_000,
+        ge=0,
+        description="Entries (one per routed batch) kept, approximately, in the Redis stream `audit tail "
+        "--since` replays (0: no stream).",
+    )
+    audit_sample: float = Field(
+        1.0,
+        ge=0.0,
+        le=1.0,
+        description="Share of plain decision records audited, chosen by job id (fallbacks, retries, dead "
+        "letters and admin operations are always audited).",
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @field_validator("kafka_bootstrap_servers", "redis_url", "router_id", "admin_token", mode="before")

@@ -106,6 +106,8 @@ class Routed(_Outcome):
     """(session, head) when the decision pinned a session."""
     new_pin: bool = False
     """The session had no pin: written only if still absent, so of two routers racing the first wins."""
+    fallback: str | None = None
+    """Why the decision fell back (``model_fallback``, ``region_fallback``; see ``audit.fallback_kind``)."""
 
 
 @dataclass(slots=True)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any
 
-from router_worker.audit import decision_record
+from router_worker.audit import decision_record, fallback_kind
 from router_worker.core.engine import HeadIndex, decide, record
 from router_worker.core.model import Decision, Outcome, RouterMemory
 from router_worker.core.policy import Policy
@@ -76,6 +76,8 @@ def dead_letter(inc: Incoming, reason: DeadLetterReason, detail: str, cfg: PlanC
     if job is not None:
         audit["job_id"] = job.job_id
         audit["model_type"] = job.model_type
+        if job.tenant:
+            audit["tenant"] = job.tenant
     if value is not inc.value:
         audit["truncated"] = len(inc.value or b"")
     return DeadLettered(inc, Send(cfg.topics.dlq, value, key, None, headers), audit, reason=reason,
@@ -97,6 +99,8 @@ def _retry_or_dead(inc: Incoming, job: Job, d: Decision, cfg: PlanConfig, now: i
     audit = {"ts": now, "event": "retry", "router_id": cfg.router_id, "job_id": job.job_id,
              "model_type": job.model_type, "strategy": d.strategy, "reason": d.reason, "attempt": attempt,
              "tier": tier, "not_before": not_before}  # fmt: skip
+    if job.tenant:
+        audit["tenant"] = job.tenant
     send = Send(cfg.topics.retry(tier), inc.value, inc.key, None, headers)
     return Retried(inc, send, audit, tier=tier)
 
@@ -163,12 +167,13 @@ def plan(parts: Parts, claims: Mapping[str, Claim], index: HeadIndex, policy: Po
                 headers = routed_headers(inc.headers, job.job_id, d, inc.content_type, now)
                 send = Send(cfg.topics.model(head.model_id), inc.value, inc.key, head.partition, headers)
                 audit = (
-                    decision_record(d, cfg.router_id, job.job_id, job.model_type, job.region, now)
+                    decision_record(d, cfg.router_id, job.job_id, job.model_type, job.region, now, job.tenant)
                     if cfg.audit_decisions
                     else None
                 )
                 outcomes.append(Routed(inc, send, audit, head_id=head.head_id, region=head.region,
-                                       strategy=d.strategy, pin=d.sticky, new_pin=new_pin))  # fmt: skip
+                                       strategy=d.strategy, pin=d.sticky, new_pin=new_pin,
+                                       fallback=fallback_kind(d)))  # fmt: skip
             elif d.outcome is Outcome.REFUSED:
                 outcomes.append(dead_letter(inc, DeadLetterReason.SCHEMA_ERROR, d.reason, cfg, now))
             else:

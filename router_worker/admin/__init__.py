@@ -26,7 +26,18 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from router_worker.admin.api import Access, ApiError, Route, RouteGroup, add_group, new_app
+from router_worker.admin.api import (
+    Access,
+    ApiError,
+    Route,
+    RouteGroup,
+    actor,
+    add_group,
+    error_reply,
+    json_reply,
+    new_app,
+    require_token,
+)
 from router_worker.admin.auth import AdminAuth
 from router_worker.admin.routes import audit_group, explain_group, heads_group, policy_group, system_group
 from router_worker.metrics import Metrics
@@ -36,8 +47,8 @@ from router_worker.settings import Settings
 if TYPE_CHECKING:
     from router_worker.pipeline.router import Router
 
-__all__ = ["Access", "AdminAuth", "AdminOps", "ApiError", "Route", "RouteGroup", "add_group", "build_app",
-           "router_app", "serve"]  # fmt: skip
+__all__ = ["Access", "AdminAuth", "AdminOps", "ApiError", "Route", "RouteGroup", "actor", "add_group",
+           "build_app", "error_reply", "json_reply", "require_token", "router_app", "serve"]  # fmt: skip
 
 
 def _no_invalid_heads() -> Mapping[str, str]:

@@ -147,20 +147,25 @@ def _needs_token(access: Access, auth: AdminAuth) -> bool:
     return access is Access.MUTATION or (access is Access.READ and not auth.reads_public)
 
 
+def require_token(request: web.Request, what: str = "changes") -> str:
+    """The name of the configured token the request carries; else 401 (a missing or unknown token) or 503
+    (no token configured at all). The guard calls it for every route that needs a token; a handler that
+    needs one for part of its work may call it too."""
+    auth = request.app[AUTH]
+    if not auth.enabled:
+        raise ApiError(503, f"admin API {what} are refused: no admin token is configured ({HOW_TO_SET})")
+    name = auth.identify(request.headers.get("Authorization"))
+    if name is None:
+        raise ApiError(401, f"admin API {what} need 'Authorization: Bearer <token>' with a configured token",
+                       headers={"WWW-Authenticate": 'Bearer realm="router-worker admin"'})  # fmt: skip
+    request[ACTOR] = name
+    return name
+
+
 def _guard(route: Route) -> Handler:
     async def guarded(request: web.Request) -> web.StreamResponse:
-        auth = request.app[AUTH]
-        if _needs_token(route.access, auth):
-            what = "changes" if route.access is Access.MUTATION else "reads"
-            if not auth.enabled:
-                raise ApiError(
-                    503, f"admin API {what} are refused: no admin token is configured ({HOW_TO_SET})"
-                )
-            name = auth.identify(request.headers.get("Authorization"))
-            if name is None:
-                raise ApiError(401, f"admin API {what} need 'Authorization: Bearer <token>' with a configured token",
-                               headers={"WWW-Authenticate": 'Bearer realm="router-worker admin"'})  # fmt: skip
-            request[ACTOR] = name
+        if _needs_token(route.access, request.app[AUTH]):
+            require_token(request, "changes" if route.access is Access.MUTATION else "reads")
         return await route.handler(request)
 
     return guarded

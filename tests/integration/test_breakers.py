@@ -1,0 +1,91 @@
+"""Circuit breakers against a real Redis (counting, the read script, compare-and-set) and, end to end, real
+routers and heads in their own processes: a head that fails every job is cut off by every router at once."""
+
+from __future__ import annotations
+
+import asyncio
+
+import orjson
+import pytest
+from redis.asyncio import Redis
+
+from router_worker.core.breaker import Breaker, BreakerConfig, BreakerState, evaluate, lease, record
+from router_worker.settings import Settings
+from router_worker.state.breakers import BreakerStore, Write, summary_key
+from router_worker.state.keys import Keys
+
+pytestmark = pytest.mark.integration
+
+CFG = BreakerConfig(window_ms=5_000, min_volume=5, error_threshold=0.5, cooldown_ms=1_000, half_open_probes=1)
+T0 = 1_700_000_000_000
+
+
+async def _read(store: BreakerStore, *heads: str) -> dict[str, object]:
+    await store.ensure_scripts()
+    async with store.redis.pipeline(transaction=False) as pipe:
+        store.queue_read(pipe, heads)
+        (reply,) = await pipe.execute()
+    return store.parse_read(reply)  # type: ignore[return-value]
+
+
+async def test_counts_read_back_as_the_pure_breaker_counts_them(settings: Settings, redis: Redis) -> None:
+    store = BreakerStore(redis, Keys(settings.redis_prefix))
+    await store.count({"h1": (3, 0), "h2": (1, 2)}, T0)
+    await store.count({"h2": (0, 4)}, T0 + 700)
+    got = await _read(store)
+    assert set(got) == {"h2"}, "only a head that counted a failure is dirty; h1 is closed and clean"
+    want = record(record(record(Breaker(), T0, ok=1, err=2), T0 + 700, err=4), T0, ok=0)
+    assert got["h2"] == want
+    assert await _read(store) == {}, "the dirty set is consumed by the read"
+    assert (await _read(store, "h1"))["h1"] == record(Breaker(), T0, ok=3)
+
+
+async def test_a_transition_is_applied_once_whoever_races_for_it(settings: Settings, redis: Redis) -> None:
+    keys = Keys(settings.redis_prefix)
+    store = BreakerStore(redis, keys)
+    await store.count({"h": (0, 10)}, T0)
+    seen = (await _read(store, "h"))["h"]
+    new, t = evaluate(seen, CFG, T0 + 10)
+    assert t is not None
+    pubsub = redis.pubsub(ignore_subscribe_messages=True)
+    await pubsub.subscribe(keys.events)
+    # Three routers that read the same breaker all try to open it: one wins.
+    won = await asyncio.gather(*(store.write([Write("h", seen, new, t)], keys.events) for _ in range(3)))
+    assert sorted(w[0] for w in won) == [False, False, True]
+    events = []
+    for _ in range(20):
+        msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.1)
+        if msg is not None:
+            events.append(orjson.loads(msg["data"]))
+    await pubsub.aclose()  # type: ignore[no-untyped-call]
+    assert [e["event"] for e in events] == ["breaker_opened"], "announced once, by the winner"
+    now = (await _read(store))["h"]
+    assert now.state is BreakerState.OPEN
+    assert now.version == 1
+    assert await redis.hget(summary_key(keys), "h") == f"2|{new.open_until_ms}|1"
+
+
+async def test_a_probe_lease_is_granted_once_and_closing_leaves_the_summary(settings: Settings,
+                                                                            redis: Redis) -> None:  # fmt: skip
+    keys = Keys(settings.redis_prefix)
+    store = BreakerStore(redis, keys)
+    await store.count({"h": (0, 10)}, T0)
+    b = (await _read(store, "h"))["h"]
+    opened, t = evaluate(b, CFG, T0)
+    assert await store.write([Write("h", b, opened, t)], keys.events) == [True]
+    half, t = evaluate(opened, CFG, opened.open_until_ms)
+    assert await store.write([Write("h", opened, half, t)], keys.events) == [True]
+    leased, n = lease(half, CFG, half.since_ms, 5)
+    assert n == 1
+    assert await store.write([Write("h", half, leased), Write("h", half, leased)], keys.events) == [
+        True,
+        False,
+    ]
+    await store.count({"h": (1, 0)}, half.since_ms + 100)
+    b = (await _read(store))["h"]
+    closed, t = evaluate(b, CFG, half.since_ms + 200)
+    assert t is not None
+    assert t.event == "breaker_closed"
+    assert await store.write([Write("h", b, closed, t)], keys.events) == [True]
+    assert await redis.hget(summary_key(keys), "h") is None
+    assert await _read(store) == {}

@@ -20,7 +20,8 @@ Method (every phase on fresh topics, a fresh Redis key prefix and a fresh consum
    Round trips per batch: each router runs as ``python -m router_worker.bench_e2e router``, which is
    ``router-worker run`` with a counter on redis-py's ``send_packed_command`` (one request written: a
    command, a pipeline or a script call), read at the first and the last arrival, over the batches
-   (``router_batch_size_count`` of each router's ``/metrics``) in that window. CPU seconds
+   (``router_batch_size_count`` of each router's ``/metrics``) in that window; requests made outside the
+   batches (the head snapshot's periodic resync, the reaper) are counted apart, per second. CPU seconds
    (``/proc/<pid>/stat`` utime+stime) between the first and the last arrival, per 1,000 jobs; peak RSS
    (``VmHWM``) at the end. Where the stack is embedded, the broker's and Redis' CPU over the same window are
    reported too: on a small machine they share its cores.
@@ -559,9 +560,9 @@ async def redis_commands(redis: Redis) -> dict[str, int]:
             if k.startswith("cmdstat_") and isinstance(v, dict)}  # fmt: skip
 
 
-async def read_round_trips(child: Child, path: Path, within_s: float = 3.0) -> int | None:
-    """Requests a counted router (``python -m router_worker.bench_e2e router``) has sent to Redis so far:
-    signal it to write its counter, then read the file."""
+async def read_round_trips(child: Child, path: Path, within_s: float = 3.0) -> tuple[int, int] | None:
+    """Requests a counted router (``python -m router_worker.bench_e2e router``) has sent to Redis so far, (in
+    its batches, outside them): signal it to write its counters, then read the file."""
     _read_counter(path, remove=True)
     with contextlib.suppress(ProcessLookupError):
         child.proc.send_signal(signal.SIGUSR1)
@@ -574,20 +575,22 @@ async def read_round_trips(child: Child, path: Path, within_s: float = 3.0) -> i
     return None
 
 
-def _read_counter(path: Path, remove: bool = False) -> int | None:
+def _read_counter(path: Path, remove: bool = False) -> tuple[int, int] | None:
     try:
         if remove:
             path.unlink(missing_ok=True)
             return None
-        return int(json.loads(path.read_text())["round_trips"])
+        got = json.loads(path.read_text())
+        return int(got["round_trips"]), int(got["background"])
     except (OSError, ValueError, KeyError):
         return None
 
 
-async def _router_counters(kids: Sequence[Child], workdir: Path) -> tuple[int, int] | None:
-    """(Redis round trips, batches) summed over the routers ((0, 0) for the pipe); None while a router does not
-    answer on its admin port yet (its counter may not be installed: a signal would end it)."""
-    trips = batches = 0
+async def _router_counters(kids: Sequence[Child], workdir: Path) -> tuple[int, int, int] | None:
+    """(Redis round trips in batches, outside batches, batches) summed over the routers ((0, 0, 0) for the pipe);
+    None while a router does not answer on its admin port yet (its counter may not be installed: a signal would
+    end it)."""
+    trips = background = batches = 0
     for c in kids:
         if not c.admin_port:
             continue
@@ -597,9 +600,10 @@ async def _router_counters(kids: Sequence[Child], workdir: Path) -> tuple[int, i
         n = await read_round_trips(c, workdir / f"{c.name}.json")
         if n is None:
             return None
-        trips += n
+        trips += n[0]
+        background += n[1]
         batches += int(m["batches"])
-    return trips, batches
+    return trips, background, batches
 
 
 @dataclass(frozen=True, slots=True)
@@ -607,14 +611,14 @@ class Sample:
     wall: float
     """time.time() when it was taken."""
     cpu: dict[int, float]
-    counters: tuple[int, int] | None
+    counters: tuple[int, int, int] | None
 
 
 async def _sample_until_first(arr: Arrivals, drained: asyncio.Future[bool], watch: asyncio.Task[None],
                               kids: Sequence[Child], pids: Sequence[int], workdir: Path) -> list[Sample]:  # fmt: skip
     """CPU every 20 ms and the routers' counters every 250 ms, from the spawn to the first arrival."""
     samples: list[Sample] = []
-    counters: tuple[int, int] | None = None
+    counters: tuple[int, int, int] | None = None
     counted_at = 0.0
     either: list[asyncio.Future[Any]] = [drained, watch]
     while not arr.count and not drained.done():
@@ -718,6 +722,9 @@ class Phase:
     redis_round_trips: int = 0
     batches: int = 0
     round_trips_per_batch: float = float("nan")
+    """Requests to Redis made by the batches themselves (claims, marks), per batch."""
+    background_round_trips_per_s: float = float("nan")
+    """Requests made outside the batches (the head snapshot's resync, the reaper), per second."""
     batch_us_per_job: float = float("nan")
     top_commands: dict[str, int] = field(default_factory=dict)
     stack_cpu_s_per_1000: dict[str, float] = field(default_factory=dict)
@@ -918,7 +925,7 @@ async def _drain(kind: str, procs: int, base: Settings, redis: Redis, cfg: E2ECo
                     t_end, last_cpu = time.time(), {p: proc_cpu_s(p) for p in pids}
                     await asyncio.sleep(0.3)  # the last batch's marks and commit
                     calls1 = await redis_commands(redis)
-                    trips1, batches1 = await _router_counters(kids, workdir) or (0, 0)
+                    trips1, background1, batches1 = await _router_counters(kids, workdir) or (0, 0, 0)
                     metrics = [await scrape(c.admin_port) for c in kids if c.admin_port]
                     peak = max((proc_peak_rss_mb(c.pid) for c in kids), default=0.0)
                 finally:
@@ -937,7 +944,7 @@ async def _drain(kind: str, procs: int, base: Settings, redis: Redis, cfg: E2ECo
 
     start = _sample_before(samples, arr.min_ts / 1000.0)
     first_cpu = start.cpu
-    trips0, batches0 = start.counters or (trips1, batches1)
+    trips0, background0, batches0 = start.counters or (trips1, background1, batches1)
     window = max(1, arrived)
     cpu = sum(last_cpu.get(c.pid, 0.0) - first_cpu.get(c.pid, 0.0) for c in kids)
     stack_cpu = {role: (last_cpu.get(pid, 0.0) - first_cpu.get(pid, 0.0)) * 1000 / window
@@ -960,6 +967,7 @@ async def _drain(kind: str, procs: int, base: Settings, redis: Redis, cfg: E2ECo
         redis_commands=commands, commands_per_job=commands / arrived if arrived else float("nan"),
         redis_round_trips=trips, batches=batches,
         round_trips_per_batch=trips / window_batches if window_batches > 0 else float("nan"),
+        background_round_trips_per_s=(background1 - background0) / observed_s if observed_s > 0 else float("nan"),
         batch_us_per_job=batch_s * 1e6 / arrived if batches and arrived else float("nan"),
         top_commands=dict(sorted(delta.items(), key=lambda kv: -kv[1])[:12]),
         stack_cpu_s_per_1000=stack_cpu, gaps_accepted=arr.gaps_accepted, gap_waits=arr.gap_waits,
@@ -1189,6 +1197,8 @@ def render(report: Report) -> Table:
     row("Redis commands per job", lambda p: p.commands_per_job if p.kind == "router" else None, "{:.2f}")
     row("Redis round trips per batch", lambda p: p.round_trips_per_batch if p.kind == "router" else None,
         "{:.2f}")  # fmt: skip
+    row("Redis round trips per second outside batches (resync, reaper)",
+        lambda p: p.background_round_trips_per_s if p.kind == "router" else None, "{:.1f}")  # fmt: skip
     row("batches", lambda p: p.batches if p.kind == "router" else None)
     row("batch work per job (µs)", lambda p: p.batch_us_per_job if p.kind == "router" else None, "{:.1f}")
     row("CPU s per 1,000 jobs (routers or pipe)", lambda p: p.cpu_s_per_1000, "{:.3f}", "cpu_s_per_1000")
@@ -1341,24 +1351,39 @@ async def pipe(settings: Settings, source: str, targets: Sequence[str], partitio
 
 
 def counted_router(counters: Path) -> None:
-    """``router-worker run``, unchanged, with one counter added: every request this process writes to Redis
+    """``router-worker run``, unchanged, with counters added: every request this process writes to Redis
     (``send_packed_command``: a command, a whole pipeline, a script call, a health-check PING) is one round
-    trip. SIGUSR1 writes the count to ``counters`` (JSON)."""
+    trip, counted apart when a batch (``Router.process``) made it. SIGUSR1 writes the counts to ``counters``
+    (JSON)."""
+    import contextvars
+
     from redis.asyncio.connection import AbstractConnection
 
-    sent = [0]
+    from router_worker.pipeline.router import Router
+
+    sent = [0, 0]  # in a batch, outside
+    in_batch = contextvars.ContextVar("in_batch", default=False)
     original = AbstractConnection.send_packed_command
+    process = Router.process
 
     async def send_packed_command(self: AbstractConnection, command: Any, check_health: bool = True) -> None:
-        sent[0] += 1
+        sent[0 if in_batch.get() else 1] += 1
         await original(self, command, check_health)
+
+    async def counted_process(self: Router, *args: Any, **kwargs: Any) -> None:
+        in_batch.set(True)  # the batch's own task and its awaits; the resync and reaper tasks are others
+        try:
+            await process(self, *args, **kwargs)
+        finally:
+            in_batch.set(False)
 
     def dump(_signum: int, _frame: object) -> None:
         tmp = counters.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"round_trips": sent[0]}))
+        tmp.write_text(json.dumps({"round_trips": sent[0], "background": sent[1]}))
         os.replace(tmp, counters)
 
     AbstractConnection.send_packed_command = send_packed_command  # type: ignore[method-assign]
+    Router.process = counted_process  # type: ignore[method-assign]
     signal.signal(signal.SIGUSR1, dump)
     from router_worker import cli
 

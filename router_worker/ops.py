@@ -18,6 +18,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, cast
 
+import orjson
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from redis.asyncio import Redis
@@ -177,9 +178,16 @@ async def remove_head(ops: AdminOps, head_id: str, actor: str) -> None:
 
 
 def validate_policy(data: Any) -> Policy:
-    """A policy document (parsed JSON or YAML) to a Policy, or INVALID naming the first bad field."""
+    """A policy document (parsed JSON or YAML) to a Policy, or INVALID naming the first bad field.
+
+    Validated as strict JSON: a number must be a number (``true`` is not 1.0, ``"300"`` is not 300), as the
+    policy's published schema says; names of enums and lists for tuples are JSON's own and accepted."""
     try:
-        return Policy.model_validate(data)
+        raw = orjson.dumps(data)
+    except TypeError as exc:  # YAML can hold what JSON can not (keys that are not strings)
+        raise OpError(ErrorKind.INVALID, f"invalid policy: not a JSON document: {exc}", "body") from exc
+    try:
+        return Policy.model_validate_json(raw, strict=True)
     except ValidationError as exc:
         raise invalid_from(exc, "invalid policy: ") from exc
 

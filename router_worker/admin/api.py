@@ -196,6 +196,9 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
     except (RedisError, ConnectionError, TimeoutError) as exc:
         log.warning("admin API %s %s: Redis unavailable: %s", request.method, request.path, exc)
         return error_response(503, f"Redis is unavailable: {exc}")
+    except Exception:  # a bug: logged with its traceback here, a plain JSON 500 for the caller
+        log.exception("admin API %s %s failed", request.method, request.path)
+        return error_response(500, "internal error (logged by the router)")
 
 
 def observe(metrics: Metrics) -> Any:

@@ -95,6 +95,8 @@ def test_bad_tokens_are_refused_at_start_naming_the_setting(
         ({"default_strategy": "nope"}, "default_strategy"),
         ({"rules": [{"pattern": "a"}, {"pattern": "b", "goal": "fastest"}]}, "rules.1.goal"),
         ({"extra": 1}, "extra"),
+        ({"max_load_threshold": True}, "max_load_threshold"),
+        ({"hybrid_weights": {"load": "0.5"}}, "hybrid_weights.load"),
         ("text", "body"),
     ],
 )

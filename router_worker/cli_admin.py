@@ -3,33 +3,30 @@
 from __future__ import annotations
 
 import json
-import random
 import time
 from pathlib import Path
-from typing import Annotated, cast
+from typing import Annotated, Any, NoReturn
 
 import orjson
 import typer
+from pydantic import ValidationError
 from rich.markup import escape
 from rich.table import Table
 
-from router_worker import cli_audit
+from router_worker import cli_audit, ops
 from router_worker.audit import os_actor
 from router_worker.cli import ConfigOpt, _run, _settings, console, err
-from router_worker.clock import now_ms
 from router_worker.core.model import Head, HeadStatus
+from router_worker.core.policy import Policy
 from router_worker.core.validity import split_valid
-from router_worker.pipeline.topology import check_head_partition, topics_partitions
+from router_worker.pipeline.topology import topics_partitions
 from router_worker.runtime import Runtime, runtime
 from router_worker.settings import Settings
-from router_worker.state.catalog import ModelCatalog
-from router_worker.state.heads import HeadRecord, HeadRegistry
 from router_worker.state.keys import Keys
-from router_worker.state.policy_store import PolicyError, PolicyStore, load_policy_file
 from router_worker.topics import Topics
 
-heads_app = typer.Typer(help="List, register, drain and remove heads.", no_args_is_help=True)
-policy_app = typer.Typer(help="Show, set and validate the routing policy.", no_args_is_help=True)
+heads_app = typer.Typer(help="List, register, show, drain, undrain and remove heads.", no_args_is_help=True)
+policy_app = typer.Typer(help="Show, set, validate the routing policy; its history.", no_args_is_help=True)
 models_app = typer.Typer(help="Register models with their characteristics (what heads they need).",
                          no_args_is_help=True)  # fmt: skip
 
@@ -39,8 +36,15 @@ ACTOR = os_actor()
 """Who did it: the OS user running the command."""
 
 
-def _registry(rt: Runtime) -> HeadRegistry:
-    return HeadRegistry(rt.redis, Keys(rt.settings.redis_prefix), rt.settings.head_ttl_ms)
+def _ops(rt: Runtime) -> ops.AdminOps:
+    return ops.AdminOps.create(rt.settings, rt.redis, rt.audit(), OPERATOR)
+
+
+def _refuse(exc: ops.OpError | ValidationError, code: int = 1, label: str = "error") -> NoReturn:
+    """An operator's mistake or a refused action: one line naming the problem, no traceback."""
+    message = exc.message if isinstance(exc, ops.OpError) else ops.invalid_from(exc).message
+    err.print(f"[red]{label}:[/] {escape(message)}", soft_wrap=True)
+    raise typer.Exit(code) from None
 
 
 async def _validity(settings: Settings, heads: list[Head]) -> dict[str, str | None]:
@@ -67,43 +71,37 @@ async def _validity(settings: Settings, heads: list[Head]) -> dict[str, str | No
 def heads_ls(config: ConfigOpt = None, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """List every registered head with its state, and whether its partition exists in its model topic."""
 
-    async def main() -> None:
+    async def main() -> list[dict[str, Any]]:
         async with runtime(_settings(config), allow_embedded=False) as rt:
-            heads, _, inflight = await _registry(rt).snapshot()
+            heads, inflight = await ops.list_heads(_ops(rt))
             why = await _validity(rt.settings, heads) if heads else {}
-        now = now_ms()
-        if as_json:
-            console.print_json(orjson.dumps([
-                {"head_id": h.head_id, "model_id": h.model_id, "region": h.region, "partition": h.partition,
-                 "status": h.status.value, "alive": h.expires_at_ms >= now, "inflight": inflight.get(h.head_id, 0),
-                 "capacity": h.capacity, "latency_ms": h.latency_ms, "backend": h.backend,
-                 "valid": why[h.head_id] is None, "invalid_reason": why[h.head_id]}
-                for h in heads
-            ]).decode())  # fmt: skip
-            return
-        table = Table(title=f"{len(heads)} heads")
-        for col in (
-            "head",
-            "model",
-            "region",
-            "part",
-            "status",
-            "alive",
-            "in-flight",
-            "latency ms",
-            "backend",
-            "valid",
-        ):
-            table.add_column(col)
-        for h in heads:
-            reason = why[h.head_id]
-            table.add_row(h.head_id, h.model_id, h.region, str(h.partition), h.status.value,
-                          "yes" if h.expires_at_ms >= now else "[red]expired[/]",
-                          f"{inflight.get(h.head_id, 0)}/{h.capacity}", f"{h.latency_ms:.1f}", h.backend,
-                          "valid" if reason is None else f"[red]{escape(reason)}[/]")  # fmt: skip
-        console.print(table)
+        return ops.views(heads, inflight, why)
 
-    _run(main)
+    rows = _run(main)
+    if as_json:
+        console.print_json(orjson.dumps(rows).decode())
+        return
+    table = Table(title=f"{len(rows)} heads")
+    for col in (
+        "head",
+        "model",
+        "region",
+        "part",
+        "status",
+        "alive",
+        "in-flight",
+        "latency ms",
+        "backend",
+        "valid",
+    ):
+        table.add_column(col)
+    for r in rows:
+        reason = r["invalid_reason"]
+        table.add_row(r["head_id"], r["model_id"], r["region"], str(r["partition"]), r["status"],
+                      "yes" if r["alive"] else "[red]expired[/]", f"{r['inflight']}/{r['capacity']}",
+                      f"{r['latency_ms']:.1f}", r["backend"],
+                      "valid" if reason is None else f"[red]{escape(reason)}[/]")  # fmt: skip
+    console.print(table)
 
 
 @heads_app.command("register")
@@ -116,56 +114,88 @@ def heads_register(
     backend: Annotated[str, typer.Option()] = "cpu",
     config: ConfigOpt = None,
 ) -> None:
-    """Register a head by hand (for a server that does not use the worker SDK; it must heartbeat)."""
+    """Register a head by hand (for a server that does not use the worker SDK; it must heartbeat).
+    Refused for a partition its model topic can not have, or the id of a live head (exit 2)."""
+    try:
+        reg = ops.HeadRegistration(head_id=head_id, model_id=model, region=region, partition=partition,
+                                   capacity=capacity, backend=backend)  # fmt: skip
+    except ValidationError as exc:
+        _refuse(exc, 2)
 
     async def main() -> None:
         async with runtime(_settings(config), allow_embedded=False) as rt:
-            problem = await check_head_partition(rt.settings, model, partition)
-            if problem:
-                err.print(
-                    f"[red]error:[/] {escape(problem)}; {escape(head_id)} not registered", soft_wrap=True
-                )
-                raise typer.Exit(2)
-            rec = HeadRecord(head_id, model, region, capacity, partition, backend=backend)
-            await _registry(rt).register(rec)
-            await rt.audit().emit(
-                "head_registered", OPERATOR, head_id=head_id, model_id=model, actor=ACTOR
-            )
-        console.print(f"registered {head_id}")
+            await ops.register_head(_ops(rt), reg, ACTOR)
 
-    _run(main)
+    try:
+        _run(main)
+    except ops.OpError as exc:
+        _refuse(exc, 2)
+    console.print(f"registered {head_id}")
 
 
-def _admin_op(config: Path | None, head_id: str, op: str) -> None:
-    async def main() -> bool:
+def _set_status(config: Path | None, head_id: str, status: HeadStatus) -> None:
+    async def main() -> None:
         async with runtime(_settings(config), allow_embedded=False) as rt:
-            reg = _registry(rt)
-            if op == "drain":
-                ok = await reg.set_status(head_id, HeadStatus.DRAINING, ACTOR)
-                event = "head_drained"
-            else:
-                ok = await reg.remove(head_id, ACTOR)
-                event = "head_removed"
-            if ok:
-                await rt.audit().emit(event, OPERATOR, head_id=head_id, actor=ACTOR)
-            return ok
+            await ops.set_head_status(_ops(rt), head_id, status, ACTOR)
 
-    if not _run(main):
-        err.print(f"[red]error:[/] no head {head_id}")
-        raise typer.Exit(1)
-    console.print(f"{op}: {head_id}")
+    try:
+        _run(main)
+    except ops.OpError as exc:
+        _refuse(exc)
+    console.print(f"{head_id}: {status.value}")
 
 
 @heads_app.command("drain")
 def heads_drain(head_id: str, config: ConfigOpt = None) -> None:
     """Stop sending new jobs to a head; it finishes what it has."""
-    _admin_op(config, head_id, "drain")
+    _set_status(config, head_id, HeadStatus.DRAINING)
+
+
+@heads_app.command("undrain")
+def heads_undrain(head_id: str, config: ConfigOpt = None) -> None:
+    """Send jobs to a drained head again (status healthy)."""
+    _set_status(config, head_id, HeadStatus.HEALTHY)
+
+
+@heads_app.command("status")
+def heads_status(
+    head_id: str,
+    set_to: Annotated[
+        HeadStatus | None, typer.Option("--set", help="Set the status (healthy undrains a head).")
+    ] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Show one head's state (JSON), or set its status with --set."""
+    if set_to is not None:
+        _set_status(config, head_id, set_to)
+        return
+
+    async def main() -> dict[str, Any]:
+        async with runtime(_settings(config), allow_embedded=False) as rt:
+            head, inflight = await ops.get_head(_ops(rt), head_id)
+            why = await _validity(rt.settings, [head])
+        return ops.views([head], {head_id: inflight}, why)[0]
+
+    try:
+        view = _run(main)
+    except ops.OpError as exc:
+        _refuse(exc)
+    console.print_json(orjson.dumps(view).decode())
 
 
 @heads_app.command("remove")
 def heads_remove(head_id: str, config: ConfigOpt = None) -> None:
     """Remove a head: routers stop routing to it at once."""
-    _admin_op(config, head_id, "remove")
+
+    async def main() -> None:
+        async with runtime(_settings(config), allow_embedded=False) as rt:
+            await ops.remove_head(_ops(rt), head_id, ACTOR)
+
+    try:
+        _run(main)
+    except ops.OpError as exc:
+        _refuse(exc)
+    console.print(f"removed: {head_id}")
 
 
 @models_app.command("register")
@@ -215,22 +245,39 @@ def models_ls(config: ConfigOpt = None) -> None:
 def policy_show(config: ConfigOpt = None) -> None:
     """Print the policy in force (JSON)."""
 
-    async def main() -> None:
+    async def main() -> Policy:
         async with runtime(_settings(config), allow_embedded=False) as rt:
-            p = await PolicyStore.for_settings(rt.redis, rt.settings).get()
-        console.print_json(p.model_dump_json())
+            return await ops.get_policy(_ops(rt))
 
-    _run(main)
+    console.print_json(_run(main).model_dump_json())
+
+
+@policy_app.command("history")
+def policy_history(
+    limit: Annotated[int, typer.Option("--limit", "-n", min=1, max=50, help="How many.")] = 10,
+    config: ConfigOpt = None,
+) -> None:
+    """Print earlier policies, newest first (JSON, one a line)."""
+
+    async def main() -> list[Policy]:
+        async with runtime(_settings(config), allow_embedded=False) as rt:
+            return await ops.policy_history(_ops(rt), limit)
+
+    for p in _run(main):
+        print(p.model_dump_json())
+
+
+def _policy_file(file: Path, label: str) -> Policy:
+    try:
+        return ops.validate_policy(ops.read_policy_file(file))
+    except ops.OpError as exc:
+        _refuse(exc, 1, label)
 
 
 @policy_app.command("validate")
 def policy_validate(file: Path) -> None:
     """Check a policy file (JSON or YAML) without storing it."""
-    try:
-        load_policy_file(file)
-    except (PolicyError, OSError) as exc:
-        err.print(f"[red]invalid:[/] {exc}")
-        raise typer.Exit(1) from exc
+    _policy_file(file, "invalid")
     console.print(f"{file}: valid")
 
 
@@ -243,25 +290,16 @@ def policy_set(
     config: ConfigOpt = None,
 ) -> None:
     """Validate a policy file and make it the policy of every router (they reload it at once)."""
-    try:
-        policy = load_policy_file(file)
-    except (PolicyError, OSError) as exc:
-        err.print(f"[red]refused:[/] {exc}")
-        raise typer.Exit(1) from exc
+    policy = _policy_file(file, "refused")
 
     async def main() -> int:
         async with runtime(_settings(config), allow_embedded=False) as rt:
-            store = PolicyStore.for_settings(rt.redis, rt.settings)
-            stored = await store.set(policy, expect_version, actor=ACTOR)
-            await rt.audit().emit("policy_changed", OPERATOR, actor=ACTOR, version=stored.version,
-                                  strategy=stored.default_strategy)  # fmt: skip
-            return stored.version
+            return (await ops.set_policy(_ops(rt), policy, expect_version, ACTOR)).version
 
     try:
         version = _run(main)
-    except PolicyError as exc:
-        err.print(f"[red]refused:[/] {exc}")
-        raise typer.Exit(1) from exc
+    except ops.OpError as exc:
+        _refuse(exc, 1, "refused")
     console.print(f"policy version {version} in force")
 
 
@@ -275,50 +313,47 @@ def explain(
         str | None, typer.Option(help="Criteria as JSON, e.g. '{\"min_context\": 8192}'")
     ] = None,
     tokens: Annotated[int | None, typer.Option("--tokens")] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the decision as JSON (as POST /explain).")
+    ] = False,
     config: ConfigOpt = None,
 ) -> None:
     """Dry-run one decision against the live heads and policy; print candidates, exclusions, scores, pick."""
-    from router_worker.core.engine import HeadIndex, decide
-    from router_worker.core.model import RouterMemory
-    from schemas.envelope import EnvelopeError, validate
-
     try:
-        job = validate({"job_id": "explain", "model_type": model, "region": region, "session_id": session,
-                        "strategy": strategy, "prefix_hash": prefix, "estimated_tokens": tokens,
-                        "metadata": json.loads(metadata) if metadata else None})  # fmt: skip
-    except (EnvelopeError, json.JSONDecodeError) as exc:
-        err.print(f"[red]error:[/] {exc}")
+        criteria = json.loads(metadata) if metadata else None
+        job = ops.ExplainRequest(model_type=model, region=region, session_id=session, strategy=strategy,
+                                 prefix_hash=prefix, estimated_tokens=tokens, metadata=criteria).job()  # fmt: skip
+    except json.JSONDecodeError as exc:
+        err.print(f"[red]error:[/] --metadata is not JSON: {escape(str(exc))}")
         raise typer.Exit(2) from exc
+    except ValidationError as exc:
+        _refuse(exc, 2)
+    except ops.OpError as exc:
+        _refuse(exc, 2)
 
-    async def main() -> None:
+    async def main() -> ops.Explanation:
         async with runtime(_settings(config), allow_embedded=False) as rt:
-            keys = Keys(rt.settings.redis_prefix)
-            heads, profiles, inflight = await _registry(rt).snapshot()
-            policy = await PolicyStore.for_settings(rt.redis, rt.settings).get()
-            specs = await ModelCatalog(rt.redis, keys).all()
-            pinned = cast(str | None, await rt.redis.get(keys.affinity(session))) if session else None
-        memory = RouterMemory(pending=inflight)
-        if session and pinned:
-            memory.affinity[session] = (pinned, now_ms() + int(policy.affinity_timeout_s * 1000))
-        index = HeadIndex.build(heads, profiles, specs)
-        d = decide(job, index, policy, memory, now_ms(), random.Random(), explain=True)
-        table = Table(title=f"candidates for {model} (policy v{policy.version})")
-        for col in ("head", "model", "region", "status", "load", "latency ms", "cache", "quota", "verdict"):
-            table.add_column(col)
-        why = dict(d.excluded)
-        for h in index.heads.values():
-            verdict = ("[green]PICK[/]" if d.head and h.head_id == d.head.head_id
-                       else f"[red]excluded: {why[h.head_id]}[/]" if h.head_id in why
-                       else "eligible" if h.serves(model) else "other model")  # fmt: skip
-            table.add_row(h.head_id, h.model_id, h.region, h.status.value, f"{memory.load(h):.2f}",
-                          f"{h.latency_ms:.1f}", f"{h.cache_hit_rate:.2f}", f"{h.quota_used:.2f}", verdict)  # fmt: skip
-        console.print(table)
-        console.print(f"outcome: [bold]{d.outcome.value}[/]  strategy: {d.strategy}  fallback: {d.fallback}")
-        console.print(f"reason: {d.reason}")
-        if d.head:
-            console.print(f"scores: {d.scores.as_dict()}")
+            return await ops.explain(_ops(rt), job)
 
-    _run(main)
+    e = _run(main)
+    if as_json:
+        console.print_json(orjson.dumps(e.as_dict()).decode())
+        return
+    d = e.decision
+    table = Table(title=f"candidates for {model} (policy v{e.policy_version})")
+    for col in ("head", "model", "region", "status", "load", "latency ms", "cache", "quota", "verdict"):
+        table.add_column(col)
+    shown = {"pick": "[green]PICK[/]", "eligible": "eligible", "other_model": "other model"}
+    for c in e.candidates:
+        h = c.head
+        verdict = f"[red]excluded: {escape(c.why or '')}[/]" if c.verdict == "excluded" else shown[c.verdict]
+        table.add_row(h.head_id, h.model_id, h.region, h.status.value, f"{c.load:.2f}", f"{h.latency_ms:.1f}",
+                      f"{h.cache_hit_rate:.2f}", f"{h.quota_used:.2f}", verdict)  # fmt: skip
+    console.print(table)
+    console.print(f"outcome: [bold]{d.outcome.value}[/]  strategy: {d.strategy}  fallback: {d.fallback}")
+    console.print(f"reason: {escape(d.reason)}")
+    if d.head:
+        console.print(f"scores: {d.scores.as_dict()}")
 
 
 def bench(

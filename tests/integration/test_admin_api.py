@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import subprocess
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any, cast
 
 import aiohttp
@@ -340,3 +342,52 @@ async def test_reads_never_write_to_redis(settings: Settings, redis: Redis) -> N
         assert changed == {}, f"write commands during the read sweep: {changed}"
         assert await _state(redis, settings.redis_prefix) == before_state
         assert "gone" in await redis.smembers(keys.heads), "the read left the index as it was"
+
+
+async def test_the_cli_verbs_take_the_same_paths_as_the_api(settings: Settings, redis: Redis) -> None:
+    from router_worker.audit import os_actor
+
+    async def run(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return await asyncio.to_thread(cli, settings, *args, check=check)
+
+    async with admin_api(settings, redis, tokens()) as api:
+        await run("heads", "register", "h1", "--model", "m", "--partition", "1", "--region", "eu")
+        assert (await api.call("GET", "/heads/h1"))[1]["region"] == "eu"
+        proc = await run("heads", "register", "h/1", "--model", "m", check=False)
+        assert proc.returncode == 2
+        assert "head_id" in proc.stderr
+        await run("heads", "status", "h1", "--set", "degraded")
+        assert (await api.call("GET", "/heads/h1"))[1]["status"] == "degraded"
+        await run("heads", "undrain", "h1")
+        shown = json.loads((await run("heads", "status", "h1")).stdout)
+        assert shown == (await api.call("GET", "/heads/h1"))[1] | {"valid": True, "invalid_reason": None}
+        assert (await run("heads", "status", "h1", "--set", "sleepy", check=False)).returncode == 2
+        assert (await run("heads", "undrain", "nobody", check=False)).returncode == 1
+
+        assert (await api.call("PUT", "/policy", OPS, {"default_strategy": "hybrid"}))[0] == 200
+        policy_file = Path(settings.audit_file).with_name("policy.yaml")
+        policy_file.write_text("default_strategy: random\nmax_load_threshold: 0.8\n")
+        proc = await run("policy", "set", str(policy_file), "--expect-version", "0", check=False)
+        assert proc.returncode == 1
+        assert "expected version 0, found 1" in proc.stderr
+        await run("policy", "set", str(policy_file), "--expect-version", "1")
+        history = [json.loads(line) for line in (await run("policy", "history")).stdout.splitlines()]
+        assert history == (await api.call("GET", "/policy/history"))[1]
+        assert [p["default_strategy"] for p in history] == ["hybrid"]
+        policy_file.write_text("max_load_threshold: yes\n")  # YAML's true: no number
+        proc = await run("policy", "validate", str(policy_file), check=False)
+        assert proc.returncode == 1
+        assert "max_load_threshold" in proc.stderr
+
+        ask = {"model_type": "m", "region": "eu"}
+        by_cli = json.loads((await run("explain", "--model", "m", "--region", "eu", "--json")).stdout)
+        by_api = (await api.call("POST", "/explain", None, ask))[1]
+        assert by_cli == by_api
+
+        await run("heads", "remove", "h1")
+        assert (await api.call("GET", "/heads/h1"))[0] == 404
+
+    by_cli = [r for r in audit_lines(settings) if r["router_id"] == "cli"]
+    assert [r["event"] for r in by_cli] == ["head_registered", "head_status", "head_status", "policy_changed",
+                                           "head_removed"]  # fmt: skip
+    assert {r["actor"] for r in by_cli} == {os_actor()}, "the CLI's actor is the OS user"

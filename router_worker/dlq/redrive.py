@@ -119,7 +119,7 @@ async def prepare(settings: Settings, redis: Redis, flt: Filter, *, force: bool 
             if flt.matches(dl):
                 chosen.append((dl, orig))
     per_dl = [attempt_keys(dl, settings.max_attempts) for dl, _ in chosen]
-    done = await state.done_marks([k for keys in per_dl for k in keys])
+    done = await state.done_marks([k for keys in per_dl for k in keys], settings.dedupe_ttl_s * 1000)
     at = 0
     for (dl, orig), keys in zip(chosen, per_dl, strict=True):
         item = plan_item(dl, marks[dl.coord], done[at : at + len(keys)], rid, force)

@@ -21,6 +21,8 @@ from typing import Any, cast
 import orjson
 from redis.asyncio import Redis
 
+from router_worker.clock import now_ms
+from router_worker.state.idempotency import read_done
 from router_worker.state.keys import Keys
 
 KEEP_MS = 30 * 86_400_000
@@ -73,9 +75,16 @@ class RedriveState:
         """Each dead letter's redrive mark (``p|id``, ``s|id`` or None)."""
         return await self._mget([self._sent(c) for c in coords])
 
-    async def done_marks(self, claim_keys: Sequence[str]) -> list[str | None]:
-        """The routers' idempotency marks of these keys (``d|routed|head`` and so on)."""
-        return await self._mget([self.keys.seen(k) for k in claim_keys])
+    async def done_marks(self, claim_keys: Sequence[str], dedupe_ttl_ms: int) -> list[str | None]:
+        """The routers' idempotency marks of these keys (``d|routed|head`` and so on; see state/idempotency)."""
+        if dedupe_ttl_ms <= 0:  # the routers remember nothing
+            return [None] * len(claim_keys)
+        done: dict[str, str] = {}
+        for i in range(0, len(claim_keys), _CHUNK):
+            done |= await read_done(
+                self.redis, self.keys, claim_keys[i : i + _CHUNK], now_ms(), dedupe_ttl_ms
+            )
+        return [done.get(k) for k in claim_keys]
 
     async def mark(self, state: str, entries: Sequence[tuple[str, str]]) -> None:
         """Mark dead letters (coord, redrive id) as ``p`` (being sent) or ``s`` (sent), in one round trip."""

@@ -11,7 +11,9 @@ in one Redis Cluster slot and the pipelines and scripts that touch several of th
 | ``{p}:models`` | hash | model id -> registered characteristics (JSON) |
 | ``{p}:policy`` | string | the current policy (JSON) |
 | ``{p}:policy:history`` | list | earlier policies, newest first (capped) |
-| ``{p}:seen:<key>`` | string | idempotency of one job attempt: its claim, then where it ended (see below) |
+| ``{p}:claims:<bucket>`` | hash | idempotency key -> the claim of the record a router is routing (see below) |
+| ``{p}:done:<bucket>`` | hash | idempotency key -> where that job attempt ended (see below) |
+| ``{p}:audit`` | stream | the audit records, one entry per batch, capped (``audit.py``) |
 | ``{p}:events`` | pub/sub | head and policy change notifications to routers |
 | ``{p}:seq:<writer>`` | string | the last in-flight change applied for a writer: replays are no-ops (expires) |
 | ``{p}:dlq:*`` | various | dead-letter redrives: per dead letter, progress, a lock (``dlq/state.py``) |
@@ -19,9 +21,10 @@ in one Redis Cluster slot and the pipelines and scripts that touch several of th
 Idempotency keys (``pipeline/marks.py``): ``<key>`` is ``j|<attempt>|<job_id>``, or ``r|topic|partition|offset``
 for a record that is no job. A redriven job (header ``x-redrive``, a valid redrive id, see
 ``pipeline/outcomes.py``) is keyed ``jr|<redrive_id>|<attempt>|<job_id>``, so it routes afresh instead of meeting
-the done mark of its dead-lettered attempt. The value is ``c|topic|partition|offset`` while a router holds the
-claim (expires after ``claim_ttl_ms``), then ``d|routed|<head>``, ``d|retry|<tier>`` or ``d|dlq|<reason>``
-(expires after ``dedupe_ttl_s``).
+the done mark of its dead-lettered attempt. A claim (``c|topic|partition|offset``) is a field of a claims hash,
+kept at least ``claim_ttl_ms``; where the attempt ended (``d|routed|<head>``, ``d|retry|<tier>`` or
+``d|dlq|<reason>``) a field of a done hash, kept at least ``dedupe_ttl_s``. The hashes are time-bucketed, a batch
+costs a few commands whatever its size (``state/idempotency.py``).
 
 A slot is only ever taken with SET NX, and renewed or deleted only while it holds the caller's head id, each
 in one compare-and-set script (``state/heads.py``): a head that lapsed never overwrites its successor.
@@ -68,9 +71,6 @@ class Keys:
     @property
     def policy_history(self) -> str:
         return f"{self.tag}:policy:history"
-
-    def seen(self, job_id: str) -> str:
-        return f"{self.tag}:seen:{job_id}"
 
     @property
     def events(self) -> str:

@@ -19,8 +19,9 @@ from redis.asyncio import Redis
 
 from producers.producer import JobProducer
 from router_worker.audit import AuditSink
+from router_worker.clock import now_ms
 from router_worker.dlq.http import DlqDeps, add_dlq_routes
-from router_worker.dlq.model import DeadLetter, Filter, parse_filter
+from router_worker.dlq.model import DeadLetter, Filter, Verdict, parse_filter
 from router_worker.dlq.reader import read_dead_letters
 from router_worker.dlq.redrive import execute, os_user, prepare
 from router_worker.dlq.state import RedriveState
@@ -28,6 +29,7 @@ from router_worker.metrics import Metrics
 from router_worker.pipeline.kafka import ensure_topics, make_producer
 from router_worker.pipeline.publish import dead_letter_record
 from router_worker.settings import Settings
+from router_worker.state.idempotency import queue_done
 from router_worker.state.keys import Keys
 from router_worker.topics import Topics
 from tests.helpers import Served, cli, cli_env, make_router, make_worker, running, wait_until
@@ -322,3 +324,17 @@ def test_an_operators_typo_gets_a_clear_message_and_exit_2(
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert says in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+async def test_a_job_that_already_reached_a_head_is_not_redriven(settings: Settings, redis: Redis) -> None:
+    """The routers' done marks (state/idempotency.py) say a job was routed since: its dead letter is stale."""
+    ids = ["stale-1", "fresh-1"]
+    await _dead_letters(settings, ids)
+    await _records(settings, Topics.from_settings(settings).dlq, 2)
+    async with redis.pipeline(transaction=False) as pipe:
+        queue_done(pipe, Keys(settings.redis_prefix), [("j|1|stale-1", "d|routed|h1")], now_ms(),
+                   settings.dedupe_ttl_s * 1000)  # fmt: skip
+        await pipe.execute()
+    plan = await prepare(settings, redis, parse_filter(["unknown_model"], now_ms=0))
+    verdicts = {item.dl.job_id: item.verdict for item in plan.items}
+    assert verdicts == {"stale-1": Verdict.DELIVERED, "fresh-1": Verdict.SEND}

@@ -1,8 +1,11 @@
-"""Recent audit records read back from the rotating audit log file, newest first.
+"""Recent audit records, newest first: from the deployment's capped audit stream in Redis (every router's
+records) or, without one, from this process's rotating audit log file.
 
-The admin API's ``GET /audit`` shows what happened before anyone was tailing. The file is read from its
-end in blocks (then its rotated backups ``.1``, ``.2``, ...), so asking for the last hundred records of a
-50 MiB log reads a few kilobytes. A line that is not a JSON object (a torn write, a hand edit) is skipped.
+The admin API's ``GET /audit`` shows what happened before anyone was tailing. The stream is read with
+``XREVRANGE`` a page at a time (reads only); the file from its end in blocks (then its rotated backups
+``.1``, ``.2``, ...), so asking for the last hundred records of a 50 MiB log reads a few kilobytes. At most
+:data:`SCAN_LIMIT` records are examined per call, so a filter that matches nothing answers quickly. A line
+that is not a JSON object (a torn write, a hand edit) is skipped.
 """
 
 from __future__ import annotations
@@ -14,8 +17,15 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+from redis.asyncio import Redis
+
+from router_worker.audit import STREAM_FIELD
+from router_worker.audit_tail import parse_lines
 
 BLOCK = 64 * 1024
+SCAN_LIMIT = 200_000
+"""Most records one call examines (newest first) looking for matches."""
+STREAM_PAGE = 100
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,15 +74,18 @@ def audit_files(path: Path, backups: int) -> list[Path]:
     return [path, *(path.with_name(f"{path.name}.{i}") for i in range(1, backups + 1))]
 
 
-def recent_records(
-    path: Path, backups: int, limit: int, where: AuditFilter = AuditFilter()
-) -> list[dict[str, Any]]:
+def recent_records(path: Path, backups: int, limit: int, where: AuditFilter = AuditFilter(),
+                   scan_limit: int = SCAN_LIMIT) -> list[dict[str, Any]]:  # fmt: skip
     """Up to ``limit`` records matching ``where``, newest first, across the file and its backups."""
     out: list[dict[str, Any]] = []
     if limit <= 0:
         return out
+    scanned = 0
     for file in audit_files(path, backups):
         for line in lines_backwards(file):
+            scanned += 1
+            if scanned > scan_limit:
+                return out
             try:
                 rec = orjson.loads(line)
             except orjson.JSONDecodeError:
@@ -82,3 +95,23 @@ def recent_records(
                 if len(out) >= limit:
                     return out
     return out
+
+
+async def recent_stream_records(redis: Redis, key: str, limit: int, where: AuditFilter = AuditFilter(),
+                                scan_limit: int = SCAN_LIMIT) -> list[dict[str, Any]]:  # fmt: skip
+    """The same from the audit stream (one entry per batch of records, newest entry first)."""
+    out: list[dict[str, Any]] = []
+    scanned = 0
+    top = "+"
+    while limit > 0 and scanned < scan_limit:
+        page = await redis.xrevrange(key, max=top, min="-", count=STREAM_PAGE) or []
+        for entry_id, fields in page:
+            records = parse_lines((fields or {}).get(STREAM_FIELD, ""))
+            scanned += len(records)
+            out.extend(r for r in reversed(records) if where.matches(r))
+            if len(out) >= limit or scanned >= scan_limit:
+                return out[:limit]
+            top = f"({entry_id!s}"
+        if len(page) < STREAM_PAGE:
+            break
+    return out[:limit]

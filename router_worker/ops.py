@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from redis.asyncio import Redis
 
 from router_worker.audit import AuditSink
-from router_worker.audit_recent import AuditFilter, recent_records
+from router_worker.audit_recent import AuditFilter, recent_records, recent_stream_records
 from router_worker.clock import now_ms
 from router_worker.core.engine import HeadIndex, decide
 from router_worker.core.model import Decision, Head, HeadStatus, RouterMemory
@@ -320,7 +320,10 @@ async def explain(ops: AdminOps, job: Job) -> Explanation:
 
 
 async def recent_audit(ops: AdminOps, limit: int, where: AuditFilter) -> list[dict[str, Any]]:
-    """The newest ``limit`` audit records matching ``where``, newest first, from the audit log file."""
+    """The newest ``limit`` audit records matching ``where``, newest first: from the deployment's audit
+    stream when it keeps one (every router's records), else from this process's audit log file. Reads only."""
+    if ops.audit.stream is not None:
+        return await recent_stream_records(ops.redis, ops.audit.stream, limit, where)
     s = ops.settings
     if not s.audit_file:
         return []

@@ -34,6 +34,7 @@ from router_worker.clock import now_ms
 from router_worker.core.model import Head, RouterMemory
 from router_worker.core.validity import split_valid
 from router_worker.metrics import Metrics
+from router_worker.pipeline.faults import FaultGate
 from router_worker.pipeline.gaps import GapGuard, start_offset
 from router_worker.pipeline.intake import Parts, intake
 from router_worker.pipeline.kafka import ensure_topics, make_consumer, make_producer
@@ -140,6 +141,8 @@ class Router:
             claim_wait_ms=s.claim_wait_ms,
         )  # fmt: skip
         self._budget = RetryBudget(attempts=s.publish_retry_attempts, max_s=s.publish_retry_max_s)
+        self.faults = FaultGate(s, redis, self.keys, audit, metrics.registry, self.router_id, self.state, self.memory,
+                                self._retry_set, self._cfg, self.rng)  # breakers, admission, fallback  # fmt: skip
         self._unsent_streak = 0
         self._last_inflight: dict[str, int] = {}
         self._outage_paused = False
@@ -350,6 +353,7 @@ class Router:
 
     async def _claim(self, parts: Parts, now: int) -> dict[str, Claim]:
         """Claims for the batch's keys and the pins of its sessions; nothing while Redis is unreachable."""
+        await self.faults.before_plan(parts, now)  # breakers and admission (keys of waited jobs set first)
         sessions = sorted({inc.job.session_id for _, items in parts for inc in items
                            if inc.job is not None and inc.job.session_id})  # fmt: skip
         if not self.marks.dedupe and not sessions:
@@ -381,7 +385,7 @@ class Router:
         hits0, misses0 = index.hits, index.misses
         stats = Stats()
         p = plan(parts, claims, index, self.state.policy, self.memory, now, self.health.heads_clock(now),
-                 self.rng, self._cfg, stats)  # fmt: skip
+                 self.rng, self._cfg, stats, self.faults.verdicts)  # fmt: skip
         observe = self.metrics.decision_duration.observe
         for sec in stats.decision_seconds:
             observe(sec)
@@ -398,7 +402,7 @@ class Router:
             if o.send is None:
                 o.final = True
         self.metrics.inflight_sends.set(len(by_send))
-        report = await publish(producer, p.sends(), self._budget)
+        report = await self.faults.publish(producer, p, self._budget, now_ms())  # with fallback to other heads
         for s in report.acked:
             p.outcomes[by_send[id(s)]].final = True
         self._count_sends(report.acked, report.fatal, report.unsent, p, by_send)

@@ -60,8 +60,13 @@ class Api:
 
 @contextlib.asynccontextmanager
 async def admin_api(settings: Settings, redis: Redis, auth: AdminAuth, router_id: str = "r-api",
-                    ready: bool = True) -> AsyncIterator[Api]:  # fmt: skip
-    audit = AuditSink(redis, settings.audit_channel, settings.audit_file)
+                    ready: bool = True, stream: bool = False) -> AsyncIterator[Api]:  # fmt: skip
+    """An admin server on this test's Redis; its audit goes to the file only, or (``stream``) as a router's
+    does, to the file and the deployment's audit stream too."""
+    if stream:
+        audit = AuditSink.from_settings(redis, settings)
+    else:
+        audit = AuditSink(redis, settings.audit_channel, settings.audit_file)
     # Heads registered by hand here do not heartbeat: a long TTL keeps them alive for the whole test.
     ops = AdminOps.create(settings.model_copy(update={"head_ttl_ms": 600_000}), redis, audit, router_id)
     app = build_app(Metrics(), ops, auth, lambda: ready)
@@ -313,7 +318,7 @@ async def test_reads_never_write_to_redis(settings: Settings, redis: Redis) -> N
     await registry.register(HeadRecord("h1", "m", partition=1))
     await registry.register(HeadRecord("gone", "m", partition=2))
     await redis.delete(keys.head("gone"))  # an expired hash: a router's snapshot would prune its index entry
-    async with admin_api(settings, redis, tokens()) as api:
+    async with admin_api(settings, redis, tokens(), stream=True) as api:
         await api.call("PUT", "/policy", OPS, {"default_strategy": "hybrid"})
         await api.call("PUT", "/policy", OPS, {"default_strategy": "random"})
         await api.call("POST", "/heads/h1/drain", OPS)
@@ -391,3 +396,28 @@ async def test_the_cli_verbs_take_the_same_paths_as_the_api(settings: Settings, 
     assert [r["event"] for r in by_cli] == ["head_registered", "head_status", "head_status", "policy_changed",
                                            "head_removed"]  # fmt: skip
     assert {r["actor"] for r in by_cli} == {os_actor()}, "the CLI's actor is the OS user"
+
+
+async def test_recent_audit_records_come_from_the_stream_when_there_is_one(
+    settings: Settings, redis: Redis
+) -> None:
+    async with admin_api(settings, redis, tokens(), stream=True) as api:
+        sink = AuditSink.from_settings(redis, settings, with_file=False)
+        assert sink.stream is not None
+        # Another router's records (not in this server's file): 150 stream entries of 3 records each.
+        for i in range(150):
+            await sink.emit_many([{"ts": i, "event": "route", "router_id": "other", "job_id": f"j{i}-{k}"}
+                                  for k in range(3)])  # fmt: skip
+        assert (await api.call("POST", "/heads/nobody/drain", OPS))[0] == 404
+        assert (await api.call("PUT", "/policy", CI, {"default_strategy": "hybrid"}))[0] == 200
+        status, recent = await api.call("GET", "/audit?limit=320")
+        assert status == 200
+        assert [r["event"] for r in recent[:1]] == ["policy_changed"]
+        assert recent[0]["actor"] == "ci"
+        jobs = [r["job_id"] for r in recent[1:]]
+        assert jobs == [f"j{i}-{k}" for i in reversed(range(150)) for k in (2, 1, 0)][:319]
+        assert len((await api.call("GET", "/audit?limit=1000"))[1]) == 451
+        status, only = await api.call("GET", "/audit?job_id=j3-1")
+        assert [r["job_id"] for r in only] == ["j3-1"]
+        assert (await api.call("GET", "/audit?actor=ci&event=policy_changed"))[1][0]["version"] == 1
+        assert (await api.call("GET", "/audit?event=nothing"))[1] == []

@@ -92,13 +92,18 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
             for tp in revoked:
                 self.router.paused_until.pop(tp, None)
                 self.router.gaps.forget(tp)
+            self.router.metrics.partitions_revoked(self.router.s.group_id, revoked)
 
     async def on_partitions_assigned(self, assigned: Any) -> None:
         log.info("router %s assigned %d partitions", self.router.router_id, len(assigned))
         consumer = self.router._consumer
+        starts: dict[TopicPartition, int | None] = {}
         for tp in assigned:  # reading resumes at the committed offset: the first record must be that one
             offset = await start_offset(consumer, tp) if consumer is not None else None
             self.router.gaps.expect(tp, offset)
+            starts[tp] = offset
+        if consumer is not None:
+            self.router.metrics.partitions_assigned(consumer, starts)
 
 
 class Router:
@@ -349,7 +354,9 @@ class Router:
         self._count(
             p, t_batch
         )  # what the broker acknowledged happened, whether or not the commit goes through
-        await self._commit(consumer, commit_offsets(p))
+        offsets = commit_offsets(p)
+        self.metrics.observe_batch(self.s.group_id, consumer, batch, offsets, p.outcomes)
+        await self._commit(consumer, offsets)
 
     async def _claim(self, parts: Parts, now: int) -> dict[str, Claim]:
         """Claims for the batch's keys and the pins of its sessions; nothing while Redis is unreachable."""
@@ -536,11 +543,9 @@ class Router:
                 decisions[(o.strategy, job.model_type if job else "", o.region)] += 1
             elif isinstance(o, Retried):
                 st.retried += 1
-                m.retries.labels(str(o.tier)).inc()
             elif isinstance(o, DeadLettered):
                 st.dead_lettered += 1
                 st.dead_by_reason[o.reason.value] += 1
-                m.dead_letters.labels(o.reason.value).inc()
             else:
                 st.duplicates += 1
                 m.duplicates.inc()

@@ -56,7 +56,9 @@ async def _subscribe(redis: Redis, channel: str, out: list[dict[str, Any]], read
         await pubsub.aclose()  # type: ignore[no-untyped-call]
 
 
-async def test_channel_file_and_replay_agree_across_rotation_and_the_seam(settings: Settings, redis: Redis) -> None:
+async def test_channel_file_and_replay_agree_across_rotation_and_the_seam(
+    settings: Settings, redis: Redis
+) -> None:
     s = _own_channel(settings, audit_file_max_bytes=4096, audit_file_backups=500)
     sink = AuditSink.from_settings(redis, s)
     channel: list[dict[str, Any]] = []
@@ -126,19 +128,26 @@ async def test_router_records_replay_with_filters_and_sampling(settings: Setting
     assert {r["event"] for r in everything} >= {"router_started", "router_stopped", "route"}
     assert tail("--job", "job-1") == [r for r in routes if r["job_id"] == "job-1"]
     acme = tail("--tenant", "acme", "--event", "route")
-    assert acme and all(r["tenant"] == "acme" for r in acme)
+    assert acme
+    assert all(r["tenant"] == "acme" for r in acme)
     assert len(acme) == sum(1 for r in routes if r.get("tenant") == "acme")
     llama = tail("--model", "llama")
-    assert llama and {r["head_id"] for r in llama} == {"llama-us"}
+    assert llama
+    assert {r["head_id"] for r in llama} == {"llama-us"}
     assert tail("--head", "resnet-eu") == [r for r in routes if r.get("head_id") == "resnet-eu"]
     assert len(tail("-n", "3")) == 3
     readable = cli(s, "audit", "tail", "--since", "10m", "--no-follow", "--event", "router_started").stdout
-    assert "router_started" in readable and "{" not in readable
+    assert "router_started" in readable
+    assert "{" not in readable
 
 
-async def test_cli_operations_carry_the_os_user_and_tail_follows_live(settings: Settings, redis: Redis) -> None:
+async def test_cli_operations_carry_the_os_user_and_tail_follows_live(
+    settings: Settings, redis: Redis
+) -> None:
     s = _own_channel(settings)
-    tail, tailed = await _start_tail(s, "-n", "2", "--json", "--event", "head_registered", "--event", "head_drained")
+    tail, tailed = await _start_tail(
+        s, "-n", "2", "--json", "--event", "head_registered", "--event", "head_drained"
+    )
     reader = asyncio.create_task(_collect(tail, tailed))
     try:
         # Following from now: wait until the tail blocks on the stream, then act.

@@ -140,3 +140,17 @@ def _refs(node: Any) -> set[str]:
     if isinstance(node, list):
         return set().union(*(_refs(v) for v in node))
     return set()
+
+
+def test_the_routers_own_admin_app_serves_exactly_what_it_documents() -> None:
+    """``router_app`` is what ``router-worker run`` serves: a route group plugged in there (the DLQ's) must
+    come with its description, or this fails."""
+    from router_worker.admin import router_app
+    from router_worker.pipeline.router import Router
+
+    settings = Settings(redis_url="redis://127.0.0.1:1/0", admin_tokens={"ops": "t"})
+    redis = Redis.from_url("redis://127.0.0.1:1/0")
+    router = Router(settings, redis, Metrics(), AuditSink(None, "c", None))
+    app = router_app(router, settings)
+    assert served(app) == documented(document(app))
+    assert app[AUTH].identify("Bearer t") == "ops"

@@ -53,6 +53,7 @@ from redis.asyncio import Redis
 from router_worker.audit import AuditSink
 from router_worker.clock import now_ms
 from router_worker.core.adaptive import ProfileLearner, job_size
+from router_worker.pipeline.fault_headers import with_excluded
 from router_worker.pipeline.gaps import RETRY_MS, GapGuard, seek_to_gap, start_offset
 from router_worker.pipeline.kafka import ensure_topics, make_consumer, make_producer
 from router_worker.pipeline.messages import (
@@ -64,6 +65,7 @@ from router_worker.pipeline.messages import (
 from router_worker.pipeline.publish import RetryBudget, Send, describe, publish, publish_dead_letter
 from router_worker.pipeline.topology import topic_partitions
 from router_worker.settings import Settings
+from router_worker.state.breakers import BreakerStore
 from router_worker.state.heads import HeadRecord, HeadRegistry, HeadStats
 from router_worker.state.inflight import InflightChanges
 from router_worker.state.keys import Keys
@@ -80,6 +82,20 @@ COMMIT_EVERY_S = 0.2
 
 _REMOVED = "removed"
 _SLOT_LOST = "slot_lost"
+
+
+BREAKER_REPORT_S = 0.2
+"""How often a head adds its successes and failures to its circuit breaker's counts."""
+
+
+class JobRefused(Exception):
+    """Raised by a handler that will not serve a job here (``busy``, ``unsupported``): the job goes back to the
+    routers at once for its next attempt, and this head is excluded from it. A refusal
+    does not count against the head's circuit breaker; a failure (any other exception, a timeout) does."""
+
+    def __init__(self, reason: str = "busy", detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +145,9 @@ class WorkerConfig:
     power_w: float = 0.0
     retry_on_error: bool = True
     """A handler that raises sends the job back through the router's retry topics (a nack)."""
+    job_timeout_s: float | None = None
+    """A handler still running after this long fails the job (completion timeout: a nack, and a failure
+    counted against the head's circuit breaker). None: no limit."""
 
     def resolved_head_id(self) -> str:
         return self.head_id or f"{self.model_id}-{self.region}-{uuid.uuid4().hex[:8]}"
@@ -177,6 +196,10 @@ class WorkerStats:
     dead_lettered: int = 0
     unsettled: int = 0
     """Records whose nack or dead letter was not acknowledged: left uncommitted for the next head."""
+    refused: int = 0
+    """Jobs the handler refused (busy, unsupported): handed back at once, this head excluded."""
+    timeouts: int = 0
+    """Handlers that ran past ``job_timeout_s``."""
 
 
 class ModelWorker:
@@ -219,6 +242,9 @@ class ModelWorker:
         """Why the head may no longer serve its partition: removed, or its slot taken by another head."""
         self._last_beat = 0.0
         """time.monotonic() of the last heartbeat Redis accepted (or of the registration)."""
+        self.breakers = BreakerStore(redis, Keys(settings.redis_prefix))
+        self._outcomes = [0, 0]
+        """Successes and failures not yet added to this head's circuit breaker."""
 
     def stop(self) -> None:
         self._stop.set()
@@ -284,6 +310,7 @@ class ModelWorker:
         pool = [asyncio.create_task(self._serve(), name=f"serve-{i}") for i in range(c.capacity)]
         pool.append(asyncio.create_task(self._settle_loop(), name="settle"))
         beat = asyncio.create_task(self._heartbeat_loop(), name="heartbeat")
+        reporter = asyncio.create_task(self._breaker_loop(), name="breaker")
         releaser = asyncio.create_task(self._release_loop(), name="release")
         fetch = asyncio.create_task(self._fetch_loop(consumer, tp), name="fetch")
         stopped = asyncio.create_task(self._stop.wait(), name="stopped")
@@ -298,7 +325,9 @@ class ModelWorker:
             try:
                 await self._shutdown(consumer, tp, pool)
             finally:
-                await cancel_and_wait((beat, releaser))
+                await cancel_and_wait((beat, releaser, reporter))
+                with contextlib.suppress(Exception):
+                    await self._report_outcomes()
                 with contextlib.suppress(Exception):
                     await self.registry.remove(self.head_id, actor="worker", instance=self.instance,
                                                own_slot=(self.topic, self.partition))  # fmt: skip
@@ -439,9 +468,27 @@ class ModelWorker:
             return await self._dead_letter(rec, exc.reason.value, exc.detail, ctx.attempt)
         st.inflight += 1
         t0 = time.perf_counter()
+        refused: JobRefused | None = None
         try:
-            result = await self.handler(job, ctx)
+            if self.config.job_timeout_s is None:
+                result = await self.handler(job, ctx)
+            else:
+                async with asyncio.timeout(self.config.job_timeout_s):
+                    result = await self.handler(job, ctx)
             status, error = "ok", None
+        except JobRefused as exc:
+            refused = exc
+            result, status, error = None, "refused", str(exc)
+        except TimeoutError as exc:
+            if self.config.job_timeout_s is None:  # the handler's own timeout: a failure like any other
+                result, status, error = None, "error", f"{type(exc).__name__}: {exc}"
+            else:
+                st.timeouts += 1
+                result, status, error = (
+                    None,
+                    "error",
+                    f"completion timeout after {self.config.job_timeout_s} s",
+                )
         except asyncio.CancelledError as exc:
             if _being_cancelled():  # our own shutdown: let it through
                 raise
@@ -458,10 +505,15 @@ class ModelWorker:
                 service_ms if st.latency_ewma_ms == 0 else 0.9 * st.latency_ewma_ms + 0.1 * service_ms
             )
             self.learner.observe(job_size(job), load, service_ms)
+            self._outcomes[0] += 1
+        elif refused is not None:
+            st.refused += 1
+            return await self._nack(rec, ctx.attempt, f"head_refused: {error}", exclude=True, backoff=False)
         else:
             st.failed += 1
+            self._outcomes[1] += 1
             if self.config.retry_on_error:
-                return await self._nack(rec, ctx.attempt, f"head_error: {error or 'error'}")
+                return await self._nack(rec, ctx.attempt, f"head_error: {error or 'error'}", exclude=True)
         # The slot is free for the next job now; the completion is acknowledged in batches by the settler, and
         # the offset is finished (committable) only then.
         # The head's capacity is free again: release the job from the shared in-flight count now, not when the
@@ -579,16 +631,20 @@ class ModelWorker:
         return await self._dead_letter(rec, PUBLISH_ERROR, f"completion record to {topic} refused: {why}",
                                        ctx.attempt)  # fmt: skip
 
-    async def _nack(self, rec: Any, attempt: int, reason: str) -> bool:
-        """Hand one job back to the routers through the retry tier for its next attempt."""
-        return rec.offset in await self._nack_many([rec], reason, self._budget, backoff=True, attempt=attempt)
+    async def _nack(self, rec: Any, attempt: int, reason: str, *, exclude: bool = False,
+                    backoff: bool = True) -> bool:  # fmt: skip
+        """Hand one job back to the routers through the retry tier for its next attempt (``exclude``: and tell
+        them to pass over this head for it)."""
+        return rec.offset in await self._nack_many([rec], reason, self._budget, backoff=backoff, attempt=attempt,
+                                                   exclude=exclude)  # fmt: skip
 
     async def _nack_many(self, records: Sequence[Any], reason: str, budget: RetryBudget, *, backoff: bool,
-                         attempt: int | None = None) -> set[int]:  # fmt: skip
+                         attempt: int | None = None, exclude: bool = False) -> set[int]:  # fmt: skip
         """Nack ``records`` (each with the attempt it was routed as, unless given); finish and return the
         offsets settled (nack, or for a record the retry tier refuses for good, dead letter acknowledged).
 
-        ``backoff``: wait the tier's back-off (a failed job) or none (a job this head merely gives back)."""
+        ``backoff``: wait the tier's back-off (a failed job) or none (a job this head merely gives back).
+        ``exclude``: add this head to the job's ``x-route-exclude`` (it refused or failed the job)."""
         assert self._producer is not None
         delays = self.s.retry_backoff_ms
         now = now_ms()
@@ -601,6 +657,8 @@ class ModelWorker:
             headers = retry_headers(
                 rec.headers, reason[:200], rec.topic, rec.partition, rec.offset, n, not_before
             )
+            if exclude:
+                headers = with_excluded(headers, self.head_id)
             key = rec.key if (rec.key is not None or rec.value is not None) else b""
             send = Send(self.topics.retry(tier), rec.value, key, None, headers)
             by_send[id(send)] = rec
@@ -672,6 +730,22 @@ class ModelWorker:
             if self._release_failing:
                 log.warning("head %s: releases reach Redis again", self.head_id)
                 self._release_failing = False
+
+    async def _breaker_loop(self) -> None:
+        """Add this head's successes and failures to its circuit breaker's shared counts, a few times a second
+        (the routers judge them); kept and sent again while Redis does not answer."""
+        while True:
+            await asyncio.sleep(BREAKER_REPORT_S)
+            with contextlib.suppress(Exception):
+                await self._report_outcomes()
+
+    async def _report_outcomes(self) -> None:
+        ok, err = self._outcomes
+        if not ok and not err:
+            return
+        await self.breakers.count({self.head_id: (ok, err)}, now_ms())
+        self._outcomes[0] -= ok
+        self._outcomes[1] -= err
 
     async def _heartbeat_loop(self) -> None:
         """Heartbeat until cancelled (through shutdown too, so a draining head is not reaped meanwhile)."""

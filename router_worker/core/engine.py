@@ -263,10 +263,11 @@ def decide(
     """Route one job. Never raises for a routable-looking job; every outcome is a Decision.
 
     ``avoid``: heads that refused or failed this job before (its nack said so); they are passed over while
-    any other head can take it, and tried again only when none can (better than no route at all)."""
+    any other head can take it (or will, once it has room), and tried again only when no other head is
+    eligible at all (better than no route)."""
     if avoid:
         d = _decide(job, index, policy, memory, now_ms, rng, attempt, explain, avoid)
-        if d.routed:
+        if d.routed or d.outcome is Outcome.SATURATED:  # saturated: wait for another head, not an avoided one
             return d
     return _decide(job, index, policy, memory, now_ms, rng, attempt, explain, frozenset())
 

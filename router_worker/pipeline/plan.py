@@ -17,15 +17,35 @@ from enum import IntEnum
 from typing import Any
 
 from router_worker.audit import decision_record, fallback_kind
+from router_worker.core.admission import retry_tier_for
 from router_worker.core.engine import HeadIndex, decide, record
 from router_worker.core.model import Decision, Outcome, RouterMemory
 from router_worker.core.policy import Policy
+from router_worker.pipeline.fault_headers import (
+    THROTTLE_HEADERS,
+    THROTTLE_REASON,
+    excluded_heads,
+    throttle_headers,
+    without,
+)
 from router_worker.pipeline.intake import Parts
 from router_worker.pipeline.messages import retry_headers, routed_headers
 from router_worker.pipeline.outcomes import DeadLettered, Duplicate, Hold, Incoming, Plan, Retried, Routed
 from router_worker.pipeline.publish import Send, dead_letter_record
 from router_worker.topics import Topics
 from schemas.envelope import DeadLetterReason, Job
+
+PUBLISH_FALLBACK = "publish_error"
+"""The ``routing_fallbacks_total`` reason of a job moved to another head because its head's publish failed."""
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """A job's admission verdict: it may go at ``admit_at`` (epoch ms; its token is reserved), after ``trips``
+    waits in the retry tiers so far."""
+
+    admit_at: int
+    trips: int = 0
 
 
 class Claim(IntEnum):
@@ -105,11 +125,90 @@ def _retry_or_dead(inc: Incoming, job: Job, d: Decision, cfg: PlanConfig, now: i
     return Retried(inc, send, audit, tier=tier)
 
 
+def _throttle(inc: Incoming, job: Job, verdict: Admission, cfg: PlanConfig, now: int,
+              sampled: dict[tuple[str, str], dict[str, Any]]) -> Retried:  # fmt: skip
+    """A job over its admission limit waits in a retry tier until its reserved token is there (at most the
+    longest back-off per trip: a retry tier honours no longer wait). Never a dead letter, never an attempt."""
+    backoff = cfg.retry_backoff_ms
+    not_before = min(verdict.admit_at, now + max(backoff))
+    tier = retry_tier_for(not_before - now, backoff)
+    tp = inc.tp
+    headers = retry_headers(
+        inc.headers, THROTTLE_REASON, tp.topic, tp.partition, inc.offset, inc.attempt, not_before
+    )
+    send = Send(cfg.topics.retry(tier), inc.value, inc.key, None,
+                throttle_headers(headers, verdict.admit_at, verdict.trips + 1))  # fmt: skip
+    audit = None
+    if verdict.trips == 0:  # sampled: one record per tenant and model per batch, with the count
+        group = (job.tenant or "", job.model_type)
+        rec = sampled.get(group)
+        if rec is None:
+            audit = sampled[group] = {
+                "ts": now, "event": "throttled", "router_id": cfg.router_id, "tenant": job.tenant,
+                "model_type": job.model_type, "job_id": job.job_id, "count": 1, "admit_at": verdict.admit_at,
+                "reason": f"over the admission limit; token reserved for {verdict.admit_at}",
+            }  # fmt: skip
+        else:
+            rec["count"] += 1
+            rec["admit_at"] = max(rec["admit_at"], verdict.admit_at)
+    return Retried(inc, send, audit, tier=tier)
+
+
+def _routed(inc: Incoming, job: Job, d: Decision, memory: RouterMemory, policy: Policy, cfg: PlanConfig,
+            now: int) -> Routed:  # fmt: skip
+    head = d.head
+    assert head is not None
+    new_pin = d.sticky is not None and d.sticky[0] not in memory.affinity
+    record(d, memory, job, policy, now)
+    headers = routed_headers(inc.headers, job.job_id, d, inc.content_type, now)
+    if inc.headers and any(k in THROTTLE_HEADERS for k, _ in inc.headers):  # its wait is over: not the head's
+        headers = without(headers, THROTTLE_HEADERS)
+    send = Send(cfg.topics.model(head.model_id), inc.value, inc.key, head.partition, headers)
+    audit = (
+        decision_record(d, cfg.router_id, job.job_id, job.model_type, job.region, now, job.tenant)
+        if cfg.audit_decisions
+        else None
+    )
+    return Routed(inc, send, audit, head_id=head.head_id, region=head.region, strategy=d.strategy, pin=d.sticky,
+                  new_pin=new_pin, fallback=fallback_kind(d))  # fmt: skip
+
+
+def reroute(o: Routed, failed: frozenset[str], why: str, index: HeadIndex, policy: Policy, memory: RouterMemory,
+            now: int, rng: random.Random, cfg: PlanConfig) -> bool:  # fmt: skip
+    """Move a routed job whose publish to its head kept failing to the next candidate (then the policy's fallback
+    models), passing over ``failed`` and the heads its headers exclude. The outcome is changed in place (its
+    send too, so a caller's references stay valid); False when no other head can take it."""
+    inc = o.src
+    job = inc.job
+    if job is None:
+        return False
+    avoid = failed | excluded_heads(inc.headers)
+    d = decide(job, index, policy, memory, now, rng, inc.attempt, avoid=avoid)
+    if not d.routed or d.head is None or d.head.head_id in avoid:
+        return False
+    d.fallback = True
+    d.reason = f"{why}; {d.reason}"
+    new = _routed(inc, job, d, memory, policy, cfg, now)
+    if new.audit is not None:
+        new.audit["fallback_reason"] = PUBLISH_FALLBACK
+    assert o.send is not None
+    assert new.send is not None
+    o.send.topic, o.send.partition, o.send.headers, o.send.error = (new.send.topic, new.send.partition,
+                                                                    new.send.headers, None)  # fmt: skip
+    o.audit, o.head_id, o.region, o.strategy = new.audit, new.head_id, new.region, new.strategy
+    o.pin, o.new_pin, o.fallback = new.pin, new.new_pin, PUBLISH_FALLBACK
+    return True
+
+
 def plan(parts: Parts, claims: Mapping[str, Claim], index: HeadIndex, policy: Policy, memory: RouterMemory,
-         now: int, heads_now: int, rng: random.Random, cfg: PlanConfig, stats: Stats) -> Plan:  # fmt: skip
+         now: int, heads_now: int, rng: random.Random, cfg: PlanConfig, stats: Stats,
+         admission: Mapping[str, Admission] | None = None) -> Plan:  # fmt: skip
     """Every record's outcome. ``heads_now`` is the clock heads' heartbeats are judged by (``now``, or the
-    time of the last snapshot while Redis is unreachable, so heads do not expire for want of news)."""
+    time of the last snapshot while Redis is unreachable, so heads do not expire for want of news).
+    ``admission``: claim key -> verdict for the jobs an admission limit applies to; a job whose token is not
+    there yet waits in a retry tier (see :func:`_throttle`)."""
     out = Plan()
+    sampled: dict[tuple[str, str], dict[str, Any]] = {}
     outcomes = out.outcomes
     in_batch: set[str] = set()
     timings = stats.decision_seconds
@@ -148,8 +247,15 @@ def plan(parts: Parts, claims: Mapping[str, Claim], index: HeadIndex, policy: Po
                 outcomes.append(dead_letter(inc, DeadLetterReason.EXPIRED, detail, cfg, now))
                 in_batch.add(key)
                 continue
+            if admission:
+                verdict = admission.get(key)
+                if verdict is not None and verdict.admit_at > now:
+                    outcomes.append(_throttle(inc, job, verdict, cfg, now, sampled))
+                    in_batch.add(key)
+                    continue
+            avoid = excluded_heads(inc.headers) if inc.headers else frozenset()
             t0 = time.perf_counter_ns()
-            d = decide(job, index, policy, memory, heads_now, rng, inc.attempt)
+            d = decide(job, index, policy, memory, heads_now, rng, inc.attempt, avoid=avoid)
             timings.append((time.perf_counter_ns() - t0) / 1e9)
             if (
                 d.outcome is Outcome.SATURATED
@@ -160,20 +266,7 @@ def plan(parts: Parts, claims: Mapping[str, Claim], index: HeadIndex, policy: Po
                 break
             in_batch.add(key)
             if d.outcome is Outcome.ROUTED:
-                head = d.head
-                assert head is not None
-                new_pin = d.sticky is not None and d.sticky[0] not in memory.affinity
-                record(d, memory, job, policy, now)
-                headers = routed_headers(inc.headers, job.job_id, d, inc.content_type, now)
-                send = Send(cfg.topics.model(head.model_id), inc.value, inc.key, head.partition, headers)
-                audit = (
-                    decision_record(d, cfg.router_id, job.job_id, job.model_type, job.region, now, job.tenant)
-                    if cfg.audit_decisions
-                    else None
-                )
-                outcomes.append(Routed(inc, send, audit, head_id=head.head_id, region=head.region,
-                                       strategy=d.strategy, pin=d.sticky, new_pin=new_pin,
-                                       fallback=fallback_kind(d)))  # fmt: skip
+                outcomes.append(_routed(inc, job, d, memory, policy, cfg, now))
             elif d.outcome is Outcome.REFUSED:
                 outcomes.append(dead_letter(inc, DeadLetterReason.SCHEMA_ERROR, d.reason, cfg, now))
             else:

@@ -1,0 +1,380 @@
+"""The router's fault handling around a batch: circuit breakers, admission control, publish fallback.
+
+Before the plan (:meth:`FaultGate.before_plan`, at most one Redis round trip, none when nothing asks for it):
+
+- records back from an admission wait get their attempt and trip-keyed claim back (a wait is not an attempt);
+- the breakers that matter are read (every one that is not closed, and those that counted a failure), and the
+  outcomes this router counted (publish failures) are added, in the same round trip, when there is news: a
+  change event arrived (the state cache refreshed), this router has counts to add, an open breaker's cool-down
+  ended, or ``breaker_poll_ms`` passed; each transition and half-open probe lease is then written by
+  compare-and-set (a second round trip, only then) and the one router that wins audits it;
+- the jobs an admission limit applies to are scheduled by the bucket script in that same round trip.
+
+After the first publish (:meth:`FaultGate.publish`): a routed job whose publish to its head failed for good or
+stayed unsent while the broker took other records goes to the next candidate, then to the policy's fallback
+models; its headers (``x-route-fallback: 1``), its audit record and ``routing_fallbacks_total`` say so.
+
+While Redis does not answer, the last breaker view stands and admission lets every job through (the router
+routes from its last snapshot anyway; a limit is not worth stopping the stream for).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections import Counter as Tally
+from dataclasses import dataclass, field
+
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import (
+    CorruptRecordException,
+    InvalidMessageError,
+    InvalidTimestampError,
+    MessageSizeTooLargeError,
+    RecordListTooLargeError,
+    RecordTooLargeError,
+)
+from prometheus_client import CollectorRegistry, Counter, Gauge
+from redis.asyncio import Redis
+from redis.exceptions import NoScriptError, RedisError
+
+from router_worker.audit import AuditSink
+from router_worker.core.admission import Limit, model_key, tenant_key
+from router_worker.core.breaker import (
+    Breaker,
+    BreakerConfig,
+    BreakerState,
+    evaluate,
+    lease,
+    probes_left,
+    prune,
+)
+from router_worker.core.model import RouterMemory
+from router_worker.core.policy import Policy
+from router_worker.pipeline.fault_headers import (
+    H_THROTTLE_N,
+    THROTTLE_HEADERS,
+    admit_at,
+    throttle_claim_key,
+    throttle_trips,
+)
+from router_worker.pipeline.intake import Parts
+from router_worker.pipeline.messages import header
+from router_worker.pipeline.outcomes import Plan, Retried, Routed
+from router_worker.pipeline.plan import Admission, PlanConfig, reroute
+from router_worker.pipeline.publish import PublishReport, RetryBudget, Send, describe, publish
+from router_worker.settings import Settings
+from router_worker.state.admission import Buckets
+from router_worker.state.breakers import BreakerStore, Write
+from router_worker.state.breakers import describe as describe_breaker
+from router_worker.state.cache import StateCache
+from router_worker.state.keys import Keys
+
+log = logging.getLogger(__name__)
+
+RECORD_ERRORS = (MessageSizeTooLargeError, RecordTooLargeError, RecordListTooLargeError, CorruptRecordException,
+                 InvalidMessageError, InvalidTimestampError)  # fmt: skip
+"""Publish errors that are the record's own: no other head would take it either, and its head is not at fault."""
+FALLBACK_ROUNDS = 2
+"""How many times one batch moves jobs off failing heads (each round passes over every head failed so far)."""
+
+
+def breaker_config(policy: Policy, s: Settings) -> BreakerConfig | None:
+    """The breaker settings in force: the policy's ``breaker`` section, else ``ROUTER_BREAKER_*``; None: off."""
+    if policy.breaker is not None:
+        return policy.breaker.config() if policy.breaker.enabled else None
+    if not s.breaker_enabled:
+        return None
+    return BreakerConfig(window_ms=int(s.breaker_window_s * 1000), min_volume=s.breaker_min_volume,
+                         error_threshold=s.breaker_error_threshold, cooldown_ms=int(s.breaker_cooldown_s * 1000),
+                         half_open_probes=s.breaker_half_open_probes)  # fmt: skip
+
+
+class FaultMetrics:
+    """The contract's breaker and admission metrics, on the router's registry."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.breaker_state = Gauge("circuit_breaker_state", "Circuit breaker of a head as this router sees it: "
+                                   "0 closed, 1 half-open, 2 open.", ["head_id"], registry=registry)  # fmt: skip
+        self.breaker_transitions = Counter(
+            "circuit_breaker_transitions_total", "Breaker transitions this router applied (each transition is "
+            "applied by one router: sum over routers).", ["head_id", "to"], registry=registry,
+        )  # fmt: skip
+        self.throttled = Counter("admission_throttled_total", "Jobs delayed for their admission token.",
+                                 ["tenant", "model_type"], registry=registry)  # fmt: skip
+
+
+def restore_waited(parts: Parts, retry_topics: frozenset[str]) -> None:
+    """Records back from an admission wait: the attempt they had (intake counted the wait as one) and an
+    idempotency key of their own per trip (the earlier trips are marked done)."""
+    for tp, items in parts:
+        if tp.topic not in retry_topics:
+            continue
+        for inc in items:
+            if inc.job is None or not inc.headers:
+                continue
+            trips = throttle_trips(inc.headers)
+            if trips:
+                inc.attempt = max(1, inc.attempt - 1)
+                inc.claim_key = throttle_claim_key(inc.job.job_id, inc.attempt, trips)
+
+
+@dataclass(slots=True)
+class _Needs:
+    """The jobs of a batch an admission limit applies to, with the buckets each needs."""
+
+    limits: dict[str, Limit] = field(default_factory=dict)
+    keys: list[str] = field(default_factory=list)
+    """Claim keys, in batch order."""
+    buckets: list[list[str]] = field(default_factory=list)
+
+
+class FaultGate:
+    def __init__(self, settings: Settings, redis: Redis, keys: Keys, audit: AuditSink, registry: CollectorRegistry,
+                 router_id: str, state: StateCache, memory: RouterMemory, retry_topics: frozenset[str],
+                 cfg: PlanConfig, rng: random.Random) -> None:  # fmt: skip
+        self.s = settings
+        self.memory = memory
+        self.redis = redis
+        self.keys = keys
+        self.audit = audit
+        self.router_id = router_id
+        self.state = state
+        self.retry_topics = retry_topics
+        self.cfg = cfg
+        self.rng = rng
+        self.metrics = FaultMetrics(registry)
+        self.breakers = BreakerStore(redis, keys)
+        self.buckets = Buckets(redis, keys)
+        self.view: dict[str, Breaker] = {}
+        """Every breaker this router knows not to be closed."""
+        self.probes: dict[str, int] = {}
+        """Half-open probes this router holds a lease on (head -> jobs it may still send)."""
+        self.feed: Tally[str] = Tally()
+        """Failures this router counted (publishes to a head that failed), added on the next read."""
+        self.transitions = 0
+        self._seen_refresh = -1
+        self._last_read_ms = 0
+        self._shown: set[str] = set()
+        self.verdicts: dict[str, Admission] = {}
+        """The batch's admission verdicts (claim key -> verdict), for the plan."""
+
+    # --- before the plan ----------------------------------------------------------------------------------
+
+    async def before_plan(self, parts: Parts, now: int) -> dict[str, Admission]:
+        """Restore waited records, read breakers and schedule admission (one round trip at most); return the
+        batch's admission verdicts and apply the breaker view to the router's memory."""
+        restore_waited(parts, self.retry_topics)
+        self.probes = {h: n for h, n in self.memory.probes.items() if n > 0}  # what the last plan left
+        policy = self.state.policy
+        cfg = breaker_config(policy, self.s)
+        verdicts: dict[str, Admission] = {}
+        needs = self._admission_needs(parts, policy, now, verdicts)
+        read = cfg is not None and self._read_due(now, cfg)
+        if read or needs.keys:
+            try:
+                await self._round_trip(read, needs, now, verdicts, cfg)
+            except (RedisError, OSError) as exc:
+                log.warning(
+                    "fault state not read (admitting every job, keeping the last breaker view): %s", exc
+                )
+        elif cfg is None and (self.view or self.probes):
+            self.view, self.probes = {}, {}
+        self._apply_view(now)
+        self.verdicts = verdicts
+        return verdicts
+
+    def _read_due(self, now: int, cfg: BreakerConfig) -> bool:
+        if self.feed or self.state.refreshes != self._seen_refresh:
+            return True
+        if now - self._last_read_ms >= self.s.breaker_poll_ms:
+            return True
+        return any(b.state is BreakerState.OPEN and now >= b.open_until_ms for b in self.view.values())
+
+    def _admission_needs(
+        self, parts: Parts, policy: Policy, now: int, verdicts: dict[str, Admission]
+    ) -> _Needs:
+        needs = _Needs()
+        adm = policy.admission
+        active = adm.active
+        for _, items in parts:
+            for inc in items:
+                job = inc.job
+                if job is None:
+                    continue
+                if inc.headers and any(k in THROTTLE_HEADERS for k, _ in inc.headers):
+                    reserved = admit_at(inc.headers)
+                    if reserved is not None and inc.tp.topic in self.retry_topics:  # its token is reserved
+                        verdicts[inc.claim_key] = Admission(reserved, throttle_trips(inc.headers))
+                        continue
+                if not active:
+                    continue
+                wanted = []
+                tl = adm.tenant_limit(job.tenant)
+                if tl is not None and job.tenant:
+                    k = tenant_key(job.tenant)
+                    needs.limits[k] = tl
+                    wanted.append(k)
+                ml = adm.model_limit(job.model_type)
+                if ml is not None:
+                    k = model_key(job.model_type)
+                    needs.limits[k] = ml
+                    wanted.append(k)
+                if wanted and inc.claim_key not in verdicts:
+                    needs.keys.append(inc.claim_key)
+                    needs.buckets.append(wanted)
+                    verdicts[inc.claim_key] = Admission(now)
+        return needs
+
+    async def _round_trip(self, read: bool, needs: _Needs, now: int, verdicts: dict[str, Admission],
+                          cfg: BreakerConfig | None) -> None:  # fmt: skip
+        feed = dict(self.feed)
+        for last_try in (False, True):
+            if read:
+                await self.breakers.ensure_scripts()
+            if needs.keys:
+                await self.buckets.ensure_script()
+            try:
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    if read:
+                        refresh = self.state.refreshes
+                        self.breakers.queue_counts(pipe, {h: (0, n) for h, n in feed.items()}, now)
+                        at_read = len(pipe)
+                        self.breakers.queue_read(pipe)
+                    if needs.keys:
+                        at_sched = len(pipe)
+                        self.buckets.queue(pipe, needs.limits, needs.buckets, now)
+                    res = await pipe.execute()
+                break
+            except NoScriptError:
+                self.breakers.scripts_lost()
+                self.buckets.script_lost()
+                if last_try:
+                    raise
+        if needs.keys:
+            for key, t in zip(needs.keys, res[at_sched], strict=True):
+                verdicts[key] = Admission(int(t))
+        if read:
+            self.feed -= Tally(feed)
+            self._seen_refresh = refresh
+            self._last_read_ms = now
+            assert cfg is not None
+            await self._judge(BreakerStore.parse_read(res[at_read]), cfg, now)
+
+    async def _judge(self, read: dict[str, Breaker], cfg: BreakerConfig, now: int) -> None:
+        """Evaluate what was read; write transitions and probe leases by compare-and-set; audit what won."""
+        writes: list[Write] = []
+        granted: dict[str, int] = {}
+        for head_id, b in read.items():
+            new, t = evaluate(b, cfg, now)
+            if (
+                new.state is BreakerState.HALF_OPEN
+                and probes_left(new, cfg, now)
+                and not self.probes.get(head_id)
+            ):
+                new, granted[head_id] = lease(new, cfg, now, cfg.half_open_probes)
+            if new is not b:
+                writes.append(Write(head_id, b, prune(new, cfg, now), t))
+        view = {h: b for h, b in read.items() if b.state is not BreakerState.CLOSED}
+        if writes:
+            won = await self.breakers.write(writes, self.keys.events)
+            records = []
+            for w, ok in zip(writes, won, strict=True):
+                if not ok:  # another router got there first: its state is read next time
+                    self._seen_refresh = -1
+                    continue
+                if w.new.state is BreakerState.CLOSED:
+                    view.pop(w.head_id, None)
+                else:
+                    view[w.head_id] = w.new
+                if granted.get(w.head_id):
+                    self.probes[w.head_id] = granted[w.head_id]
+                t = w.transition
+                if t is not None:
+                    self.transitions += 1
+                    self.metrics.breaker_transitions.labels(w.head_id, t.to_state.label).inc()
+                    records.append({"ts": now, "event": t.event, "router_id": self.router_id, "head_id": w.head_id,
+                                    "actor": self.router_id, "from": t.from_state.label, "to": t.to_state.label,
+                                    "ok": t.ok, "err": t.err, "open_until": t.open_until_ms,
+                                    "reason": f"{t.err} failures of {t.ok + t.err} outcomes"})  # fmt: skip
+                    log.warning("circuit breaker of head %s: %s -> %s (%d failures of %d)", w.head_id,
+                                t.from_state.label, t.to_state.label, t.err, t.ok + t.err)  # fmt: skip
+            if records:
+                await self.audit.emit_many(records)
+        self.view = view
+
+    def _apply_view(self, now: int) -> None:
+        """The breaker view as the engine reads it: heads to pass over, and probes this router may send."""
+        blocked: dict[str, str] = {}
+        probes: dict[str, int] = {}
+        for head_id, b in self.view.items():
+            left = self.probes.get(head_id, 0)
+            if b.state is BreakerState.HALF_OPEN and left > 0 and now < b.lease_until_ms:
+                probes[head_id] = left
+            else:
+                blocked[head_id] = describe_breaker(b, now)
+        self.probes = probes
+        self.memory.set_breakers(blocked, dict(probes))
+        gauge = self.metrics.breaker_state
+        for head_id in self._shown - set(self.view):
+            gauge.labels(head_id).set(0)
+        for head_id, b in self.view.items():
+            gauge.labels(head_id).set(int(b.state))
+        self._shown |= set(self.view)
+
+    # --- publishing with fallback -----------------------------------------------------------------------
+
+    async def publish(
+        self, producer: AIOKafkaProducer, p: Plan, budget: RetryBudget, now: int
+    ) -> PublishReport:
+        """Publish the plan; move routed jobs off heads whose publish failed; count throttled jobs."""
+        report = await publish(producer, p.sends(), budget)
+        failed: set[str] = set()
+        for _ in range(FALLBACK_ROUNDS):
+            moved = self._move_failed(p, report, failed, now)
+            if not moved:
+                break
+            again = await publish(producer, moved, budget)
+            ids = {id(s) for s in moved}
+            report.fatal = [s for s in report.fatal if id(s) not in ids] + again.fatal
+            report.unsent = [s for s in report.unsent if id(s) not in ids] + again.unsent
+            report.acked += again.acked
+            report.tries += again.tries
+        self._count_throttled(p, report)
+        return report
+
+    def _move_failed(self, p: Plan, report: PublishReport, failed: set[str], now: int) -> list[Send]:
+        bad = {id(s) for s in report.fatal}
+        if report.acked:  # the broker takes records: what stayed unsent is the head's partition's problem
+            bad |= {id(s) for s in report.unsent}
+        if not bad:
+            return []
+        state = self.state
+        moved: list[Send] = []
+        for o in p.outcomes:
+            if not isinstance(o, Routed) or o.send is None or id(o.send) not in bad:
+                continue
+            if isinstance(o.send.error, RECORD_ERRORS):
+                continue
+            head_id = o.head_id
+            self.feed[head_id] += 1
+            failed.add(head_id)
+            why = f"publish to head {head_id} failed: {describe(o.send.error or Exception())}"
+            if reroute(
+                o, frozenset(failed), why, state.index, state.policy, self.memory, now, self.rng, self.cfg
+            ):
+                moved.append(o.send)
+        if moved:
+            log.warning("%d jobs moved to other heads after their publishes failed (heads %s)", len(moved),
+                        ", ".join(sorted(failed)))  # fmt: skip
+        return moved
+
+    def _count_throttled(self, p: Plan, report: PublishReport) -> None:
+        acked = {id(s) for s in report.acked}
+        tally: Tally[tuple[str, str]] = Tally()
+        for o in p.outcomes:
+            if (isinstance(o, Retried) and o.send is not None and id(o.send) in acked and o.src.job is not None
+                    and header(o.send.headers, H_THROTTLE_N) == b"1"):  # fmt: skip
+                tally[(o.src.job.tenant or "", o.src.job.model_type)] += 1
+        for (tenant, model), n in tally.items():
+            self.metrics.throttled.labels(tenant, model).inc(n)

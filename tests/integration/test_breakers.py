@@ -4,15 +4,20 @@ routers and heads in their own processes: a head that fails every job is cut off
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
 from redis.asyncio import Redis
 
 from router_worker.core.breaker import Breaker, BreakerConfig, BreakerState, evaluate, lease, record
+from router_worker.core.policy import BreakerPolicy
 from router_worker.settings import Settings
 from router_worker.state.breakers import BreakerStore, Write, summary_key
 from router_worker.state.keys import Keys
+from router_worker.state.policy_store import PolicyStore
+from tests.procs import JobStream, Ledger, Procs, read_audit, time_limit
 
 pytestmark = pytest.mark.integration
 
@@ -89,3 +94,81 @@ async def test_a_probe_lease_is_granted_once_and_closing_leaves_the_summary(sett
     assert await store.write([Write("h", b, closed, t)], keys.events) == [True]
     assert await redis.hget(summary_key(keys), "h") is None
     assert await _read(store) == {}
+
+
+# --- end to end: routers and heads in their own processes -------------------------------------------------------
+
+
+def _walk(events: list[dict[str, Any]]) -> list[str]:
+    """The states a breaker went through, from its audit records in time order; fails on an impossible step (two
+    records of one transition, e.g. one per router)."""
+    legal = {("closed", "open"), ("open", "half_open"), ("half_open", "closed"), ("half_open", "open")}
+    state = "closed"
+    walk = [state]
+    for e in sorted(events, key=lambda r: (r["ts"], r["to"] != "half_open")):
+        assert e["from"] == state, f"transition {e['from']} -> {e['to']} audited while {state}: {events}"
+        assert (e["from"], e["to"]) in legal
+        state = e["to"]
+        walk.append(state)
+    return walk
+
+
+@time_limit(150)
+async def test_a_head_failing_every_job_is_cut_off_by_both_routers_and_every_job_completes_elsewhere(
+    settings: Settings, tmp_path: Path, redis: Redis
+) -> None:
+    policy = PolicyStore.for_settings(redis, settings)
+    await policy.set(policy.default.model_copy(update={"breaker": BreakerPolicy(
+        window_s=10, min_volume=10, error_threshold=0.5, cooldown_s=3, half_open_probes=1)}))  # fmt: skip
+    jobs = 700
+    async with Procs(settings, tmp_path) as procs:
+        await procs.start_routers(2)
+        good = await procs.start_head("m", head_id="good", capacity=32, service_ms=5)
+        bad = await procs.start_head("m", head_id="bad", capacity=32, service_ms=5, fail_rate=1.0)
+        async with (
+            Ledger(settings) as ledger,
+            JobStream(settings, "m", jobs, rate=100, prefix="brk") as stream,
+        ):
+            await stream.wait(60)
+            assert await ledger.wait_for(lambda: ledger.accounted(stream.ids) == jobs, 60), (
+                f"{ledger.delivered(stream.ids)} of {jobs} delivered\n{procs.report()}"
+            )
+            await ledger.settle(quiet_s=1.0)
+            rep = ledger.report(stream.ids)
+        procs.assert_alive(good, bad)
+    assert rep.lost == 0, rep.summary()
+    assert not rep.dead_by_reason, f"nothing dead-lettered: {rep.summary()}"
+    done_at = {d.get("head_id") for ds in ledger.deliveries.values() for d in ds}
+    assert done_at == {"good"}, "every job completed at the healthy head"
+
+    records, _ = read_audit(settings.audit_file)
+    transitions = [
+        r for r in records if r.get("event", "").startswith("breaker_") and r.get("head_id") == "bad"
+    ]
+    opened = [r for r in transitions if r["event"] == "breaker_opened"]
+    assert opened, "the failing head's breaker opened"
+    walk = _walk(transitions)
+    assert walk.count("open") == len(opened), "one breaker_opened per transition, not one per router"
+    assert not [
+        r for r in records if r.get("event", "").startswith("breaker_") and r.get("head_id") == "good"
+    ]
+
+    # After it first opened, each router routed at most the one batch it had in hand to the failing head, and
+    # after that only half-open probes. A batch's decision records share its timestamp.
+    t_open = min(r["ts"] for r in opened)
+    routes = [
+        r for r in records if r.get("event") in ("route", "route_fallback") and r.get("head_id") == "bad"
+    ]
+    assert routes, "the failing head got jobs before its breaker opened"
+    late = [r for r in routes if r["ts"] > t_open and "half-open breaker probe" not in r["reason"]]
+    by_router: dict[str, set[int]] = {}
+    for r in late:
+        by_router.setdefault(r["router_id"], set()).add(r["ts"])
+    assert all(len(batches) <= 1 for batches in by_router.values()), (
+        f"routers kept sending to an open breaker's head: {by_router}"
+    )
+    probes = [r for r in routes if "half-open breaker probe" in r["reason"]]
+    print(f"\n[breakers] walk {walk}; {len(routes)} routes to the failing head, {len(late)} after it opened in "
+          f"batches {by_router}, {len(probes)} probes")  # fmt: skip
+    half_opens = [r for r in transitions if r["event"] == "breaker_half_open"]
+    assert len(probes) <= len(half_opens) * 2, "at most the leased probes per half-open spell"

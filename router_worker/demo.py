@@ -14,6 +14,7 @@ import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -178,6 +179,7 @@ async def run_demo(rt: Runtime, jobs: int, routers: int, console: Console, rate:
         await asyncio.wait(tasks, timeout=2 * s.shutdown_timeout_s)
         await cancel_and_wait(tasks)
     print_summary(console, out, router_objs, jobs, published, elapsed)
+    print_where_to_look(console, s)
     return out
 
 
@@ -220,3 +222,29 @@ def print_summary(console: Console, out: Completions, routers: list[Router], job
         console.print(f"missing: {missing[:10]}")
         for i, r in enumerate(routers):
             console.print(f"router {i + 1}: {r.stats}")
+
+
+def where_to_look(s: Settings) -> list[tuple[str, str]]:
+    """Where an operator looks next: the metrics URL, the audit file, the audit replay command."""
+    if s.admin_port:
+        metrics = f"http://{s.admin_host}:{s.admin_port}/metrics"
+    else:
+        metrics = (
+            "http://127.0.0.1:8080/metrics of a router run with ROUTER_ADMIN_PORT=8080 (off in this demo)"
+        )
+    audit_file = str(Path(s.audit_file).resolve()) if s.audit_file else "(off: ROUTER_AUDIT_FILE is empty)"
+    return [
+        ("metrics", metrics),
+        ("audit file", f"{audit_file} (rotated: .1, .2, ...)"),
+        ("audit replay", "router-worker audit tail --since 10m [--json] [--event E] [--model M] [--head H] "
+                         "[--job J] [--tenant T]  (ROUTER_REDIS_URL of a running deployment)"),
+    ]  # fmt: skip
+
+
+def print_where_to_look(console: Console, s: Settings) -> None:
+    table = Table(title="Where to look", show_header=False)
+    table.add_column("what")
+    table.add_column("where", overflow="fold")
+    for what, where in where_to_look(s):
+        table.add_row(what, where)
+    console.print(table)

@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import shutil
 import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -60,7 +62,8 @@ def lag_partitions(m: Metrics) -> set[tuple[str, int]]:
 
 
 def promtool() -> str:
-    path = shutil.which("promtool")
+    venv = Path(sys.executable).parent / "promtool"  # where `make test` puts it
+    path = str(venv) if venv.is_file() else shutil.which("promtool")
     if path is None:
         pytest.skip(
             "promtool not found: install Debian's 'prometheus' package (make test tries apt-get as root)"

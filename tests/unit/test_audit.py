@@ -45,6 +45,12 @@ class _Recorder:
     def publish(self, channel: str, data: bytes) -> None:
         self.calls.append(("publish", (channel, data)))
 
+    def eval(self, script: str, numkeys: int, channel: str, *data: bytes) -> None:
+        """The channel messages of a batch, published by one script call: recorded as the PUBLISHes."""
+        assert numkeys == 0
+        assert "PUBLISH" in script.upper()
+        self.calls.extend(("publish", (channel, d)) for d in data)
+
 
 @given(st.text(min_size=1, max_size=40), st.floats(min_value=0.0, max_value=1.0))
 def test_sampling_is_deterministic_and_monotonic(job_id: str, rate: float) -> None:
@@ -195,3 +201,14 @@ def test_lag() -> None:
     assert lag(5, 7) == 0
     assert lag(None, 1) is None
     assert lag(1, None) is None
+
+
+def test_the_demo_summary_says_where_to_look(tmp_path: Any) -> None:
+    from router_worker.demo import where_to_look
+    from router_worker.settings import load_settings
+
+    rows = dict(where_to_look(load_settings(admin_port=9100, audit_file=str(tmp_path / "a.log"))))
+    assert rows["metrics"] == "http://127.0.0.1:9100/metrics"
+    assert rows["audit file"].startswith(str(tmp_path / "a.log"))
+    assert rows["audit replay"].startswith("router-worker audit tail --since 10m")
+    assert "ROUTER_ADMIN_PORT" in dict(where_to_look(load_settings(admin_port=0)))["metrics"]

@@ -75,7 +75,9 @@ def heads_ls(config: ConfigOpt = None, as_json: Annotated[bool, typer.Option("--
         async with runtime(_settings(config), allow_embedded=False) as rt:
             heads, inflight = await ops.list_heads(_ops(rt))
             why = await _validity(rt.settings, heads) if heads else {}
-        return ops.views(heads, inflight, why)
+            rows = ops.views(heads, inflight, why)
+            await _with_breakers(rt, rows)
+        return rows
 
     rows = _run(main)
     if as_json:
@@ -93,6 +95,8 @@ def heads_ls(config: ConfigOpt = None, as_json: Annotated[bool, typer.Option("--
         "latency ms",
         "backend",
         "valid",
+        "breaker",
+        "err rate",
     ):
         table.add_column(col)
     for r in rows:
@@ -100,8 +104,28 @@ def heads_ls(config: ConfigOpt = None, as_json: Annotated[bool, typer.Option("--
         table.add_row(r["head_id"], r["model_id"], r["region"], str(r["partition"]), r["status"],
                       "yes" if r["alive"] else "[red]expired[/]", f"{r['inflight']}/{r['capacity']}",
                       f"{r['latency_ms']:.1f}", r["backend"],
-                      "valid" if reason is None else f"[red]{escape(reason)}[/]")  # fmt: skip
+                      "valid" if reason is None else f"[red]{escape(reason)}[/]",
+                      r["breaker"] if r["breaker"] == "closed" else f"[red]{r['breaker']}[/]",
+                      f"{r['error_rate']:.0%}")  # fmt: skip
     console.print(table)
+
+
+async def _with_breakers(rt: Runtime, rows: list[dict[str, Any]]) -> None:
+    """Add each head's circuit breaker state and its error rate over the breaker window in force."""
+    from router_worker.clock import now_ms
+    from router_worker.core.breaker import error_rate
+    from router_worker.pipeline.faults import breaker_config
+    from router_worker.state.breakers import BreakerStore
+    from router_worker.state.policy_store import PolicyStore
+
+    policy = await PolicyStore.for_settings(rt.redis, rt.settings).get()
+    cfg = breaker_config(policy, rt.settings)
+    got = await BreakerStore(rt.redis, Keys(rt.settings.redis_prefix)).get([r["head_id"] for r in rows])
+    now = now_ms()
+    for r in rows:
+        b = got[r["head_id"]]
+        r["breaker"] = b.state.label if cfg is not None else "off"
+        r["error_rate"] = round(error_rate(b, cfg, now), 4) if cfg is not None else 0.0
 
 
 @heads_app.command("register")

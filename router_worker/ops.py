@@ -30,6 +30,7 @@ from router_worker.core.engine import HeadIndex, decide
 from router_worker.core.model import Decision, Head, HeadStatus, RouterMemory
 from router_worker.core.policy import Policy
 from router_worker.settings import Settings
+from router_worker.state.breakers import BreakerStore, blocking
 from router_worker.state.catalog import ModelCatalog
 from router_worker.state.heads import HeadRecord, HeadRegistry
 from router_worker.state.keys import Keys
@@ -309,6 +310,7 @@ async def explain(ops: AdminOps, job: Job) -> Explanation:
     pinned = cast(str | None, await ops.redis.get(keys.affinity(job.session_id))) if job.session_id else None
     memory = RouterMemory(pending=inflight)
     now = now_ms()
+    memory.set_breakers(await blocking(BreakerStore(ops.redis, keys), [h.head_id for h in heads], now), {})
     if job.session_id and pinned:
         memory.affinity[job.session_id] = (pinned, now + int(policy.affinity_timeout_s * 1000))
     return explain_decision(

@@ -252,3 +252,9 @@ def describe(b: Breaker, now_ms: int) -> str:
     if b.state is BreakerState.HALF_OPEN:
         return "circuit breaker half-open: probes in flight"
     return "circuit breaker closed"
+
+
+async def blocking(store: BreakerStore, head_ids: Sequence[str], now_ms: int) -> dict[str, str]:
+    """head -> why it gets no jobs, for every head whose breaker is not closed (what ``explain`` shows)."""
+    return {h: describe(b, now_ms) for h, b in (await store.get(head_ids)).items()
+            if b.state is not BreakerState.CLOSED}  # fmt: skip

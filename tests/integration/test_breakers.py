@@ -4,6 +4,8 @@ routers and heads in their own processes: a head that fails every job is cut off
 from __future__ import annotations
 
 import asyncio
+import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +17,10 @@ from router_worker.core.breaker import Breaker, BreakerConfig, BreakerState, eva
 from router_worker.core.policy import BreakerPolicy
 from router_worker.settings import Settings
 from router_worker.state.breakers import BreakerStore, Write, summary_key
+from router_worker.state.heads import HeadRecord, HeadRegistry
 from router_worker.state.keys import Keys
 from router_worker.state.policy_store import PolicyStore
+from tests.helpers import cli
 from tests.procs import JobStream, Ledger, Procs, read_audit, time_limit
 
 pytestmark = pytest.mark.integration
@@ -172,3 +176,26 @@ async def test_a_head_failing_every_job_is_cut_off_by_both_routers_and_every_job
           f"batches {by_router}, {len(probes)} probes")  # fmt: skip
     half_opens = [r for r in transitions if r["event"] == "breaker_half_open"]
     assert len(probes) <= len(half_opens) * 2, "at most the leased probes per half-open spell"
+
+
+async def test_heads_ls_and_explain_show_an_open_breaker(settings: Settings, redis: Redis) -> None:
+    keys = Keys(settings.redis_prefix)
+    reg = HeadRegistry(redis, keys, 60_000)
+    await reg.register(HeadRecord("bad", "m", partition=0))
+    await reg.register(HeadRecord("good", "m", partition=1))
+    store = BreakerStore(redis, keys)
+    now = int(time.time() * 1000)
+    await store.count({"bad": (2, 18), "good": (10, 0)}, now)
+    b = (await _read(store, "bad"))["bad"]
+    opened, t = evaluate(b, BreakerConfig(cooldown_ms=600_000), now)
+    assert await store.write([Write("bad", b, opened, t)], keys.events) == [True]
+    rows = {r["head_id"]: r for r in json.loads(cli(settings, "heads", "ls", "--json").stdout)}
+    assert (rows["bad"]["breaker"], rows["bad"]["error_rate"]) == ("open", 0.9)
+    assert (rows["good"]["breaker"], rows["good"]["error_rate"]) == ("closed", 0.0)
+    table = cli(settings, "heads", "ls").stdout
+    assert "breaker" in table
+    assert "90%" in next(ln for ln in table.splitlines() if "bad" in ln)
+    explained = json.loads(cli(settings, "explain", "--model", "m", "--json").stdout)
+    text = json.dumps(explained)
+    assert "circuit breaker open" in text, text
+    assert cli(settings, "explain", "--model", "m").stdout.count("circuit breaker open") == 1

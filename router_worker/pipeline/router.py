@@ -81,6 +81,35 @@ class RouterStats:
     dead_by_reason: Tally[str] = field(default_factory=Tally)
 
 
+@dataclass(slots=True)
+class _Prepared:
+    """A batch decoded, claimed and planned, not yet published."""
+
+    fetched: dict[TopicPartition, list[Any]]
+    parts: Parts
+    plan: Plan
+    t_batch: float
+    now: int
+
+    def drop(self, tps: set[TopicPartition]) -> None:
+        """Forget these partitions' records: an earlier batch rewound them, so they are read again (their
+        claims are this router's, the same on the second read)."""
+        p = self.plan
+        p.outcomes = [o for o in p.outcomes if o.src.tp not in tps]
+        p.holds = [h for h in p.holds if h.tp not in tps]
+        for tp in tps:
+            p.next_offset.pop(tp, None)
+        self.parts = [(tp, items) for tp, items in self.parts if tp not in tps]
+
+
+@dataclass(slots=True)
+class _InFlight:
+    """A batch whose publishes are in flight."""
+
+    batch: _Prepared
+    publishing: asyncio.Task[None]
+
+
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
     """Let the batch in hand finish (publish + commit) before partitions move to another router."""
 
@@ -89,6 +118,14 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def on_partitions_revoked(self, revoked: Any) -> None:
         async with self.router.batch_lock:
+            consumer = self.router._consumer
+            if consumer is not None:
+                try:
+                    await self.router.settle(
+                        consumer
+                    )  # its acks, marks and commit, while the partitions are ours
+                except Exception as exc:  # acknowledged records are marked: the next owner dedupes them
+                    log.warning("settling the batch in flight before a rebalance failed: %s", exc)
             for tp in revoked:
                 self.router.paused_until.pop(tp, None)
                 self.router.gaps.forget(tp)
@@ -133,6 +170,8 @@ class Router:
         self.router_id = s.effective_router_id
         self.stats = RouterStats()
         self.batch_lock = asyncio.Lock()
+        self._inflight: _InFlight | None = None
+        """The batch whose publishes are in flight while the next one is planned (see :meth:`step`)."""
         self.paused_until: dict[TopicPartition, int] = {}
         self.gaps = GapGuard(s.gap_wait_ms)
         self.ready = asyncio.Event()
@@ -220,14 +259,17 @@ class Router:
             try:
                 if await self._outage_hold(consumer):
                     continue
-                timeout_ms = self._resume_due(consumer, s.batch_timeout_ms)
+                # While a batch's publishes are in flight, take only what is fetched already: its acks come first.
+                timeout_ms = (
+                    0 if self._inflight is not None else self._resume_due(consumer, s.batch_timeout_ms)
+                )
                 batch = await consumer.getmany(timeout_ms=timeout_ms, max_records=s.batch_max_records)
-                if not batch:
+                if not batch and self._inflight is None:
                     if self.marks.buffered and self.health.up:
                         await self._mark([])
                     continue
                 async with self.batch_lock:
-                    await self.process(batch, consumer, producer)
+                    await self.step(batch, consumer, producer)
             except (CommitFailedError, IllegalStateError) as exc:
                 # The group rebalanced under us: what was acknowledged is marked done, so the partition's
                 # next owner skips it as a duplicate; what was not is read again by it. Nothing is lost.
@@ -241,6 +283,11 @@ class Router:
                 self.stats.batch_errors += 1
                 log.exception("batch failed unexpectedly; it will be read again")
                 await asyncio.sleep(min(5.0, 0.1 * 2 ** min(self.stats.batch_errors, 6)))
+        async with self.batch_lock:  # stopping: the batch in flight is settled before the consumer leaves
+            try:
+                await self.settle(consumer)
+            except Exception as exc:  # what was acknowledged is marked: whoever reads it next dedupes it
+                log.warning("settling the last batch failed: %s", exc)
 
     async def _outage_hold(self, consumer: AIOKafkaConsumer) -> bool:
         """Past the staleness window of a Redis outage: pause every partition until Redis answers."""
@@ -253,6 +300,8 @@ class Router:
                 log.warning("Redis answers again: routing resumed")
             return False
         if not self._outage_paused:
+            async with self.batch_lock:  # the batch in flight first: its acks came, its marks are buffered
+                await self.settle(consumer)
             self._outage_paused = True
             self.stats.outage_pauses += 1
             log.error("Redis unreachable for %d ms (window %d ms): consumption paused until it answers",
@@ -325,8 +374,39 @@ class Router:
 
     # --- one batch -------------------------------------------------------------------------------------------
 
+    async def step(self, batch: dict[TopicPartition, list[Any]], consumer: AIOKafkaConsumer,
+                   producer: AIOKafkaProducer) -> None:  # fmt: skip
+        """Two batches overlap: this one is decoded, claimed and planned while the previous one's publishes are
+        in flight; then the previous one is settled (acks, marks, commit) before this one is published. A
+        partition the previous one rewound (an unsent publish, a bug) is dropped from this one: read again."""
+        prepared = await self.prepare(batch, consumer) if batch else None
+        previous, self._inflight = self._inflight, None
+        if previous is not None:
+            try:
+                rewound = await self.finish(previous, consumer)
+            except BaseException:
+                if prepared is not None:
+                    self._rewind(consumer, prepared.parts, prepared.plan.holds)
+                raise
+            if prepared is not None and rewound:
+                prepared.drop(rewound)
+        if prepared is not None:
+            self._inflight = self.start(prepared, consumer, producer)
+
     async def process(self, batch: dict[TopicPartition, list[Any]], consumer: AIOKafkaConsumer,
                       producer: AIOKafkaProducer) -> None:  # fmt: skip
+        """One batch from fetch to commit, nothing in flight before or after (tests and the last batch)."""
+        await self.step(batch, consumer, producer)
+        await self.settle(consumer)
+
+    async def settle(self, consumer: AIOKafkaConsumer) -> None:
+        """Finish the batch in flight, if any: before partitions move, and before the router stops."""
+        previous, self._inflight = self._inflight, None
+        if previous is not None:
+            await self.finish(previous, consumer)
+
+    async def prepare(self, batch: dict[TopicPartition, list[Any]], consumer: AIOKafkaConsumer) -> _Prepared:
+        """Decode, claim and plan a batch: no publish yet."""
         t_batch = time.perf_counter()
         now = now_ms()
         accepted = self.gaps.accepted
@@ -337,26 +417,46 @@ class Router:
         try:
             claims = await self._claim(parts, now)
             p = self._plan(parts, claims, now)
-            p.holds.extend(holds)
-            await self._publish(producer, p)
+        except BaseException:
+            self._rewind(consumer, parts, holds)  # nothing of it is committed: read it all again
+            raise
+        p.holds.extend(holds)
+        return _Prepared(batch, parts, p, t_batch, now)
+
+    def start(self, b: _Prepared, consumer: AIOKafkaConsumer, producer: AIOKafkaProducer) -> _InFlight:
+        """Hold what the plan holds (before the next fetch), then enqueue the publishes; their acks are awaited
+        by :meth:`finish`."""
+        self._apply_holds(consumer, b.plan.holds)
+        publishing = asyncio.create_task(self._publish(producer, b.plan), name="publish")
+        return _InFlight(b, publishing)
+
+    async def finish(self, f: _InFlight, consumer: AIOKafkaConsumer) -> set[TopicPartition]:
+        """Await the acks, hold what was not sent, mark, count and commit. Returns the partitions it rewound."""
+        b, p = f.batch, f.batch.plan
+        try:
+            await f.publishing
         except BaseException:
             # Nothing of this batch is committed: read it all again from its first records.
-            self._rewind(consumer, parts, holds)
+            self._rewind(consumer, b.parts, p.holds)
             raise
+        rewound: set[TopicPartition] = set()
         unsent = [o for o in p.outcomes if not o.final]
         if unsent:
-            self._hold_unsent(p, unsent, now)
+            before = len(p.holds)
+            self._hold_unsent(p, unsent, b.now)
+            self._apply_holds(consumer, p.holds[before:])
+            rewound = {h.tp for h in p.holds[before:]}
         else:
             self._unsent_streak = 0
-        self._apply_holds(consumer, p.holds)
         self._log_bad(p)
         await self._mark([o for o in p.outcomes if o.final])
         self._count(
-            p, t_batch
+            p, b.t_batch
         )  # what the broker acknowledged happened, whether or not the commit goes through
         offsets = commit_offsets(p)
-        self.metrics.observe_batch(self.s.group_id, consumer, batch, offsets, p.outcomes)
+        self.metrics.observe_batch(self.s.group_id, consumer, b.fetched, offsets, p.outcomes)
         await self._commit(consumer, offsets)
+        return rewound
 
     async def _claim(self, parts: Parts, now: int) -> dict[str, Claim]:
         """Claims for the batch's keys and the pins of its sessions; nothing while Redis is unreachable."""
@@ -409,7 +509,9 @@ class Router:
             if o.send is None:
                 o.final = True
         self.metrics.inflight_sends.set(len(by_send))
-        report = await self.faults.publish(producer, p, self._budget, now_ms())  # with fallback to other heads
+        report = await self.faults.publish(
+            producer, p, self._budget, now_ms()
+        )  # with fallback to other heads
         for s in report.acked:
             p.outcomes[by_send[id(s)]].final = True
         self._count_sends(report.acked, report.fatal, report.unsent, p, by_send)

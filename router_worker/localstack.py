@@ -160,7 +160,9 @@ async def wait_kafka_ready(bootstrap: str, within_s: float = 30.0) -> None:
     deadline = time.monotonic() + within_s
     last: Exception | None = None
     while time.monotonic() < deadline:
-        producer = AIOKafkaProducer(bootstrap_servers=bootstrap, request_timeout_ms=3000, enable_idempotence=False)
+        producer = AIOKafkaProducer(
+            bootstrap_servers=bootstrap, request_timeout_ms=3000, enable_idempotence=False
+        )
         try:
             await producer.start()
             await asyncio.wait_for(producer.send_and_wait("__localstack_ready", b"ready"), 5.0)

@@ -142,9 +142,14 @@ class Settings(BaseSettings):
     breaker_cooldown_s: float = Field(
         30.0, ge=0, le=86_400, description="An open breaker stays open at least this long (never shortened)."
     )
-    breaker_half_open_probes: int = Field(1, ge=1, le=1000, description="Jobs let through a half-open breaker.")
+    breaker_half_open_probes: int = Field(
+        1, ge=1, le=1000, description="Jobs let through a half-open breaker."
+    )
     breaker_poll_ms: int = Field(
-        250, ge=10, le=60_000, description="How often a router re-reads breakers while nothing announced a change."
+        250,
+        ge=10,
+        le=60_000,
+        description="How often a router re-reads breakers while nothing announced a change.",
     )
 
     # --- Heads -------------------------------------------------------------------------------------------

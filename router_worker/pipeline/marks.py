@@ -41,6 +41,7 @@ from router_worker.state.scripts import LoadedScript
 
 log = logging.getLogger(__name__)
 
+
 def claim_value(inc: Incoming) -> str:
     return f"c|{inc.tp.topic}|{inc.tp.partition}|{inc.offset}"
 

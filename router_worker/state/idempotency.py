@@ -97,7 +97,9 @@ def claim_keys(keys: Keys, now_ms: int, claim_span_ms: int, done_span_ms: int) -
     ]
 
 
-def queue_done(pipe: Any, keys: Keys, marks: Sequence[tuple[str, str]], now_ms: int, done_span_ms: int) -> None:
+def queue_done(
+    pipe: Any, keys: Keys, marks: Sequence[tuple[str, str]], now_ms: int, done_span_ms: int
+) -> None:
     """Queue one batch's done marks on a pipeline: one HSET and one PEXPIRE, whatever the batch's size."""
     if not marks:
         return

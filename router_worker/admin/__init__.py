@@ -13,10 +13,12 @@
 | POST | /policy/validate | check a policy | reads |
 | POST | /explain | dry-run a decision | reads |
 | GET | /audit | recent audit records | reads |
+| GET | /dlq, /dlq/redrive/{id}, /dlq/redrives | dead letters, a redrive's progress (``dlq/http.py``) | token |
+| POST | /dlq/redrive | redrive dead letters (or plan it) | token |
 
 "reads" are open while ``ROUTER_ADMIN_READS_PUBLIC`` is true; "token" needs ``Authorization: Bearer <token>``
 (``ROUTER_ADMIN_TOKEN``, named ``admin``, or a named one of ``ROUTER_ADMIN_TOKENS``). More route groups
-(the DLQ's) plug in with :func:`add_group` before :func:`serve`.
+plug in with :func:`add_group` before :func:`serve`, as the DLQ's does.
 """
 
 from __future__ import annotations
@@ -67,10 +69,14 @@ def build_app(metrics: Metrics, admin: AdminOps, auth: AdminAuth, ready: Callabl
 
 def router_app(router: Router, settings: Settings) -> web.Application:
     """The admin application of a running router: its metrics, registry, policy store and audit sink."""
+    from router_worker.dlq.http import DlqDeps, add_dlq_routes  # the DLQ's group needs this package's API
+
     admin = AdminOps.create(settings, router.redis, router.audit, router.router_id, router.registry,
                             router.policies)  # fmt: skip
-    return build_app(router.metrics, admin, AdminAuth.from_settings(settings), router.is_ready,
-                     lambda: router.invalid_heads)  # fmt: skip
+    app = build_app(router.metrics, admin, AdminAuth.from_settings(settings), router.is_ready,
+                    lambda: router.invalid_heads)  # fmt: skip
+    add_dlq_routes(app, DlqDeps(settings, router.redis, router.audit, router.router_id, router.metrics))
+    return app
 
 
 async def serve(app: web.Application, host: str, port: int) -> web.AppRunner:

@@ -13,11 +13,12 @@ from typing import Any
 import msgpack
 import orjson
 import pytest
-from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from redis.asyncio import Redis
 
 from producers.producer import JobProducer
+from router_worker.admin import AdminAuth
+from router_worker.admin.api import new_app
 from router_worker.audit import AuditSink
 from router_worker.clock import now_ms
 from router_worker.dlq.http import DlqDeps, add_dlq_routes
@@ -249,28 +250,27 @@ async def test_admin_api_lists_and_redrives_with_a_token(settings: Settings, red
     await _dead_letters(settings, ["bad-1"], reason="schema_error")
     assert len(await _records(settings, topics.dlq, 4)) == 4
 
-    def actor(request: web.Request) -> str:
-        if request.headers.get("Authorization") != "Bearer s3cret":
-            raise web.HTTPUnauthorized(text="bad or missing bearer token")
-        return "ops-token"
-
     metrics = Metrics()
-    app = web.Application()
+    app = new_app(metrics, AdminAuth.of({"ops-token": "s3cret"}))  # the admin API's own guard and errors
     audit = AuditSink(redis, settings.audit_channel, settings.audit_file)
-    add_dlq_routes(app, DlqDeps(settings, redis, audit, "router-test", metrics), actor)
+    add_dlq_routes(app, DlqDeps(settings, redis, audit, "router-test", metrics))
     auth = {"Authorization": "Bearer s3cret"}
     async with TestClient(TestServer(app)) as client:
-        assert (await client.get("/dlq")).status == 401
+        assert (await client.get("/dlq")).status == 401, "a token even to read: dead letters carry jobs"
         assert (await client.post("/dlq/redrive", json={})).status == 401
+        wrong = await client.get("/dlq", headers={"Authorization": "Bearer s3cre7"})
+        assert wrong.status == 401
         listed = await (await client.get("/dlq", params={"reason": "no_capacity"}, headers=auth)).json()
         assert listed["count"] == 3
         assert listed["summary"] == {"no_capacity": 3}
         typo = await client.get("/dlq", params={"reason": "no_capactiy"}, headers=auth)
         assert typo.status == 400
         assert "unknown reason" in (await typo.json())["error"]
+        assert (await typo.json())["field"] == "reason"
         bad_rate = await client.post("/dlq/redrive", json={"rate": "fast"}, headers=auth)
         assert bad_rate.status == 400
         assert "bad rate" in (await bad_rate.json())["error"]
+        assert (await bad_rate.json())["field"] == "rate"
         refused = await client.post("/dlq/redrive", json={"reason": "schema_error"}, headers=auth)
         assert refused.status == 400
         assert "force" in (await refused.json())["error"]

@@ -1353,7 +1353,7 @@ async def pipe(settings: Settings, source: str, targets: Sequence[str], partitio
 def counted_router(counters: Path) -> None:
     """``router-worker run``, unchanged, with counters added: every request this process writes to Redis
     (``send_packed_command``: a command, a whole pipeline, a script call, a health-check PING) is one round
-    trip, counted apart when a batch (``Router.process``) made it. SIGUSR1 writes the counts to ``counters``
+    trip, counted apart when a batch (``Router.step``) made it. SIGUSR1 writes the counts to ``counters``
     (JSON)."""
     import contextvars
 
@@ -1364,16 +1364,18 @@ def counted_router(counters: Path) -> None:
     sent = [0, 0]  # in a batch, outside
     in_batch = contextvars.ContextVar("in_batch", default=False)
     original = AbstractConnection.send_packed_command
-    process = Router.process
+    step = Router.step
 
     async def send_packed_command(self: AbstractConnection, command: Any, check_health: bool = True) -> None:
         sent[0 if in_batch.get() else 1] += 1
         await original(self, command, check_health)
 
-    async def counted_process(self: Router, *args: Any, **kwargs: Any) -> None:
-        in_batch.set(True)  # the batch's own task and its awaits; the resync and reaper tasks are others
+    async def counted_step(self: Router, *args: Any, **kwargs: Any) -> None:
+        # The batch's own awaits and the publish task it starts (which copies this context); the resync and
+        # reaper tasks are others.
+        in_batch.set(True)
         try:
-            await process(self, *args, **kwargs)
+            await step(self, *args, **kwargs)
         finally:
             in_batch.set(False)
 
@@ -1383,7 +1385,7 @@ def counted_router(counters: Path) -> None:
         os.replace(tmp, counters)
 
     AbstractConnection.send_packed_command = send_packed_command  # type: ignore[method-assign]
-    Router.process = counted_process  # type: ignore[method-assign]
+    Router.step = counted_step  # type: ignore[method-assign]
     signal.signal(signal.SIGUSR1, dump)
     from router_worker import cli
 

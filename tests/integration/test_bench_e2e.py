@@ -57,7 +57,8 @@ async def test_bench_e2e_reports_every_figure(settings: Settings, tmp_path: Path
         p = phases[name]
         assert p["commands_per_job"] > 0, name
         assert p["batches"] > 0, name
-        assert p["round_trips_per_batch"] > 0, name
+        assert p["round_trips_per_batch"] >= 2, f"{name}: each batch claims and marks, at least"
+        assert p["background_round_trips_per_s"] >= 0, name
         assert p["top_commands"], name
     assert phases["pipe"]["commands_per_job"] == 0
     for name in ("router_x1", "router_x2"):

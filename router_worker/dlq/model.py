@@ -224,6 +224,7 @@ def redrive_record(dl: DeadLetter, orig: Original | None, redrive_id: str) -> Ou
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)")
 _UNIT_MS = {"ms": 1, "s": 1_000, "m": 60_000, "h": 3_600_000, "d": 86_400_000, "w": 604_800_000}
+_MAX_DURATION_MS = 100 * 365 * 86_400_000
 _RATE = re.compile(r"(\d+(?:\.\d+)?)\s*(?:/\s*(s|sec|m|min))?")
 
 
@@ -241,6 +242,8 @@ def parse_duration_ms(text: str) -> int:
         pos = m.end()
     if not s or total <= 0:
         raise UsageError(f"bad duration {text!r}: use a positive number and a unit, e.g. 30m, 1h, 2d")
+    if total > _MAX_DURATION_MS:  # also infinity: a number of hundreds of digits
+        raise UsageError(f"bad duration {text[:40]!r}: at most 100 years")
     return int(total)
 
 
@@ -366,10 +369,23 @@ def attempt_keys(dl: DeadLetter, max_attempts: int) -> list[str]:
     return [f"j|{a}|{dl.job_id}" for a in range(1, last + 1)]
 
 
+def sent_as(dls: Iterable[DeadLetter], marks: Mapping[str, str | None]) -> dict[tuple[str | None, str], str]:
+    """(generation, job id) -> the redrive id a dead letter of that job was sent (or is being sent) under. The
+    same job can have two dead letters of one generation (a router killed between a dead letter's ack and its
+    marks writes it again): the second must go under the first one's id, or the router takes it for new."""
+    out: dict[tuple[str | None, str], str] = {}
+    for dl in dls:
+        state = sent_state(marks.get(dl.coord))
+        if state is not None and dl.job_id is not None:
+            out.setdefault((dl.redrive, dl.job_id), state[1])
+    return out
+
+
 def plan_item(dl: DeadLetter, mark: str | None, attempt_marks: Sequence[str | None], redrive_id: str,
-              force: bool) -> Item:  # fmt: skip
-    """What a redrive does with one matching dead letter, given its redrive mark and the router's done marks
-    of its attempts."""
+              force: bool, sibling: str | None = None) -> Item:  # fmt: skip
+    """What a redrive does with one matching dead letter, given its redrive mark, the router's done marks
+    of its attempts, and the id another dead letter of the same job and generation went out under
+    (``sibling``, see :func:`sent_as`)."""
     state = sent_state(mark)
     if state is not None and state[0] == "s":
         return Item(dl, Verdict.DONE, f"sent by redrive {state[1]}", state[1])
@@ -382,6 +398,10 @@ def plan_item(dl: DeadLetter, mark: str | None, attempt_marks: Sequence[str | No
             return Item(dl, Verdict.DELIVERED, f"reached head {m.removeprefix('d|routed|')}")
     if state is not None:  # "p": an interrupted redrive may have sent it: the same id makes it a duplicate
         return Item(dl, Verdict.RESEND, f"resumed from redrive {state[1]}", state[1])
+    if sibling is not None:  # the router drops it if that copy arrived
+        return Item(
+            dl, Verdict.RESEND, f"another dead letter of this job went out under redrive {sibling}", sibling
+        )
     return Item(dl, Verdict.SEND, "", redrive_id)
 
 

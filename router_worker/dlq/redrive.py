@@ -10,6 +10,7 @@ and writes one ``dlq_redrive`` audit record whatever the end (done, interrupted,
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import getpass
 import logging
 import os
@@ -37,6 +38,7 @@ from router_worker.dlq.model import (
     plan_item,
     redrive_record,
     sendable,
+    sent_as,
     tally,
     with_original,
 )
@@ -57,6 +59,28 @@ Progress = Callable[[int, int], None]
 
 class RedriveBusy(RuntimeError):
     """Another redrive holds the deployment's lock."""
+
+
+class LockLost(RuntimeError):
+    """This redrive's lock lapsed or was taken by another: it stops rather than send beside that one."""
+
+
+async def _keep_lock(state: RedriveState, redrive_id: str, lost: asyncio.Event) -> None:
+    """Renew the lock a few times per lease for as long as the redrive runs (a slow rate or a slow broker
+    must not let it lapse); set ``lost`` once it is not ours any more, or may have lapsed unrenewed."""
+    lease = state.lease_s()
+    last_ok = time.monotonic()
+    while not lost.is_set():
+        await asyncio.sleep(lease / 4)
+        try:
+            ok = await state.renew(redrive_id)
+        except Exception as exc:  # Redis hiccup: try again, until the lease may have run out
+            log.warning("redrive %s: could not renew its lock: %s", redrive_id, exc)
+            ok = None
+        if ok:
+            last_ok = time.monotonic()
+        elif ok is False or time.monotonic() - last_ok >= lease:
+            lost.set()
 
 
 def os_user() -> str:
@@ -99,9 +123,10 @@ async def prepare(settings: Settings, redis: Redis, flt: Filter, *, force: bool 
     """Every matching dead letter with its verdict, and the record each sendable one becomes."""
     rid = redrive_id or new_redrive_id(now_ms(), os.urandom(3))
     state = RedriveState(redis, Keys(settings.redis_prefix))
-    dls = [dl for dl in await read_dead_letters(settings, Topics.from_settings(settings).dlq)
-           if flt.matches_but_job(dl)]  # fmt: skip
-    marks = dict(zip((dl.coord for dl in dls), await state.marks([dl.coord for dl in dls]), strict=True))
+    every = await read_dead_letters(settings, Topics.from_settings(settings).dlq)
+    marks = dict(zip((dl.coord for dl in every), await state.marks([dl.coord for dl in every]), strict=True))
+    siblings = sent_as(every, marks)  # of every dead letter: a sibling may lie outside the filter
+    dls = [dl for dl in every if flt.matches_but_job(dl)]
     out = Prepared(rid, flt, force)
     chosen: list[tuple[DeadLetter, Original | None]] = []
     async with Originals(settings) as originals:
@@ -122,7 +147,8 @@ async def prepare(settings: Settings, redis: Redis, flt: Filter, *, force: bool 
     done = await state.done_marks([k for keys in per_dl for k in keys], settings.dedupe_ttl_s * 1000)
     at = 0
     for (dl, orig), keys in zip(chosen, per_dl, strict=True):
-        item = plan_item(dl, marks[dl.coord], done[at : at + len(keys)], rid, force)
+        sibling = siblings.get((dl.redrive, dl.job_id)) if dl.job_id is not None else None
+        item = plan_item(dl, marks[dl.coord], done[at : at + len(keys)], rid, force, sibling)
         at += len(keys)
         out.items.append(item)
         if item.verdict in (Verdict.SEND, Verdict.RESEND):
@@ -176,6 +202,8 @@ async def execute(settings: Settings, redis: Redis, prepared: Prepared, *, rate:
     producer = make_producer(settings)
     topic = Topics.from_settings(settings).requests
     budget = RetryBudget(settings.publish_retry_attempts, settings.publish_retry_max_s)
+    lost = asyncio.Event()
+    keeper = asyncio.create_task(_keep_lock(state, rid, lost))
     try:
         await state.save(rid, base, new=True)
         await producer.start()
@@ -183,7 +211,11 @@ async def execute(settings: Settings, redis: Redis, prepared: Prepared, *, rate:
         step = chunk_size(rate)
         for i in range(0, len(items), step):
             chunk = items[i : i + step]
-            await asyncio.sleep(pace(i, rate, t0, time.monotonic()))
+            with contextlib.suppress(TimeoutError):  # wakes early when the lock is lost
+                await asyncio.wait_for(lost.wait(), pace(i, rate, t0, time.monotonic()))
+            if lost.is_set():
+                raise LockLost(f"lost the redrive lock (now held by {await state.holder() or 'nobody'}); "
+                               "stopped so as not to send beside another redrive")  # fmt: skip
             await state.mark("p", [(it.dl.coord, it.redrive_id or rid) for it in chunk])
             sends = {id(s): (it, s) for it in chunk
                      for s in [_send(topic, prepared.outgoing[it.dl.coord])]}  # fmt: skip
@@ -198,7 +230,8 @@ async def execute(settings: Settings, redis: Redis, prepared: Prepared, *, rate:
             for s in report.fatal:
                 res.failed.append((sends[id(s)][0], describe(s.error or Exception())))
             await state.save(rid, {"sent": res.sent, "failed": len(res.failed), "updated_ms": now_ms()})
-            await state.renew(rid)
+            if not await state.renew(rid):
+                lost.set()
             if on_progress is not None:
                 on_progress(res.sent, res.total)
             if report.unsent:
@@ -212,6 +245,7 @@ async def execute(settings: Settings, redis: Redis, prepared: Prepared, *, rate:
         res.error = describe(exc)
         log.error("redrive %s failed after %d of %d: %s", rid, res.sent, res.total, res.error)
     finally:
+        keeper.cancel()
         await asyncio.shield(_finish(state, producer, audit, prepared, res, base, source))
     return res
 

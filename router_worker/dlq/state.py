@@ -101,7 +101,16 @@ class RedriveState:
         return holder or "?"
 
     async def renew(self, redrive_id: str) -> bool:
+        """Extend the lease; False when ``redrive_id`` no longer holds the lock (it lapsed or was taken)."""
         return bool(await self.redis.eval(_RENEW, 1, self._lock, redrive_id, LOCK_MS))
+
+    async def holder(self) -> str | None:
+        return cast(str | None, await self.redis.get(self._lock))
+
+    @staticmethod
+    def lease_s() -> float:
+        """How long the lock lasts without a renewal, in seconds."""
+        return LOCK_MS / 1000
 
     async def unlock(self, redrive_id: str) -> None:
         await self.redis.eval(_RELEASE, 1, self._lock, redrive_id)

@@ -128,7 +128,7 @@ _REDRIVE_BODY = {
     "properties": {
         "reason": _WORDS, "model": {"type": "string"}, "since": {"type": "string"}, "job_id": _WORDS,
         "rate": {"oneOf": [{"type": "string"}, {"type": "number", "exclusiveMinimum": 0}],
-                 "description": "N/s or N/m (a number: per second); 100/s by default"},
+                 "description": "N/s or N/m (a number: per second), 1/m to 10000/s; 100/s by default"},
         "force": {"type": "boolean", "description": "Send decode_error and schema_error dead letters too"},
         "dry_run": {"type": "boolean", "description": "Plan only: send nothing"},
     },

@@ -40,6 +40,9 @@ NEVER_ROUTABLE = frozenset({DeadLetterReason.DECODE_ERROR.value, DeadLetterReaso
 """Reasons a record can never be routed for as it stands: redriven only with ``--force``."""
 MAX_RATE = 10_000.0
 """Redrive sends per second at most: a redrive must never flood the routers."""
+MIN_RATE = 1 / 60
+"""Redrive sends per second at least (one a minute): a redrive holds the deployment's only redrive lock for as
+long as it runs, so a typo (``0.0001/s``) must not hold it for days."""
 
 _ROUTER_HEADER_PREFIXES = ("x-dlq-", "x-route-", "x-retry-", "x-original-")
 _ROUTER_HEADERS = frozenset({"x-job-id", H_REDRIVE})
@@ -248,13 +251,15 @@ def parse_duration_ms(text: str) -> int:
 
 
 def parse_rate(text: str) -> float:
-    """``50/s``, ``50``, ``600/m`` to sends per second (above 0, at most :data:`MAX_RATE`)."""
+    """``50/s``, ``50``, ``600/m`` to sends per second (:data:`MIN_RATE` to :data:`MAX_RATE`)."""
     m = _RATE.fullmatch(text.strip().lower())
     if m is None:
         raise UsageError(f"bad rate {text!r}: use N/s (e.g. 50/s) or N/m")
     rate = float(m[1]) / (60.0 if m[2] in ("m", "min") else 1.0)
     if not 0 < rate <= MAX_RATE:
         raise UsageError(f"bad rate {text!r}: it must be above 0 and at most {MAX_RATE:g}/s")
+    if rate < MIN_RATE - 1e-12:
+        raise UsageError(f"bad rate {text!r}: at least 1/m (a redrive holds the redrive lock while it runs)")
     return rate
 
 

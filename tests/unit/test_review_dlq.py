@@ -9,6 +9,7 @@ from router_worker.dlq.model import (
     Verdict,
     parse_dead_letter,
     parse_duration_ms,
+    parse_rate,
     plan_item,
     sent_as,
 )
@@ -39,3 +40,10 @@ def test_a_second_dead_letter_of_a_job_goes_under_the_id_its_first_went_under() 
     # A later generation (dead-lettered again after redrive rd-x) is a job of its own.
     assert siblings.get((c.redrive, "J")) is None
     assert plan_item(c, None, [], "rd-2", False).verdict is Verdict.SEND
+
+
+@pytest.mark.parametrize("text", ["0.00001/s", "0.5/m", "0.001"])
+def test_a_rate_that_would_hold_the_redrive_lock_for_days_is_refused(text: str) -> None:
+    with pytest.raises(UsageError, match="at least 1/m"):
+        parse_rate(text)
+    assert parse_rate("1/m") == pytest.approx(1 / 60)

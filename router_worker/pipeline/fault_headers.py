@@ -75,9 +75,13 @@ def admit_at(headers: Sequence[tuple[str, bytes | None]] | None) -> int | None:
     return int(raw)
 
 
-def throttle_claim_key(job_id: str, attempt: int, trips: int) -> str:
+def throttle_claim_key(job_id: str, attempt: int, trips: int, redrive: str | None = None) -> str:
     """The idempotency key of a job's ``trips``-th return from an admission wait: its own per trip (the earlier
-    trips are marked done), never equal to a plain ``j|<attempt>|<id>`` key (no ``|`` inside the attempt part)."""
+    trips are marked done), never equal to a plain ``j|<attempt>|<id>`` key (no ``|`` inside the attempt part).
+    A redriven job's trips are keyed within its redrive (``jr|<redrive>|...``), as its attempts are, so they do
+    not meet the done marks of the trips its dead-lettered run made."""
+    if redrive is not None:
+        return f"jr|{redrive}|{attempt}t{trips}|{job_id}"
     return f"j|{attempt}t{trips}|{job_id}"
 
 

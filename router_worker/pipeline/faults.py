@@ -60,7 +60,7 @@ from router_worker.pipeline.fault_headers import (
 )
 from router_worker.pipeline.intake import Parts
 from router_worker.pipeline.messages import header
-from router_worker.pipeline.outcomes import Plan, Retried, Routed
+from router_worker.pipeline.outcomes import Plan, Retried, Routed, redrive_of
 from router_worker.pipeline.plan import Admission, PlanConfig, reroute
 from router_worker.pipeline.publish import PublishReport, RetryBudget, Send, describe, publish
 from router_worker.settings import Settings
@@ -116,7 +116,9 @@ def restore_waited(parts: Parts, retry_topics: frozenset[str]) -> None:
             trips = throttle_trips(inc.headers)
             if trips:
                 inc.attempt = max(1, inc.attempt - 1)
-                inc.claim_key = throttle_claim_key(inc.job.job_id, inc.attempt, trips)
+                inc.claim_key = throttle_claim_key(
+                    inc.job.job_id, inc.attempt, trips, redrive_of(inc.headers)
+                )
 
 
 @dataclass(slots=True)

@@ -116,6 +116,10 @@ def _retry_or_dead(inc: Incoming, job: Job, d: Decision, cfg: PlanConfig, now: i
     headers = retry_headers(
         inc.headers, reason.value, tp.topic, tp.partition, inc.offset, attempt, not_before
     )
+    if inc.headers and any(k in THROTTLE_HEADERS for k, _ in inc.headers):
+        # Its admission wait (or a producer's forged one) is over: read back, it is a retry (the next attempt),
+        # not a return from a wait (which would restore this attempt and meet this trip's own done mark).
+        headers = without(headers, THROTTLE_HEADERS)
     audit = {"ts": now, "event": "retry", "router_id": cfg.router_id, "job_id": job.job_id,
              "model_type": job.model_type, "strategy": d.strategy, "reason": d.reason, "attempt": attempt,
              "tier": tier, "not_before": not_before}  # fmt: skip

@@ -43,7 +43,7 @@ while a <= #ARGV do
     local b = tonumber(ARGV[a + k])
     tat[b] = math.max(tat[b], at) + T[b]
   end
-  out[#out + 1] = tostring(math.ceil(at))
+  out[#out + 1] = string.format('%.0f', math.ceil(at))  -- tostring would write 1e14 and above as 1e+14
   a = a + n + 1
 end
 for i = 1, nb do

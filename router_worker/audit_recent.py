@@ -4,12 +4,15 @@ records) or, without one, from this process's rotating audit log file.
 The admin API's ``GET /audit`` shows what happened before anyone was tailing. The stream is read with
 ``XREVRANGE`` a page at a time (reads only); the file from its end in blocks (then its rotated backups
 ``.1``, ``.2``, ...), so asking for the last hundred records of a 50 MiB log reads a few kilobytes. At most
-:data:`SCAN_LIMIT` records are examined per call, so a filter that matches nothing answers quickly. A line
+:data:`SCAN_LIMIT` records are examined per call, so a filter that matches nothing answers quickly; the stream
+is read a few entries at a time, yielding to the event loop after each, so a scan never holds a router's loop
+(its Kafka heartbeats and publishes) for long. A line
 that is not a JSON object (a torn write, a hand edit) is skipped.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -25,7 +28,8 @@ from router_worker.audit_tail import parse_lines
 BLOCK = 64 * 1024
 SCAN_LIMIT = 200_000
 """Most records one call examines (newest first) looking for matches."""
-STREAM_PAGE = 100
+STREAM_PAGE = 4
+"""Stream entries per ``XREVRANGE`` (an entry is a routed batch: up to a thousand records)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +113,7 @@ async def recent_stream_records(redis: Redis, key: str, limit: int, where: Audit
             records = parse_lines((fields or {}).get(STREAM_FIELD, ""))
             scanned += len(records)
             out.extend(r for r in reversed(records) if where.matches(r))
+            await asyncio.sleep(0)  # the router's own loop serves this: let it route between entries
             if len(out) >= limit or scanned >= scan_limit:
                 return out[:limit]
             top = f"({entry_id!s}"

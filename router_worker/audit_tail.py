@@ -13,21 +13,27 @@ Without a stream (``ROUTER_AUDIT_STREAM_MAXLEN=0``) only the channel can be foll
 
 from __future__ import annotations
 
+import asyncio
 import re
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 import orjson
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from router_worker.audit import STREAM_FIELD
 
 _MAX_SEQ = 18446744073709551615
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 _UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
+_UNREACHABLE = (RedisConnectionError, RedisTimeoutError, OSError)
+"""What a Redis restart or failover looks like to a reader: it waits and reads on from its cursor."""
+_RETRY_MAX_S = 5.0
 
 
 class SinceError(ValueError):
@@ -99,6 +105,12 @@ def id_before(ms: int) -> str:
     return f"{ms - 1}-{_MAX_SEQ}" if ms > 0 else "0-0"
 
 
+def id_key(entry_id: str) -> tuple[int, int]:
+    """A stream id as a sortable pair (``"1700000000000-3"`` -> ``(1700000000000, 3)``)."""
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
 def _entries(resp: Any) -> Iterable[tuple[str, Mapping[str, Any]]]:
     """(id, fields) of an XREAD answer."""
     if not resp:
@@ -118,7 +130,10 @@ class StreamReader:
     key: str
     page: int = 200
     block_ms: int = 1000
+    """How long one ``XREAD BLOCK`` waits: keep it under the client's socket timeout."""
     cursor: str = "0-0"
+    on_unreachable: Callable[[Exception], None] | None = None
+    """Called each time following fails for want of Redis (it then waits and reads on from ``cursor``)."""
 
     async def last_id(self) -> str:
         newest = await self.redis.xrevrange(self.key, count=1)
@@ -136,8 +151,13 @@ class StreamReader:
         return ms if ms >= since_ms and deleted != "0-0" else None
 
     async def replay(self, since_ms: int) -> AsyncIterator[tuple[str, list[dict[str, Any]]]]:
-        """Every entry from ``since_ms`` to the newest there is now, oldest first."""
-        self.cursor = id_before(since_ms)
+        """Every entry from ``since_ms`` to the newest there is now, oldest first.
+
+        ``since_ms`` comes from the caller's clock, stream ids from the Redis server's: when it lies past the
+        newest entry (a clock running ahead, a time typed in the future) the seam is the newest entry there
+        is, so following starts from now rather than skip what is written until Redis' clock gets there."""
+        newest = await self.last_id()
+        self.cursor = min(id_before(since_ms), newest, key=id_key)
         start = f"{since_ms}-0"
         while True:
             page = await self.redis.xrange(self.key, min=start, max="+", count=self.page) or []
@@ -149,20 +169,37 @@ class StreamReader:
             start = "(" + self.cursor
 
     async def follow(self) -> AsyncIterator[tuple[str, list[dict[str, Any]]]]:
-        """Every entry after ``cursor``, as it is added, forever."""
+        """Every entry after ``cursor``, as it is added, forever; across a Redis restart too (it reads on from
+        ``cursor`` once Redis answers again)."""
+        delay = 0.1
         while True:
-            resp = await self.redis.xread({self.key: self.cursor}, count=self.page, block=self.block_ms)
+            try:
+                resp = await self.redis.xread({self.key: self.cursor}, count=self.page, block=self.block_ms)
+            except _UNREACHABLE as exc:
+                if self.on_unreachable is not None:
+                    self.on_unreachable(exc)
+                await asyncio.sleep(delay)
+                delay = min(_RETRY_MAX_S, delay * 2)
+                continue
+            delay = 0.1
             for eid, fields in _entries(resp):
                 self.cursor = eid
                 yield eid, parse_lines(fields.get(STREAM_FIELD, ""))
 
 
 async def follow_channel(redis: Redis, channel: str) -> AsyncIterator[list[dict[str, Any]]]:
-    """The records published on the channel from now on (no stream to replay from)."""
-    pubsub = redis.pubsub(ignore_subscribe_messages=True)
-    await pubsub.subscribe(channel)
-    try:
-        async for msg in pubsub.listen():
-            yield parse_lines(msg["data"])
-    finally:
-        await pubsub.aclose()  # type: ignore[no-untyped-call]
+    """The records published on the channel from now on (no stream to replay from); subscribed again after a
+    Redis restart (what was published meanwhile is not seen: the channel keeps nothing)."""
+    delay = 0.1
+    while True:
+        pubsub = redis.pubsub(ignore_subscribe_messages=True)
+        try:
+            await pubsub.subscribe(channel)
+            delay = 0.1
+            async for msg in pubsub.listen():
+                yield parse_lines(msg["data"])
+        except _UNREACHABLE:
+            await asyncio.sleep(delay)
+            delay = min(_RETRY_MAX_S, delay * 2)
+        finally:
+            await pubsub.aclose()  # type: ignore[no-untyped-call]

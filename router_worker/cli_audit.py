@@ -3,6 +3,7 @@ as readable lines or JSON (one object a line). The reading itself is :mod:`route
 
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Mapping
 from datetime import datetime
@@ -26,6 +27,16 @@ _FIRST = ("job_id", "tenant", "model_type", "model_id", "head_id", "strategy", "
 _HIDDEN = frozenset({"ts", "event", "scores", "fallback"})
 
 
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069]")
+"""What must not reach a terminal as it is: C0/C1 controls (escape sequences, newlines that forge a line) and
+the bidirectional overrides. Job ids, tenants and models are the producer's choice."""
+
+
+def _visible(text: str) -> str:
+    """``text`` with every unprintable character as its Python escape (``\\x1b``, ``\\n``, ``\\u202e``)."""
+    return _UNPRINTABLE.sub(lambda m: repr(m.group())[1:-1], text)
+
+
 def format_record(rec: Mapping[str, Any]) -> str:
     """One readable line (rich markup): local time, event, then the fields that say what happened."""
     ts = rec.get("ts")
@@ -34,8 +45,8 @@ def format_record(rec: Mapping[str, Any]) -> str:
     event = str(rec.get("event", "?"))
     style = _EVENT_STYLE.get(event, "cyan")
     keys = [k for k in _FIRST if k in rec] + sorted(k for k in rec if k not in _FIRST and k not in _HIDDEN)
-    fields = " ".join(f"[dim]{k}=[/]{escape(str(rec[k]))}" for k in keys)
-    return f"[dim]{when}[/] [{style}]{escape(event):<14}[/] {fields}"
+    fields = " ".join(f"[dim]{escape(_visible(k))}=[/]{escape(_visible(str(rec[k])))}" for k in keys)
+    return f"[dim]{when}[/] [{style}]{escape(_visible(event)):<14}[/] {fields}"
 
 
 @audit_app.command("tail")
@@ -103,7 +114,20 @@ def audit_tail(
                     if show(records):
                         return
                 return
-            reader = StreamReader(rt.redis, audit_stream_key(s.redis_prefix))
+            # One blocking read must fit in the client's socket timeout (ROUTER_REDIS_TIMEOUT_S).
+            block_ms = max(1, min(1000, int(s.redis_timeout_s * 500)))
+            warned = False
+
+            def unreachable(exc: Exception) -> None:
+                nonlocal warned
+                if not warned:
+                    err.print(
+                        f"[yellow]warning:[/] Redis does not answer ({escape(str(exc))}); waiting for it"
+                    )
+                    warned = True
+
+            reader = StreamReader(rt.redis, audit_stream_key(s.redis_prefix), block_ms=block_ms,
+                                  on_unreachable=unreachable)  # fmt: skip
             if since_ms is None:
                 reader.cursor = await reader.last_id()
             else:

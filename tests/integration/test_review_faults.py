@@ -13,6 +13,7 @@ from redis.asyncio import Redis
 
 from consumers.worker import JobContext, JobRefused, ModelWorker, WorkerConfig
 from producers.producer import JobProducer
+from router_worker.clock import now_ms
 from router_worker.core.policy import AdmissionPolicy, RateLimit
 from router_worker.settings import Settings
 from router_worker.state.policy_store import PolicyStore
@@ -133,3 +134,33 @@ async def test_a_job_the_only_head_refuses_as_busy_for_a_moment_is_not_dead_lett
         await wait_until(lambda: router.stats.dead_lettered > 0 or head.stats.completed > 0, timeout=20)
     assert router.stats.dead_lettered == 0, f"dead-lettered after attempts {tries} (busy, not failing)"
     assert head.stats.completed == 1
+
+
+@pytest.mark.xfail(strict=True, reason="review of issue 8: the breaker of a head that no longer exists stays in the "
+                   "summary for ever; routers lease it a probe every cool-down, so its key never expires")  # fmt: skip
+async def test_the_breaker_of_a_head_that_is_gone_is_forgotten(settings: Settings, redis: Redis) -> None:
+    """A head that failed its jobs opened its breaker and then went away (killed, restarted under a new id: the
+    default head id has a random part). Its breaker stays in ``{p}:breakers`` (not closed) and every router
+    keeps reading it on every breaker read, takes it half-open and leases it a probe nobody can send, writing
+    the key again every cool-down (so the day's TTL never runs out) and showing ``circuit_breaker_state`` 1
+    for it. Each dead head that failed adds one for good."""
+    from router_worker.state.breakers import BreakerStore, summary_key
+    from router_worker.state.keys import Keys
+
+    s = settings.model_copy(update={"breaker_cooldown_s": 0.3, "breaker_min_volume": 5, "max_attempts": 50})
+    store = BreakerStore(redis, Keys(s.redis_prefix))
+    await store.count({"gone-1": (0, 10)}, now_ms())  # its failures, counted before it died
+    router = make_router(s, redis)
+    async with running(router):
+        async with JobProducer(s) as p:  # some traffic (jobs for a model nobody serves keep retrying)
+            for i in range(5):
+                await p.submit("ghost", i, job_id=f"g{i}")
+        await asyncio.sleep(2.0)
+        v1 = (await store.get(["gone-1"]))["gone-1"].version
+        await asyncio.sleep(3.0)
+        v2 = (await store.get(["gone-1"]))["gone-1"].version
+        summary = await redis.hgetall(summary_key(Keys(s.redis_prefix)))
+        gauge = router.metrics.registry.get_sample_value("circuit_breaker_state", {"head_id": "gone-1"})
+    assert v1 > 0, "the breaker opened"
+    assert v2 == v1, f"nobody writes a gone head's breaker (version {v1} -> {v2}, gauge {gauge})"
+    assert not summary, f"a gone head's breaker is not read by every router for ever: {summary}"

@@ -81,3 +81,17 @@ def test_a_high_priority_job_behind_a_held_low_priority_one_is_not_held_with_it(
     routed = [o.src.job.job_id for o in p.outcomes if isinstance(o, Routed) and o.src.job is not None]
     assert [h.offset for h in p.holds] == [0], "the low-priority job is held"
     assert routed == ["high"], "the high-priority job, for which the head has room, goes"
+
+
+def test_a_forged_exclude_header_naming_every_head_does_not_strand_the_job() -> None:
+    """Held up: a producer's ``x-route-exclude`` naming every head of the model is honoured only while another
+    head can take the job; when none can, the job is routed anyway (not retried or dead-lettered)."""
+    tp = TopicPartition("req", 0)
+    everyone = b'["h0", "h1", "", 7, null]'
+    batch = {tp: [Rec(0, job("x"), headers=(("x-route-exclude", everyone),))]}
+    gaps = GapGuard(wait_ms=1000)
+    gaps.expect(tp, 0)
+    parts, _ = intake(batch, gaps, frozenset(), NOW, CFG.max_message_bytes)
+    index = HeadIndex.build([head("h0", partition=0), head("h1", partition=1)])
+    p = plan(parts, {}, index, Policy(), RouterMemory(), NOW, NOW, random.Random(1), CFG, Stats())
+    assert [type(o).__name__ for o in p.outcomes] == ["Routed"]

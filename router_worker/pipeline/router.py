@@ -259,10 +259,11 @@ class Router:
             try:
                 if await self._outage_hold(consumer):
                     continue
-                # While a batch's publishes are in flight, take only what is fetched already: its acks come first.
-                timeout_ms = (
-                    0 if self._inflight is not None else self._resume_due(consumer, s.batch_timeout_ms)
-                )
+                # Holds whose time came are lifted every time round, batch in flight or not (a steady stream keeps
+                # one in flight). While its publishes are in flight, take only what is fetched already.
+                timeout_ms = self._resume_due(consumer, s.batch_timeout_ms)
+                if self._inflight is not None:
+                    timeout_ms = 0
                 batch = await consumer.getmany(timeout_ms=timeout_ms, max_records=s.batch_max_records)
                 if not batch and self._inflight is None:
                     if self.marks.buffered and self.health.up:
@@ -385,8 +386,10 @@ class Router:
             try:
                 rewound = await self.finish(previous, consumer)
             except BaseException:
+                # Never past what the previous batch left unsettled: it rewound its partitions to that.
                 if prepared is not None:
-                    self._rewind(consumer, prepared.parts, prepared.plan.holds)
+                    self._rewind(consumer, prepared.parts, prepared.plan.holds,
+                                 not_after=commit_offsets(previous.batch.plan))  # fmt: skip
                 raise
             if prepared is not None and rewound:
                 prepared.drop(rewound)
@@ -591,11 +594,17 @@ class Router:
             self.paused_until[tp] = h.until_ms
             self.gaps.expect(tp, h.offset)
 
-    def _rewind(self, consumer: AIOKafkaConsumer, parts: Parts, holds: list[Hold]) -> None:
+    def _rewind(self, consumer: AIOKafkaConsumer, parts: Parts, holds: list[Hold],
+                not_after: dict[TopicPartition, int] | None = None) -> None:  # fmt: skip
+        """Read these records again from each partition's first one (or from ``not_after``'s offset where that
+        is earlier: an earlier batch's first unsettled record, which a later batch must not seek past)."""
         owned = consumer.assignment()
         first = {tp: items[0].offset for tp, items in parts if items}
         for h in holds:
             first[h.tp] = min(first.get(h.tp, h.offset), h.offset)
+        for tp, off in (not_after or {}).items():
+            if tp in first:
+                first[tp] = min(first[tp], off)
         for tp, off in first.items():
             if tp in owned:
                 consumer.seek(tp, off)

@@ -85,6 +85,12 @@ def done_key(keys: Keys, bucket: int) -> str:
     return f"{keys.tag}:done:{bucket}"
 
 
+def redrive_key(keys: Keys, redrive_id: str) -> str:
+    """A redrive's progress record (written by ``dlq/state.py`` before it sends anything): its existence is what
+    makes an ``x-redrive`` header genuine."""
+    return f"{keys.tag}:dlq:redrive:{redrive_id}"
+
+
 def around(bucket: int) -> tuple[int, int, int]:
     """The buckets a reader looks at: previous, current, next."""
     return bucket - 1, bucket, bucket + 1

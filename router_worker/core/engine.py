@@ -340,8 +340,25 @@ def _decide(job: Job, index: HeadIndex, policy: Policy, memory: RouterMemory, no
     if saturated:
         return Decision(Outcome.SATURATED, r.strategy, r.note + f"every live head of {names} is at its load threshold",
                         attempt=attempt, excluded=tuple(excluded))  # fmt: skip
+    if blocked and _breakers_hold(models, index, blocked, now_ms):
+        # Open breakers are a wait, not a verdict: the job waits for a half-open probe (held, no attempt spent)
+        # instead of running out of attempts and being dead-lettered while its heads cool down.
+        return Decision(Outcome.SATURATED, r.strategy, r.note + f"every live head of {names} that could take it "
+                        "has an open circuit breaker: waiting for a half-open probe", attempt=attempt,
+                        excluded=tuple(excluded))  # fmt: skip
     return Decision(Outcome.NO_CAPACITY, r.strategy, r.note + f"no eligible head for {names}", attempt=attempt,
                     excluded=tuple(excluded))  # fmt: skip
+
+
+def _breakers_hold(
+    models: tuple[str, ...], index: HeadIndex, blocked: Mapping[str, str], now_ms: int
+) -> bool:
+    """Whether a live, healthy head of these models is passed over only for its circuit breaker."""
+    for model in models:
+        for h in index.by_model.get(model, ()):
+            if h.head_id in blocked and h.status is HeadStatus.HEALTHY and h.expires_at_ms >= now_ms:
+                return True
+    return False
 
 
 def record(decision: Decision, memory: RouterMemory, job: Job, policy: Policy, now_ms: int) -> None:

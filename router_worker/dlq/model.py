@@ -364,14 +364,17 @@ def sent_state(raw: str | None) -> tuple[str, str] | None:
 
 
 def attempt_keys(dl: DeadLetter, max_attempts: int) -> list[str]:
-    """The router's idempotency keys of the dead-lettered job's attempts (see ``outcomes.claim_key_of``):
-    every attempt of its generation, the plain one or the redrive it came from."""
+    """The router's idempotency keys of the dead-lettered job's attempts from the one that was dead-lettered on
+    (see ``outcomes.claim_key_of``), in its generation (the plain one or the redrive it came from). The attempts
+    before it reached heads and failed there (that is why a job runs out of attempts): a job "reached a head"
+    only if an attempt from its dead letter's on was routed."""
     if dl.job_id is None:
         return []
-    last = max(dl.attempt or 1, max_attempts)
+    first = dl.attempt or 1
+    last = max(first, max_attempts)
     if dl.redrive is not None:
-        return [f"jr|{dl.redrive}|{a}|{dl.job_id}" for a in range(1, last + 1)]
-    return [f"j|{a}|{dl.job_id}" for a in range(1, last + 1)]
+        return [f"jr|{dl.redrive}|{a}|{dl.job_id}" for a in range(first, last + 1)]
+    return [f"j|{a}|{dl.job_id}" for a in range(first, last + 1)]
 
 
 def sent_as(dls: Iterable[DeadLetter], marks: Mapping[str, str | None]) -> dict[tuple[str | None, str], str]:

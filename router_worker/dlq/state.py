@@ -22,7 +22,7 @@ import orjson
 from redis.asyncio import Redis
 
 from router_worker.clock import now_ms
-from router_worker.state.idempotency import read_done
+from router_worker.state.idempotency import read_done, redrive_key
 from router_worker.state.keys import Keys
 
 KEEP_MS = 30 * 86_400_000
@@ -55,7 +55,9 @@ class RedriveState:
         return f"{self.keys.tag}:dlq:sent:{coord}"
 
     def _progress(self, redrive_id: str) -> str:
-        return f"{self.keys.tag}:dlq:redrive:{redrive_id}"
+        return redrive_key(
+            self.keys, redrive_id
+        )  # its existence makes an x-redrive header genuine (marks.py)
 
     @property
     def _recent(self) -> str:

@@ -34,7 +34,7 @@ from router_worker.audit import AuditSink
 from router_worker.clock import now_ms
 from router_worker.pipeline.outcomes import DeadLettered, Incoming, Outcome, Retried, Routed
 from router_worker.pipeline.plan import Claim
-from router_worker.state.idempotency import CLAIM_LUA, LIFETIMES_KEPT, claim_keys, queue_done
+from router_worker.state.idempotency import CLAIM_LUA, LIFETIMES_KEPT, claim_keys, queue_done, redrive_key
 from router_worker.state.inflight import InflightChanges
 from router_worker.state.keys import Keys
 from router_worker.state.scripts import LoadedScript
@@ -83,6 +83,8 @@ class Marks:
         self.pending = _Pending()
         self.dropped = 0
         """Buffered writes dropped because the outage outlasted the buffer."""
+        self.forged = 0
+        """Records whose ``x-redrive`` named no redrive (keyed as plain jobs)."""
         self.errors = 0
         """Commands Redis refused (answered with an error): logged, never retried."""
         self._claim = LoadedScript(redis, CLAIM_LUA)
@@ -97,6 +99,7 @@ class Marks:
         """Claim each key's first record of the batch; read the sessions' pins. Raises on Redis errors."""
         first: dict[str, Incoming] = {}
         if self.dedupe:
+            await self._unforge(parts)
             for _, items in parts:
                 for inc in items:
                     first.setdefault(inc.claim_key, inc)
@@ -124,6 +127,30 @@ class Marks:
         claims = {k: Claim(int(c)) for k, c in zip(keys, res[0], strict=True)} if keys else {}
         pins = cast(list[str | None], res[-1]) if sessions else []
         return claims, pins
+
+    async def _unforge(self, parts: Iterable[tuple[Any, Sequence[Incoming]]]) -> None:
+        """A redriven job is keyed within its redrive (``jr|``) only if that redrive exists: an ``x-redrive``
+        header a producer wrote by hand would otherwise open a fresh key, and route a job that was routed
+        already. One more round trip, only for a batch that holds redriven jobs (rare)."""
+        redriven = [inc for _, items in parts for inc in items if inc.claim_key.startswith("jr|")]
+        if not redriven:
+            return
+        ids = sorted({inc.claim_key.split("|", 2)[1] for inc in redriven})
+        found = (
+            await self.redis.exists(*(redrive_key(self.keys, rid) for rid in ids)) if len(ids) == 1 else None
+        )
+        if found is not None:
+            real = set(ids) if found else set()
+        else:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for rid in ids:
+                    pipe.exists(redrive_key(self.keys, rid))
+                real = {rid for rid, n in zip(ids, await pipe.execute(), strict=True) if n}
+        for inc in redriven:
+            _, rid, attempt, job_id = inc.claim_key.split("|", 3)
+            if rid not in real:
+                inc.claim_key = f"j|{attempt}|{job_id}"
+                self.forged += 1
 
     async def mark(self, settled: Sequence[Outcome], pin_ms: int) -> dict[str, int] | None:
         """Write what the settled outcomes imply (plus anything buffered); return the shared in-flight

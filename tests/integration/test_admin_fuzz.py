@@ -72,7 +72,9 @@ async def test_fuzzed_api_answers_only_what_it_documents(settings: Settings, tmp
         before = await _admin_state(procs)
         mutations = [(m.upper(), p.replace("{head_id}", "m-1").replace("{redrive_id}", "rd-x"))
                      for p, item in doc["paths"].items() for m, op in item.items() if op["security"]]  # fmt: skip
-        assert len(mutations) == 10, mutations  # heads 5, policy 1, dlq 4 (its reads too: dead letters carry jobs)
+        assert len(mutations) == 10, (
+            mutations
+        )  # heads 5, policy 1, dlq 4 (its reads too: dead letters carry jobs)
         for method, path in mutations:
             for headers in ({}, {"Authorization": "Bearer nope"}, {"Authorization": OPS}, {"X-Actor": "ops"}):
                 async with http.request(

@@ -327,14 +327,17 @@ def test_an_operators_typo_gets_a_clear_message_and_exit_2(
 
 
 async def test_a_job_that_already_reached_a_head_is_not_redriven(settings: Settings, redis: Redis) -> None:
-    """The routers' done marks (state/idempotency.py) say a job was routed since: its dead letter is stale."""
+    """The routers' done marks (state/idempotency.py) say the dead-lettered attempt was routed since (another
+    copy of its record got through): its dead letter is stale."""
     ids = ["stale-1", "fresh-1"]
     await _dead_letters(settings, ids)
     await _records(settings, Topics.from_settings(settings).dlq, 2)
     async with redis.pipeline(transaction=False) as pipe:
-        queue_done(pipe, Keys(settings.redis_prefix), [("j|1|stale-1", "d|routed|h1")], now_ms(),
-                   settings.dedupe_ttl_s * 1000)  # fmt: skip
+        marks = [("j|3|stale-1", "d|routed|h1"), ("j|2|fresh-1", "d|routed|h1")]  # dead-lettered at attempt 3
+        queue_done(pipe, Keys(settings.redis_prefix), marks, now_ms(), settings.dedupe_ttl_s * 1000)
         await pipe.execute()
     plan = await prepare(settings, redis, parse_filter(["unknown_model"], now_ms=0))
     verdicts = {item.dl.job_id: item.verdict for item in plan.items}
-    assert verdicts == {"stale-1": Verdict.DELIVERED, "fresh-1": Verdict.SEND}
+    assert verdicts == {"stale-1": Verdict.DELIVERED, "fresh-1": Verdict.SEND}, (
+        "attempt 2 is history, not news"
+    )

@@ -65,9 +65,6 @@ def _audit(s: Settings, redis: Redis) -> AuditSink:
     return AuditSink(redis, s.audit_channel, s.audit_file)
 
 
-@pytest.mark.xfail(strict=True, reason="review: any producer's x-redrive opens a fresh idempotency key "
-                                       "(outcomes.redrive_of only checks the id's shape): a job that already "
-                                       "reached a head is routed to one again")  # fmt: skip
 async def test_a_forged_x_redrive_header_does_not_bypass_dedupe(settings: Settings, redis: Redis) -> None:
     served = Served()
     async with running(make_worker(settings, redis, served, "m"), make_router(settings, redis)):
@@ -179,12 +176,6 @@ async def test_two_dead_letters_of_one_job_redriven_by_two_redrives_serve_it_onc
     assert Counter(served.job_ids())["dup"] == 1, served.job_ids()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review: a max_attempts dead letter reached a head by definition "
-    "(its failed attempts' d|routed| marks): it can not be redriven for "
-    "the dedupe TTL (24 h), even once the heads are fixed, nor with --force",
-)
 async def test_a_job_that_failed_at_every_head_can_be_redriven_once_they_are_fixed(settings: Settings,
                                                                                    redis: Redis) -> None:  # fmt: skip
     s = settings.model_copy(update={"max_attempts": 2})

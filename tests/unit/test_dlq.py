@@ -201,7 +201,9 @@ def test_plan_item_verdicts() -> None:
 
 
 def test_attempt_keys_follow_the_generation() -> None:
-    assert attempt_keys(dead(attempt=2), 2) == ["j|1|j-1", "j|2|j-1"]
+    # From the dead-lettered attempt on: the attempts before it reached heads and failed there.
+    assert attempt_keys(dead(attempt=2), 2) == ["j|2|j-1"]
+    assert attempt_keys(dead(attempt=1), 3) == ["j|1|j-1", "j|2|j-1", "j|3|j-1"]
     again = dead(headers=[("x-redrive", b"rd-9")], attempt=1)
     assert again.redrive == "rd-9"
     assert attempt_keys(again, 2) == ["jr|rd-9|1|j-1", "jr|rd-9|2|j-1"]

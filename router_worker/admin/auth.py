@@ -35,7 +35,7 @@ class AdminAuth:
     def from_settings(cls, s: Settings) -> AdminAuth:
         named = {name: tok.get_secret_value() for name, tok in s.admin_tokens.items()}
         if s.admin_token is not None:
-            named[ADMIN_TOKEN_NAME] = s.admin_token.get_secret_value()
+            named[ADMIN_TOKEN_NAME] = s.admin_token.get_secret_value().strip()  # a secret file's newline
         return cls.of(named, s.admin_reads_public)
 
     @property

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,9 @@ from router_worker.settings import Settings
 from router_worker.state.keys import Keys
 
 HISTORY_LEN = 50
+
+
+log = logging.getLogger(__name__)
 
 
 class PolicyError(ValueError):
@@ -108,4 +112,10 @@ class PolicyStore:
 
     async def history(self, limit: int = 10) -> list[Policy]:
         raws = await self.redis.lrange(self.keys.policy_history, 0, limit - 1)
-        return [Policy.model_validate(orjson.loads(r)) for r in raws]
+        out = []
+        for r in raws:  # an entry stored by an older version, or by hand, is skipped (as get() tolerates one)
+            try:
+                out.append(Policy.model_validate(orjson.loads(r)))
+            except ValueError as exc:
+                log.warning("skipping a policy history entry that no longer validates: %s", str(exc)[:200])
+        return out

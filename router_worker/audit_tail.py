@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import re
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -134,6 +134,30 @@ class StreamReader:
     cursor: str = "0-0"
     on_unreachable: Callable[[Exception], None] | None = None
     """Called each time following fails for want of Redis (it then waits and reads on from ``cursor``)."""
+    on_gap: Callable[[str, str], None] | None = None
+    """Called with (cursor, the stream's oldest entry) when the capped stream trimmed past the last entry read (a
+    reader slower than the writers): records between the two may be missing from what it yields."""
+    gaps: list[tuple[str, str]] = field(default_factory=list)
+    _trimmed_seen: str = "0-0"
+
+    async def _first_id(self) -> str:
+        try:
+            info = await self.redis.xinfo_stream(self.key)
+        except ResponseError:  # no such stream yet
+            return "0-0"
+        return str(info.get("recorded-first-entry-id") or "0-0")
+
+    async def _check_gap(self) -> None:
+        """Before each page: if the capped stream trimmed past the last entry read (its oldest entry is newer than
+        the cursor), the records between may be lost to this reader: said once per trim."""
+        if self.cursor == "0-0":
+            return
+        first = await self._first_id()
+        if id_key(first) > id_key(self.cursor) and id_key(first) > id_key(self._trimmed_seen):
+            self.gaps.append((self.cursor, first))
+            if self.on_gap is not None:
+                self.on_gap(self.cursor, first)
+            self._trimmed_seen = first
 
     async def last_id(self) -> str:
         newest = await self.redis.xrevrange(self.key, count=1)
@@ -158,8 +182,10 @@ class StreamReader:
         is, so following starts from now rather than skip what is written until Redis' clock gets there."""
         newest = await self.last_id()
         self.cursor = min(id_before(since_ms), newest, key=id_key)
+        self._trimmed_seen = await self._first_id()  # what was trimmed before the start is told by trimmed_from
         start = f"{since_ms}-0"
         while True:
+            await self._check_gap()
             page = await self.redis.xrange(self.key, min=start, max="+", count=self.page) or []
             for eid, fields in page:
                 self.cursor = str(eid)
@@ -174,6 +200,7 @@ class StreamReader:
         delay = 0.1
         while True:
             try:
+                await self._check_gap()
                 resp = await self.redis.xread({self.key: self.cursor}, count=self.page, block=self.block_ms)
             except _UNREACHABLE as exc:
                 if self.on_unreachable is not None:

@@ -126,8 +126,13 @@ def audit_tail(
                     )
                     warned = True
 
+            def gap(cursor: str, trimmed: str) -> None:
+                err.print(f"[yellow]warning:[/] records after {escape(cursor)} and before {escape(trimmed)} may have "
+                          "been trimmed from the stream before this tail read them (ROUTER_AUDIT_STREAM_MAXLEN); "
+                          "the audit file has them")  # fmt: skip
+
             reader = StreamReader(rt.redis, audit_stream_key(s.redis_prefix), block_ms=block_ms,
-                                  on_unreachable=unreachable)  # fmt: skip
+                                  on_unreachable=unreachable, on_gap=gap)  # fmt: skip
             if since_ms is None:
                 reader.cursor = await reader.last_id()
             else:

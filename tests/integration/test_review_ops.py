@@ -171,8 +171,6 @@ async def test_tail_follows_when_the_redis_timeout_is_short(settings: Settings, 
         await _stop(proc)
 
 
-@pytest.mark.xfail(strict=True, reason="review: a tail slower than the writers silently skips entries trimmed "
-                                       "past its cursor (the trim warning is given only at start)")  # fmt: skip
 async def test_tail_says_so_when_entries_are_trimmed_past_its_cursor(
     settings: Settings, redis: Redis
 ) -> None:

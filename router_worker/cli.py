@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import sys
 from collections.abc import Awaitable, Callable
@@ -13,6 +12,7 @@ import typer
 from rich.console import Console
 from rich.logging import RichHandler
 
+from router_worker.loop import LoopChoice
 from router_worker.settings import Settings, SettingsError, load_settings, settings_help
 
 T = TypeVar("T")
@@ -52,11 +52,17 @@ def _settings(config: Path | None, **overrides: Any) -> Settings:
     return s
 
 
-def _run(coro_fn: Callable[[], Awaitable[T]]) -> T:
+def _run(coro_fn: Callable[[], Awaitable[T]], event_loop: LoopChoice | None = None) -> T:
+    """Run a command's coroutine on the event loop its settings name (``ROUTER_EVENT_LOOP``; auto: uvloop where
+    installed)."""
+    from router_worker.loop import LoopUnavailable, run
     from router_worker.state.heads import HeadIdInUse, PartitionOutOfRange
 
     try:
-        return asyncio.run(coro_fn())  # type: ignore[arg-type]
+        return run(coro_fn(), event_loop or "auto")  # type: ignore[arg-type]
+    except LoopUnavailable as exc:
+        err.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(2) from None
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
     except (HeadIdInUse, PartitionOutOfRange) as exc:  # an operator's mistake: one clear line, no traceback
@@ -81,7 +87,7 @@ def run(config: ConfigOpt = None) -> None:
             await until_signalled(router.stop)
             await run_router(rt, router)
 
-    _run(main)
+    _run(main, s.event_loop)
 
 
 @app.command(epilog=SETTINGS_EPILOG)
@@ -125,7 +131,7 @@ def worker(
             err.print(f"head {w.head_id} of {model} in {region} starting")
             await w.run()
 
-    _run(main)
+    _run(main, s.event_loop)
 
 
 @app.command(epilog=SETTINGS_EPILOG)
@@ -146,7 +152,7 @@ def demo(
             out = await run_demo(rt, jobs, routers, console, rate)
             return len(out.seen) == jobs and out.duplicates == 0
 
-    if not _run(main):
+    if not _run(main, s.event_loop):
         raise typer.Exit(1)
 
 
@@ -178,7 +184,7 @@ def submit(
                 console.print(job_id)
 
     try:
-        _run(main)
+        _run(main, s.event_loop)
     except EnvelopeError as exc:
         err.print(f"[red]error:[/] {exc}")
         raise typer.Exit(2) from exc

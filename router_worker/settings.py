@@ -194,6 +194,11 @@ class Settings(BaseSettings):
         "letters and admin operations are always audited).",
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    event_loop: Literal["auto", "asyncio", "uvloop"] = Field(
+        "auto",
+        description="asyncio's event loop, or uvloop's (faster; `pip install 'router-worker[fast]'`). auto: uvloop "
+        "when it is installed.",
+    )
 
     @field_validator("kafka_bootstrap_servers", "redis_url", "router_id", "admin_token", mode="before")
     @classmethod

@@ -10,6 +10,7 @@ equal an unshortened one.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass
 
@@ -19,6 +20,7 @@ _KEEP = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ012345678
 MAX_TOPIC_LEN = 249
 
 
+@functools.lru_cache(maxsize=4096)  # once per routed job: a deployment has few model ids
 def escape_model_id(model_id: str) -> str:
     """Map a model id to the legal topic-name fragment (see module docstring)."""
     out: list[str] = []

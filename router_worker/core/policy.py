@@ -227,7 +227,10 @@ class Policy(_Strict):
         return v
 
     def rule_for(self, model_type: str) -> Rule | None:
-        return _first_match(self._rules, model_type, self.rules, lambda r: r.pattern)
+        memo = self._rules  # once per job on the hot path: the memo first, no closure built
+        if model_type in memo:
+            return memo[model_type]
+        return _first_match(memo, model_type, self.rules, _rule_pattern)
 
     def strategy_for(self, model_type: str) -> str:
         rule = self.rule_for(model_type)
@@ -257,6 +260,10 @@ class Policy(_Strict):
 
 T = TypeVar("T")
 _MEMO_LIMIT = 4096
+
+
+def _rule_pattern(rule: Rule) -> str:
+    return rule.pattern
 
 
 def _first_match(

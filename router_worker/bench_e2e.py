@@ -44,6 +44,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -799,7 +800,7 @@ def profile_top(folded: str, n: int = 15) -> tuple[list[tuple[str, float]], list
         total += k
         frames = stack.split(";")
         own[_short(frames[-1])] += k
-        for f in {_short(f) for f in frames if any(m in f for m in _OURS)}:
+        for f in {_short(f) for f in frames if _ours(f)}:
             inclusive[f] += k
     if not total:
         return [], []
@@ -807,9 +808,16 @@ def profile_top(folded: str, n: int = 15) -> tuple[list[tuple[str, float]], list
             [(f, c / total) for f, c in inclusive.most_common(n)])  # fmt: skip
 
 
-_OURS = ("/router_worker/", "/schemas/", "/consumers/", "/producers/")
+_OURS = ("router_worker/", "schemas/", "consumers/", "producers/")
 """Inclusive shares are listed for the project's own functions only (the frames above them are the same
 wrappers in every sample)."""
+
+
+def _ours(frame: str) -> bool:
+    """A frame of the project's own code: its file (``fn (path:line)``; relative when run from the checkout)
+    lies in one of the project's packages, not in site-packages."""
+    where = frame.partition(" (")[2]
+    return "site-packages" not in where and any(where.startswith(m) or f"/{m}" in where for m in _OURS)
 
 
 def _short(frame: str) -> str:
@@ -1312,8 +1320,10 @@ def print_profiles(console: Console, folder: Path) -> None:
     for path in sorted(folder.glob("*.folded")):
         own, inclusive = profile_top(path.read_text())
         console.print(f"\n[bold]{path.name}[/]: share of samples (self | on the stack)")
-        for (f1, s1), (f2, s2) in zip(own, inclusive, strict=False):
-            console.print(f"  {s1:6.1%}  {f1:<60.60}  {s2:6.1%}  {f2}", soft_wrap=True)
+        for a, b in itertools.zip_longest(own, inclusive):
+            left = f"{a[1]:6.1%}  {a[0]:<60.60}" if a else " " * 68
+            right = f"{b[1]:6.1%}  {b[0]}" if b else ""
+            console.print(f"  {left}  {right}", soft_wrap=True, highlight=False)
 
 
 # --- the bare pipe (hidden entry point) -------------------------------------------------------------------

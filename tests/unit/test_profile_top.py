@@ -20,3 +20,11 @@ def test_shares_merge_lines_of_one_function_and_sum_to_one() -> None:
 
 def test_an_empty_profile_has_no_entries() -> None:
     assert profile_top("") == ([], [])
+
+
+def test_relative_paths_of_a_checkout_count_as_ours_and_site_packages_do_not() -> None:
+    folded = ("main (router_worker/bench_e2e.py:10);step (router_worker/pipeline/router.py:9);"
+              "send (/v/lib/site-packages/aiokafka/producer.py:3) 4\n")  # fmt: skip
+    own, inclusive = profile_top(folded)
+    assert own == [("send (producer.py)", 1.0)]
+    assert dict(inclusive) == {"main (bench_e2e.py)": 1.0, "step (router.py)": 1.0}

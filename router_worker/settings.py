@@ -13,10 +13,22 @@ import re
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
+
+from router_worker.security import (
+    FILE_READABLE,
+    SECRET_FIELDS,
+    SecretFileError,
+    file_variable,
+    redact_url,
+    secrets_from_config,
+    secrets_from_env,
+)
 
 ENV_PREFIX = "ROUTER_"
 CONFIG_FILE_ENV = "ROUTER_CONFIG_FILE"
@@ -38,11 +50,22 @@ class Settings(BaseSettings):
     kafka_bootstrap_servers: str | None = Field(
         None, description="Kafka bootstrap servers (host:port,...). Unset: commands start the embedded stack."
     )
-    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
-    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        "PLAINTEXT", description="How every Kafka client connects: SSL and SASL_SSL use TLS, SASL_* log in."
+    )
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = Field(
+        None, description="SASL mechanism (needs a SASL_* security protocol, a username and a password)."
+    )
     kafka_sasl_username: str | None = None
-    kafka_sasl_password: str | None = None
-    kafka_ssl_cafile: str | None = None
+    kafka_sasl_password: SecretStr | None = Field(None, description="SASL password (or ..._FILE: a file).")
+    kafka_ssl_cafile: str | None = Field(
+        None,
+        description="CA bundle (PEM) the brokers' certificates are checked against (unset: the system's).",
+    )
+    kafka_ssl_certfile: str | None = Field(None, description="Client certificate (PEM) for mutual TLS.")
+    kafka_ssl_keyfile: str | None = Field(None, description="Private key (PEM) of the client certificate.")
+    kafka_ssl_key_password: SecretStr | None = Field(None, description="Password of an encrypted key file.")
+    kafka_ssl_check_hostname: bool = Field(True, description="Check that a broker's certificate names it.")
     kafka_client_id: str = "router-worker"
     kafka_enable_idempotence: bool = Field(
         False, description="Idempotent producer. Keep off against the embedded broker (no InitProducerId)."
@@ -58,7 +81,17 @@ class Settings(BaseSettings):
     kafka_replication_factor: int = Field(1, ge=1)
 
     # --- Redis -------------------------------------------------------------------------------------------
-    redis_url: str | None = Field(None, description="Redis URL. Unset: commands start the embedded stack.")
+    redis_url: str | None = Field(
+        None,
+        description="Redis URL (redis://, rediss:// for TLS, unix://). Unset: commands start the embedded stack.",
+    )
+    redis_username: str | None = Field(None, description="Redis ACL user (or in the URL, not both).")
+    redis_password: SecretStr | None = Field(None, description="Redis password (or in the URL, not both).")
+    redis_ssl_cafile: str | None = Field(None, description="CA (PEM) for rediss:// (unset: the system's).")
+    redis_ssl_certfile: str | None = Field(None, description="Client certificate (PEM) for rediss://.")
+    redis_ssl_keyfile: str | None = Field(None, description="Private key (PEM) of the client certificate.")
+    redis_ssl_key_password: SecretStr | None = Field(None, description="Password of an encrypted key file.")
+    redis_ssl_check_hostname: bool = Field(True, description="Check that the server's certificate names it.")
     redis_prefix: str = Field("rw", description="Prefix of every Redis key and channel this deployment owns.")
     redis_timeout_s: float = Field(
         5.0, gt=0, le=300, description="A Redis call that gets no answer this long fails (never hangs)."
@@ -200,7 +233,25 @@ class Settings(BaseSettings):
         "when it is installed.",
     )
 
-    @field_validator("kafka_bootstrap_servers", "redis_url", "router_id", "admin_token", mode="before")
+    @field_validator(
+        "kafka_bootstrap_servers",
+        "redis_url",
+        "router_id",
+        "admin_token",
+        "kafka_sasl_username",
+        "kafka_sasl_password",
+        "kafka_ssl_cafile",
+        "kafka_ssl_certfile",
+        "kafka_ssl_keyfile",
+        "kafka_ssl_key_password",
+        "redis_username",
+        "redis_password",
+        "redis_ssl_cafile",
+        "redis_ssl_certfile",
+        "redis_ssl_keyfile",
+        "redis_ssl_key_password",
+        mode="before",
+    )
     @classmethod
     def _empty_is_unset(cls, value: Any) -> Any:
         return None if value == "" else value
@@ -255,8 +306,9 @@ class Settings(BaseSettings):
             )
         if self.head_heartbeat_ms * 2 > self.head_ttl_ms:
             raise ValueError("head_heartbeat_ms must be at most half of head_ttl_ms")
-        if self.kafka_sasl_mechanism and not (self.kafka_sasl_username and self.kafka_sasl_password):
-            raise ValueError("kafka_sasl_mechanism needs kafka_sasl_username and kafka_sasl_password")
+        problem = security_problem(self)
+        if problem:
+            raise ValueError(problem)
         if not self.retry_backoff_ms or any(ms < 0 for ms in self.retry_backoff_ms):
             raise ValueError("retry_backoff_ms must be a non-empty list of non-negative delays")
         longest_publish_ms = 2 * (self.publish_retry_max_s * 1000 + self.kafka_request_timeout_ms)
@@ -285,8 +337,14 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # init (the file's values, see load_settings) < env: the environment always wins.
-        return (env_settings, init_settings)
+        # init (the file's values, see load_settings) < secrets read from ROUTER_*_FILE < env: the
+        # environment always wins (a secret given both ways is refused).
+        return (env_settings, _SecretFiles(settings_cls), init_settings)
+
+    def __repr_args__(self) -> Any:
+        """repr() and str() show the Redis URL without its password (SecretStr fields hide themselves)."""
+        for name, value in super().__repr_args__():
+            yield name, (redact_url(value) if name == "redis_url" and isinstance(value, str) else value)
 
     @property
     def external(self) -> bool:
@@ -325,15 +383,22 @@ def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Se
     if path:
         file_values = read_config_file(path)
     try:
-        settings = Settings(**file_values)
+        if path:
+            file_values = secrets_from_config(file_values, Path(path).parent)
+        settings = Settings(**(file_values | overrides))  # overrides here too: checks that span settings
         if overrides:
             settings = Settings.model_validate({**settings.model_dump(), **overrides})
+    except SecretFileError as exc:
+        raise SettingsError(f"invalid settings: {exc}") from None
     except ValidationError as exc:
         problems = "; ".join(
-            f"{ENV_PREFIX}{'.'.join(str(p) for p in e['loc']).upper() or '<settings>'}: {e['msg']}"
+            f"{ENV_PREFIX}{'.'.join(str(p) for p in e['loc']).upper()}: {e['msg']}"
+            if e["loc"]
+            else e["msg"].removeprefix("Value error, ")  # a check across settings names them itself
             for e in exc.errors()
         )
-        raise SettingsError(f"invalid settings: {problems}") from exc
+        # Not chained: the ValidationError's text holds the input values, secrets included.
+        raise SettingsError(f"invalid settings: {problems}") from None
     return settings
 
 
@@ -342,7 +407,97 @@ def settings_help() -> str:
     lines = []
     for name, field in Settings.model_fields.items():
         default = field.default
-        shown = "" if default is None else repr(default)
+        shown = "" if default is None or name in SECRET_FIELDS else repr(default)
         desc = f"  {field.description}" if field.description else ""
+        if name in FILE_READABLE:
+            desc += f" Or {file_variable(name)}: read from that file."
         lines.append(f"{ENV_PREFIX}{name.upper()}={shown}{desc}")
     return "\n".join(lines)
+
+
+class _SecretFiles(PydanticBaseSettingsSource):
+    """``ROUTER_<NAME>_FILE`` variables: a secret read from a file (a mounted secret), not the environment."""
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False  # everything is read at once in __call__
+
+    def __call__(self) -> dict[str, Any]:
+        try:
+            return secrets_from_env(os.environ)
+        except SecretFileError as exc:
+            raise SettingsError(f"invalid settings: {exc}") from None
+
+
+_KAFKA_SSL_FILES = ("kafka_ssl_cafile", "kafka_ssl_certfile", "kafka_ssl_keyfile")
+_REDIS_SSL_FILES = ("redis_ssl_cafile", "redis_ssl_certfile", "redis_ssl_keyfile")
+
+
+def _var(name: str) -> str:
+    return f"{ENV_PREFIX}{name.upper()}"
+
+
+def security_problem(s: Settings) -> str | None:
+    """What is wrong with the Kafka and Redis security settings together, naming the settings; None if all
+    is well. Pure but for checking that the named certificate files exist."""
+    protocol = s.kafka_security_protocol
+    sasl = protocol.startswith("SASL_")
+    tls = protocol in ("SSL", "SASL_SSL")
+    if sasl and not s.kafka_sasl_mechanism:
+        return f"{_var('kafka_security_protocol')}={protocol} needs {_var('kafka_sasl_mechanism')}"
+    if s.kafka_sasl_mechanism and not sasl:
+        return (f"{_var('kafka_sasl_mechanism')} needs {_var('kafka_security_protocol')}=SASL_SSL (or "
+                f"SASL_PLAINTEXT), not {protocol}")  # fmt: skip
+    if sasl and not (s.kafka_sasl_username and s.kafka_sasl_password):
+        return f"{_var('kafka_sasl_mechanism')} needs {_var('kafka_sasl_username')} and {_var('kafka_sasl_password')}"
+    if not sasl and (s.kafka_sasl_username or s.kafka_sasl_password):
+        which = "kafka_sasl_username" if s.kafka_sasl_username else "kafka_sasl_password"
+        return f"{_var(which)} is set but {_var('kafka_security_protocol')}={protocol} does not log in"
+    tls_given = [n for n in (*_KAFKA_SSL_FILES, "kafka_ssl_key_password") if getattr(s, n)]
+    if tls_given and not tls:
+        return f"{_var(tls_given[0])} needs {_var('kafka_security_protocol')}=SSL or SASL_SSL, not {protocol}"
+    if protocol != "PLAINTEXT" and not s.kafka_bootstrap_servers:
+        return (f"{_var('kafka_security_protocol')}={protocol} needs {_var('kafka_bootstrap_servers')} (the "
+                f"embedded broker is plaintext)")  # fmt: skip
+    problem = _key_pair_problem(s, "kafka")
+    if problem:
+        return problem
+    return _redis_problem(s)
+
+
+def _key_pair_problem(s: Settings, system: str) -> str | None:
+    cert, key, pw = (f"{system}_ssl_certfile", f"{system}_ssl_keyfile", f"{system}_ssl_key_password")
+    if getattr(s, key) and not getattr(s, cert):
+        return f"{_var(key)} needs {_var(cert)}"
+    if getattr(s, pw) and not getattr(s, cert):
+        return f"{_var(pw)} needs {_var(cert)} (and {_var(key)} unless the key is in it)"
+    for name in _KAFKA_SSL_FILES if system == "kafka" else _REDIS_SSL_FILES:
+        path = getattr(s, name)
+        if path and not Path(path).is_file():
+            return f"{_var(name)}: {path} is not a file"
+    return None
+
+
+def _redis_problem(s: Settings) -> str | None:
+    url = s.redis_url
+    given = [n for n in ("redis_username", "redis_password", *_REDIS_SSL_FILES, "redis_ssl_key_password")
+             if getattr(s, n)]  # fmt: skip
+    if url is None:
+        if given:
+            return f"{_var(given[0])} needs {_var('redis_url')} (the embedded Redis has no password nor TLS)"
+        return None
+    scheme, sep, _ = url.partition("://")
+    if not sep or scheme.lower() not in ("redis", "rediss", "unix"):
+        return f"{_var('redis_url')} must start with redis://, rediss:// or unix:// (got {redact_url(url)})"
+    try:
+        parts = urlsplit(url)
+        in_url_user, in_url_password = parts.username, parts.password
+    except ValueError as exc:
+        return f"{_var('redis_url')} is not a valid URL ({exc}): {redact_url(url)}"
+    if in_url_password is not None and s.redis_password is not None:
+        return f"the Redis password is given twice: in {_var('redis_url')} and {_var('redis_password')}"
+    if in_url_user and s.redis_username:
+        return f"the Redis user is given twice: in {_var('redis_url')} and {_var('redis_username')}"
+    tls_given = [n for n in (*_REDIS_SSL_FILES, "redis_ssl_key_password") if getattr(s, n)]
+    if tls_given and scheme.lower() != "rediss":
+        return f"{_var(tls_given[0])} needs a rediss:// {_var('redis_url')} (TLS), not {scheme}://"
+    return _key_pair_problem(s, "redis")

@@ -4,19 +4,24 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import ssl
 from collections.abc import Iterable
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka.helpers import create_ssl_context
 
 from router_worker.settings import Settings
 
 log = logging.getLogger(__name__)
 
 
-def _common(s: Settings) -> dict[str, Any]:
+def kafka_options(s: Settings) -> dict[str, Any]:
+    """The options every aiokafka client gets (producers, consumers, admin clients): address, client id,
+    timeouts, and the security settings (SASL login, TLS with CA and client certificate). Every client the
+    project creates is built from these, so a deployment that needs a login or TLS gets it everywhere."""
     if not s.kafka_bootstrap_servers:
         raise ValueError("kafka_bootstrap_servers is not set")
     opts: dict[str, Any] = {
@@ -26,21 +31,52 @@ def _common(s: Settings) -> dict[str, Any]:
         "security_protocol": s.kafka_security_protocol,
     }
     if s.kafka_sasl_mechanism:
-        opts.update(
+        password = s.kafka_sasl_password.get_secret_value() if s.kafka_sasl_password else None
+        opts.update(  # aiokafka takes the SCRAM login under the same two names as PLAIN's
             sasl_mechanism=s.kafka_sasl_mechanism,
             sasl_plain_username=s.kafka_sasl_username,
-            sasl_plain_password=s.kafka_sasl_password,
+            sasl_plain_password=password,
         )
     if s.kafka_security_protocol in ("SSL", "SASL_SSL"):
-        from aiokafka.helpers import create_ssl_context
-
-        opts["ssl_context"] = create_ssl_context(cafile=s.kafka_ssl_cafile)
+        opts["ssl_context"] = kafka_ssl_context(s)
     return opts
+
+
+_common = kafka_options  # the name older callers import
+
+
+def kafka_ssl_context(s: Settings) -> ssl.SSLContext:
+    """TLS for Kafka: the brokers' certificates checked against ``kafka_ssl_cafile`` (or the system's CAs),
+    host names checked unless turned off, and the client certificate presented when one is set."""
+    key_password = s.kafka_ssl_key_password.get_secret_value() if s.kafka_ssl_key_password else None
+    try:
+        ctx: ssl.SSLContext = create_ssl_context(
+            cafile=s.kafka_ssl_cafile,
+            certfile=s.kafka_ssl_certfile,
+            keyfile=s.kafka_ssl_keyfile,
+            password=key_password,
+        )
+    except (ssl.SSLError, OSError) as exc:
+        raise KafkaSecurityError(
+            f"Kafka TLS files (ROUTER_KAFKA_SSL_*) can not be used: {_ssl_reason(exc)}"
+        ) from None
+    ctx.check_hostname = s.kafka_ssl_check_hostname
+    return ctx
+
+
+class KafkaSecurityError(RuntimeError):
+    """TLS settings whose files can not be loaded (a wrong key password, a file that is no PEM)."""
+
+
+def _ssl_reason(exc: BaseException) -> str:
+    if isinstance(exc, ssl.SSLError) and exc.reason:
+        return f"{exc.reason} (a wrong key password, or a file that is not PEM)"
+    return getattr(exc, "strerror", None) or type(exc).__name__
 
 
 def make_producer(s: Settings, **overrides: Any) -> AIOKafkaProducer:
     acks: int | str = "all" if s.kafka_acks == "all" else int(s.kafka_acks)
-    opts = _common(s) | {
+    opts = kafka_options(s) | {
         "acks": acks,
         "linger_ms": s.kafka_linger_ms,
         "enable_idempotence": s.kafka_enable_idempotence,
@@ -51,8 +87,12 @@ def make_producer(s: Settings, **overrides: Any) -> AIOKafkaProducer:
     return AIOKafkaProducer(**opts)
 
 
+def make_admin(s: Settings, **overrides: Any) -> AIOKafkaAdminClient:
+    return AIOKafkaAdminClient(**(kafka_options(s) | overrides))
+
+
 def make_consumer(s: Settings, *topics: str, group_id: str | None, **overrides: Any) -> AIOKafkaConsumer:
-    opts = _common(s) | {
+    opts = kafka_options(s) | {
         "group_id": group_id,
         "enable_auto_commit": False,
         "auto_offset_reset": "earliest",
@@ -72,7 +112,7 @@ async def ensure_topics(s: Settings, topics: Iterable[tuple[str, int]]) -> None:
     wanted = dict(topics)
     if not wanted:
         return
-    admin = AIOKafkaAdminClient(**_common(s))
+    admin = make_admin(s)
     await admin.start()
     try:
         existing = set(await admin.list_topics())

@@ -8,8 +8,8 @@ coroutines (never a task per job), and publishes a completion record to ``router
 What it commits. A fetched record is *finished* only when one of these was acknowledged by the broker:
 
 - its completion record (the serving coroutine awaits its own send, never the fetch loop);
-- its nack: the record handed back to the routers' retry tier for its next attempt (a handler that raised,
-  a completion that could not be sent, any exception in the SDK's own code, or shutdown);
+- its nack: the record handed back to the routers' retry tier for its next attempt (a handler that raised or
+  refused the job, a completion that could not be sent, any exception in the SDK's own code, or shutdown);
 - its dead letter (a job this head can not decode, or a record no topic would take).
 
 The committed offset is the lowest unfinished offset (:class:`OffsetTracker`), committed every 200 ms and at
@@ -53,7 +53,7 @@ from redis.asyncio import Redis
 from router_worker.audit import AuditSink
 from router_worker.clock import now_ms
 from router_worker.core.adaptive import ProfileLearner, job_size
-from router_worker.pipeline.fault_headers import with_excluded
+from router_worker.pipeline.fault_headers import BUSY, refusal_count, with_excluded, with_refusals
 from router_worker.pipeline.gaps import RETRY_MS, GapGuard, seek_to_gap, start_offset
 from router_worker.pipeline.kafka import ensure_topics, make_consumer, make_producer
 from router_worker.pipeline.messages import (
@@ -90,8 +90,13 @@ BREAKER_REPORT_S = 0.2
 
 class JobRefused(Exception):
     """Raised by a handler that will not serve a job here (``busy``, ``unsupported``): the job goes back to the
-    routers at once for its next attempt, and this head is excluded from it. A refusal
-    does not count against the head's circuit breaker; a failure (any other exception, a timeout) does."""
+    routers for its next attempt, and this head is excluded from it while another head can take it. A refusal
+    does not count against the head's circuit breaker; a failure (any other exception, a timeout) does.
+
+    ``busy`` is a wait, not a failure: the job waits its retry tier's back-off and its ``x-route-refusals``
+    grows instead of its counted attempts (routers dead-letter it as ``no_capacity`` only past
+    ``ROUTER_MAX_REFUSALS`` refusals). Any other reason (``unsupported``: another head may take it) goes back
+    at once and counts toward ``ROUTER_MAX_ATTEMPTS``."""
 
     def __init__(self, reason: str = "busy", detail: str = "") -> None:
         super().__init__(f"{reason}: {detail}" if detail else reason)
@@ -508,7 +513,9 @@ class ModelWorker:
             self._outcomes[0] += 1
         elif refused is not None:
             st.refused += 1
-            return await self._nack(rec, ctx.attempt, f"head_refused: {error}", exclude=True, backoff=False)
+            busy = refused.reason == BUSY
+            return await self._nack(rec, ctx.attempt, f"head_refused: {error}", exclude=True, backoff=busy,
+                                    busy=busy)  # fmt: skip
         else:
             st.failed += 1
             self._outcomes[1] += 1
@@ -632,19 +639,21 @@ class ModelWorker:
                                        ctx.attempt)  # fmt: skip
 
     async def _nack(self, rec: Any, attempt: int, reason: str, *, exclude: bool = False,
-                    backoff: bool = True) -> bool:  # fmt: skip
+                    backoff: bool = True, busy: bool = False) -> bool:  # fmt: skip
         """Hand one job back to the routers through the retry tier for its next attempt (``exclude``: and tell
-        them to pass over this head for it)."""
+        them to pass over this head for it; ``busy``: a busy refusal, counted in ``x-route-refusals``)."""
         return rec.offset in await self._nack_many([rec], reason, self._budget, backoff=backoff, attempt=attempt,
-                                                   exclude=exclude)  # fmt: skip
+                                                   exclude=exclude, busy=busy)  # fmt: skip
 
     async def _nack_many(self, records: Sequence[Any], reason: str, budget: RetryBudget, *, backoff: bool,
-                         attempt: int | None = None, exclude: bool = False) -> set[int]:  # fmt: skip
+                         attempt: int | None = None, exclude: bool = False,
+                         busy: bool = False) -> set[int]:  # fmt: skip
         """Nack ``records`` (each with the attempt it was routed as, unless given); finish and return the
         offsets settled (nack, or for a record the retry tier refuses for good, dead letter acknowledged).
 
         ``backoff``: wait the tier's back-off (a failed job) or none (a job this head merely gives back).
-        ``exclude``: add this head to the job's ``x-route-exclude`` (it refused or failed the job)."""
+        ``exclude``: add this head to the job's ``x-route-exclude`` (it refused or failed the job).
+        ``busy``: add one to the job's ``x-route-refusals`` (a wait the routers do not count as an attempt)."""
         assert self._producer is not None
         delays = self.s.retry_backoff_ms
         now = now_ms()
@@ -659,6 +668,8 @@ class ModelWorker:
             )
             if exclude:
                 headers = with_excluded(headers, self.head_id)
+            if busy:
+                headers = with_refusals(headers, refusal_count(rec.headers) + 1)
             key = rec.key if (rec.key is not None or rec.value is not None) else b""
             send = Send(self.topics.retry(tier), rec.value, key, None, headers)
             by_send[id(send)] = rec

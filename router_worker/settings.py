@@ -163,6 +163,12 @@ class Settings(BaseSettings):
         "(above the broker's visibility delay; the embedded broker's can exceed a second).",
     )
     max_attempts: int = Field(6, ge=1, description="Routing attempts before a job is dead-lettered.")
+    max_refusals: int = Field(
+        50,
+        ge=0,
+        description="Busy refusals by heads (JobRefused('busy'): waits, not attempts) before a job is "
+        "dead-lettered as no_capacity.",
+    )
     dedupe_ttl_s: int = Field(86_400, ge=0, description="How long a routed job_id is remembered (0: off).")
 
     # --- Circuit breakers (a policy's `breaker` section overrides these) ---------------------------------

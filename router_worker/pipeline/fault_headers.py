@@ -5,6 +5,9 @@
 - ``x-admit-at`` and ``x-throttle-n``: a job over its admission limit waits in a retry tier with its token
   reserved for ``x-admit-at`` (epoch ms); ``x-throttle-n`` counts its trips. A wait is not an attempt: the
   router keeps the job's attempt and keys its idempotency claim by the trip (:func:`throttle_claim_key`).
+- ``x-route-refusals``: how many of a job's trips were ``busy`` refusals (a head's ``JobRefused("busy")``): a
+  wait, not a failure. Each still is an attempt (a new attempt number, so idempotency keys stay unique per
+  trip), but the router's ``max_attempts`` check does not count them; ``max_refusals`` bounds them instead.
 """
 
 from __future__ import annotations
@@ -22,6 +25,11 @@ THROTTLE_HEADERS = frozenset({H_ADMIT_AT, H_THROTTLE_N})
 MAX_EXCLUDED = 16
 """At most this many heads are remembered per job (the most recent)."""
 THROTTLE_REASON = "throttled"
+HEADROOM_REASON = "priority_headroom"
+"""The retry reason of a low-priority job waiting for ``priority_headroom`` (a wait like a throttle: no attempt)."""
+H_REFUSALS = "x-route-refusals"
+BUSY = "busy"
+"""The refusal reason that is a wait (the head has no room now), not a failure."""
 
 
 def excluded_heads(headers: Sequence[tuple[str, bytes | None]] | None) -> frozenset[str]:
@@ -89,4 +97,26 @@ def throttle_headers(retry: Headers, admit_at_ms: int, trips: int) -> Headers:
     """A throttled job's retry headers plus its reservation."""
     out = without(retry, THROTTLE_HEADERS)
     out += [(H_ADMIT_AT, str(admit_at_ms).encode()), (H_THROTTLE_N, str(trips).encode())]
+    return out
+
+
+def refusal_count(headers: Sequence[tuple[str, bytes | None]] | None) -> int:
+    """The ``x-route-refusals`` a record carries as written (0 when absent or bad)."""
+    raw = header(headers, H_REFUSALS)
+    if raw is None or len(raw) > 9 or not raw.isdigit():
+        return 0
+    return int(raw)
+
+
+def refusals(headers: Sequence[tuple[str, bytes | None]] | None, attempt: int) -> int:
+    """How many of a job's trips so far were busy refusals, as the router counts them: never more than the trips
+    it made (``attempt - 1``: every refusal is a trip), so a forged or stale header can not hide attempts."""
+    return min(refusal_count(headers), max(0, attempt - 1))
+
+
+def with_refusals(headers: Sequence[tuple[str, bytes | None]] | None, n: int) -> Headers:
+    """``headers`` with ``x-route-refusals`` set to ``n`` (removed when 0)."""
+    out = [(k, v) for k, v in (headers or ()) if k != H_REFUSALS]
+    if n > 0:
+        out.append((H_REFUSALS, str(n).encode()))
     return out

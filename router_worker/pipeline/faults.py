@@ -54,12 +54,13 @@ from router_worker.core.policy import Policy
 from router_worker.pipeline.fault_headers import (
     H_THROTTLE_N,
     THROTTLE_HEADERS,
+    THROTTLE_REASON,
     admit_at,
     throttle_claim_key,
     throttle_trips,
 )
 from router_worker.pipeline.intake import Parts
-from router_worker.pipeline.messages import header
+from router_worker.pipeline.messages import H_RETRY_REASON, header
 from router_worker.pipeline.outcomes import Plan, Retried, Routed, redrive_of
 from router_worker.pipeline.plan import Admission, PlanConfig, reroute
 from router_worker.pipeline.publish import PublishReport, RetryBudget, Send, describe, publish
@@ -75,6 +76,7 @@ log = logging.getLogger(__name__)
 RECORD_ERRORS = (MessageSizeTooLargeError, RecordTooLargeError, RecordListTooLargeError, CorruptRecordException,
                  InvalidMessageError, InvalidTimestampError)  # fmt: skip
 """Publish errors that are the record's own: no other head would take it either, and its head is not at fault."""
+THROTTLE_REASON_B = THROTTLE_REASON.encode()
 FALLBACK_ROUNDS = 2
 """How many times one batch moves jobs off failing heads (each round passes over every head failed so far)."""
 
@@ -242,7 +244,7 @@ class FaultGate:
                         refresh = self.state.refreshes
                         self.breakers.queue_counts(pipe, {h: (0, n) for h, n in feed.items()}, now)
                         at_read = len(pipe)
-                        self.breakers.queue_read(pipe)
+                        self.breakers.queue_read(pipe, forget_gone=True)
                     if needs.keys:
                         at_sched = len(pipe)
                         self.buckets.queue(pipe, needs.limits, needs.buckets, now)
@@ -318,8 +320,13 @@ class FaultGate:
         self.probes = probes
         self.memory.set_breakers(blocked, dict(probes))
         gauge = self.metrics.breaker_state
+        heads = self.state.index.heads
         for head_id in self._shown - set(self.view):
-            gauge.labels(head_id).set(0)
+            if head_id in heads:
+                gauge.labels(head_id).set(0)
+            else:  # a gone head's breaker is forgotten: its series goes too
+                gauge.remove(head_id)
+                self._shown.discard(head_id)
         for head_id, b in self.view.items():
             gauge.labels(head_id).set(int(b.state))
         self._shown |= set(self.view)
@@ -376,7 +383,8 @@ class FaultGate:
         tally: Tally[tuple[str, str]] = Tally()
         for o in p.outcomes:
             if (isinstance(o, Retried) and o.send is not None and id(o.send) in acked and o.src.job is not None
-                    and header(o.send.headers, H_THROTTLE_N) == b"1"):  # fmt: skip
+                    and header(o.send.headers, H_THROTTLE_N) == b"1"
+                    and header(o.send.headers, H_RETRY_REASON) == THROTTLE_REASON_B):  # fmt: skip
                 tally[(o.src.job.tenant or "", o.src.job.model_type)] += 1
         for (tenant, model), n in tally.items():
             self.metrics.throttled.labels(tenant, model).inc(n)

@@ -22,10 +22,13 @@ from router_worker.core.engine import HeadIndex, decide, record
 from router_worker.core.model import Decision, Outcome, RouterMemory
 from router_worker.core.policy import Policy
 from router_worker.pipeline.fault_headers import (
+    HEADROOM_REASON,
     THROTTLE_HEADERS,
     THROTTLE_REASON,
     excluded_heads,
+    refusals,
     throttle_headers,
+    with_refusals,
     without,
 )
 from router_worker.pipeline.intake import Parts
@@ -70,6 +73,9 @@ class PlanConfig:
     audit_decisions: bool = True
     backpressure_ms: int = 5
     claim_wait_ms: int = 200
+    max_refusals: int = 50
+    """Busy refusals a job may meet (``x-route-refusals``; they are not attempts) before it is dead-lettered as
+    ``no_capacity`` (``ROUTER_MAX_REFUSALS``)."""
 
 
 @dataclass(slots=True)
@@ -104,11 +110,16 @@ def dead_letter(inc: Incoming, reason: DeadLetterReason, detail: str, cfg: PlanC
                         detail=detail)  # fmt: skip
 
 
-def _retry_or_dead(inc: Incoming, job: Job, d: Decision, cfg: PlanConfig, now: int) -> Retried | DeadLettered:
+def _counted(attempt: int, refused: int) -> str:
+    return f"{attempt - refused} attempts and {refused} busy refusals" if refused else f"{attempt} attempts"
+
+
+def _retry_or_dead(inc: Incoming, job: Job, d: Decision, cfg: PlanConfig, now: int,
+                   refused: int) -> Retried | DeadLettered:  # fmt: skip
     reason = DeadLetterReason(d.outcome.value)
     attempt = inc.attempt
-    if attempt >= cfg.max_attempts:
-        return dead_letter(inc, reason, f"{d.reason} (after {attempt} attempts)", cfg, now)
+    if attempt - refused >= cfg.max_attempts:  # busy refusals were waits, not attempts
+        return dead_letter(inc, reason, f"{d.reason} (after {_counted(attempt, refused)})", cfg, now)
     backoff = cfg.retry_backoff_ms
     tier = min(attempt, len(backoff))
     not_before = now + backoff[tier - 1]
@@ -120,6 +131,7 @@ def _retry_or_dead(inc: Incoming, job: Job, d: Decision, cfg: PlanConfig, now: i
         # Its admission wait (or a producer's forged one) is over: read back, it is a retry (the next attempt),
         # not a return from a wait (which would restore this attempt and meet this trip's own done mark).
         headers = without(headers, THROTTLE_HEADERS)
+    headers = with_refusals(headers, refused)
     audit = {"ts": now, "event": "retry", "router_id": cfg.router_id, "job_id": job.job_id,
              "model_type": job.model_type, "strategy": d.strategy, "reason": d.reason, "attempt": attempt,
              "tier": tier, "not_before": not_before}  # fmt: skip
@@ -158,6 +170,40 @@ def _throttle(inc: Incoming, job: Job, verdict: Admission, cfg: PlanConfig, now:
     return Retried(inc, send, audit, tier=tier)
 
 
+def _held_for_headroom(job: Job, policy: Policy, index: HeadIndex, memory: RouterMemory, now: int,
+                       rng: random.Random, attempt: int, avoid: frozenset[str]) -> bool:  # fmt: skip
+    """Whether a saturated job is held only by ``priority_headroom``: a job of higher priority would be routed
+    now (its heads are between its lower load limit and ``max_load_threshold``)."""
+    if policy.load_limit(job.priority) >= policy.max_load_threshold:
+        return False
+    higher = job.model_copy(update={"priority": 1})
+    return decide(higher, index, policy, memory, now, rng, attempt, avoid=avoid).routed
+
+
+def _headroom_wait(inc: Incoming, job: Job, d: Decision, verdict: Admission | None, cfg: PlanConfig,
+                   now: int) -> Retried:  # fmt: skip
+    """A low-priority job held back by ``priority_headroom`` waits in a retry tier (growing back-off per trip)
+    instead of holding its partition (the higher-priority jobs behind it go). A wait, not an attempt: it goes as
+    a return from an admission wait (its attempt kept, its claim keyed by the trip), its admission done."""
+    trips = (verdict.trips if verdict is not None else 0) + 1
+    backoff = cfg.retry_backoff_ms
+    tier = min(trips, len(backoff))
+    not_before = now + backoff[tier - 1]
+    tp = inc.tp
+    headers = retry_headers(
+        inc.headers, HEADROOM_REASON, tp.topic, tp.partition, inc.offset, inc.attempt, not_before
+    )
+    admitted = verdict.admit_at if verdict is not None else now
+    send = Send(cfg.topics.retry(tier), inc.value, inc.key, None, throttle_headers(headers, admitted, trips))
+    audit = {"ts": now, "event": "retry", "router_id": cfg.router_id, "job_id": job.job_id,
+             "model_type": job.model_type, "strategy": d.strategy, "attempt": inc.attempt, "tier": tier,
+             "not_before": not_before,
+             "reason": f"{HEADROOM_REASON}: {d.reason} for priority {job.priority}"}  # fmt: skip
+    if job.tenant:
+        audit["tenant"] = job.tenant
+    return Retried(inc, send, audit, tier=tier)
+
+
 def _routed(inc: Incoming, job: Job, d: Decision, memory: RouterMemory, policy: Policy, cfg: PlanConfig,
             now: int) -> Routed:  # fmt: skip
     head = d.head
@@ -165,8 +211,11 @@ def _routed(inc: Incoming, job: Job, d: Decision, memory: RouterMemory, policy: 
     new_pin = d.sticky is not None and d.sticky[0] not in memory.affinity
     record(d, memory, job, policy, now)
     headers = routed_headers(inc.headers, job.job_id, d, inc.content_type, now)
-    if inc.headers and any(k in THROTTLE_HEADERS for k, _ in inc.headers):  # its wait is over: not the head's
-        headers = without(headers, THROTTLE_HEADERS)
+    if inc.headers:
+        if any(k in THROTTLE_HEADERS for k, _ in inc.headers):  # its wait is over: not the head's
+            headers = without(headers, THROTTLE_HEADERS)
+        # The count as the router took it (bounded by the trips made): the head adds its own refusal to it.
+        headers = with_refusals(headers, refusals(inc.headers, inc.attempt))
     send = Send(cfg.topics.model(head.model_id), inc.value, inc.key, head.partition, headers)
     audit = (
         decision_record(d, cfg.router_id, job.job_id, job.model_type, job.region, now, job.tenant)
@@ -241,8 +290,17 @@ def plan(parts: Parts, claims: Mapping[str, Claim], index: HeadIndex, policy: Po
                 outcomes.append(dead_letter(inc, err.reason, err.detail, cfg, now))
                 in_batch.add(key)
                 continue
-            if inc.attempt > cfg.max_attempts:
-                detail = f"attempt {inc.attempt} exceeds max_attempts {cfg.max_attempts}"
+            refused = refusals(inc.headers, inc.attempt) if inc.headers else 0
+            if refused > cfg.max_refusals:
+                detail = (f"refused as busy {refused} times by its heads (max_refusals {cfg.max_refusals}): no "
+                          f"head had room for it")  # fmt: skip
+                outcomes.append(dead_letter(inc, DeadLetterReason.NO_CAPACITY, detail, cfg, now))
+                in_batch.add(key)
+                continue
+            if inc.attempt - refused > cfg.max_attempts:
+                detail = f"attempt {inc.attempt - refused} exceeds max_attempts {cfg.max_attempts}"
+                if refused:
+                    detail += f" (not counting {refused} busy refusals)"
                 outcomes.append(dead_letter(inc, DeadLetterReason.MAX_ATTEMPTS, detail, cfg, now))
                 in_batch.add(key)
                 continue
@@ -251,19 +309,21 @@ def plan(parts: Parts, claims: Mapping[str, Claim], index: HeadIndex, policy: Po
                 outcomes.append(dead_letter(inc, DeadLetterReason.EXPIRED, detail, cfg, now))
                 in_batch.add(key)
                 continue
-            if admission:
-                verdict = admission.get(key)
-                if verdict is not None and verdict.admit_at > now:
-                    outcomes.append(_throttle(inc, job, verdict, cfg, now, sampled))
-                    in_batch.add(key)
-                    continue
+            verdict = admission.get(key) if admission else None
+            if verdict is not None and verdict.admit_at > now:
+                outcomes.append(_throttle(inc, job, verdict, cfg, now, sampled))
+                in_batch.add(key)
+                continue
             avoid = excluded_heads(inc.headers) if inc.headers else frozenset()
             t0 = time.perf_counter_ns()
             d = decide(job, index, policy, memory, heads_now, rng, inc.attempt, avoid=avoid)
             timings.append((time.perf_counter_ns() - t0) / 1e9)
-            if (
-                d.outcome is Outcome.SATURATED
-            ):  # back-pressure: leave it and the rest of the partition in Kafka
+            if d.outcome is Outcome.SATURATED:
+                if _held_for_headroom(job, policy, index, memory, heads_now, rng, inc.attempt, avoid):
+                    outcomes.append(_headroom_wait(inc, job, d, verdict, cfg, now))
+                    in_batch.add(key)
+                    continue
+                # back-pressure: leave it and the rest of the partition in Kafka
                 out.holds.append(Hold(tp, inc.offset, now + cfg.backpressure_ms, "saturated"))
                 stats.saturated += 1
                 end = inc.offset
@@ -274,7 +334,7 @@ def plan(parts: Parts, claims: Mapping[str, Claim], index: HeadIndex, policy: Po
             elif d.outcome is Outcome.REFUSED:
                 outcomes.append(dead_letter(inc, DeadLetterReason.SCHEMA_ERROR, d.reason, cfg, now))
             else:
-                outcomes.append(_retry_or_dead(inc, job, d, cfg, now))
+                outcomes.append(_retry_or_dead(inc, job, d, cfg, now, refused))
         if end is not None:
             out.next_offset[tp] = end
     return out

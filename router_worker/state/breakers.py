@@ -7,6 +7,10 @@
 | ``{p}:breakers`` | hash | head -> ``state|open_until|version`` for every breaker that is not closed |
 | ``{p}:breakers:dirty`` | set | heads that counted a failure since a router last looked |
 
+A head's removal (``HeadRegistry.remove``) deletes its breaker in the same script; a router's read deletes the
+summary entry of a head that is not registered (one that died and expired without being removed), so a gone
+head's breaker is neither read nor leased probes again and its key expires.
+
 Counting is plain ``HINCRBY`` (heads and routers add outcomes; no state changes). A router reads, in one script
 call, the breakers that are not closed plus the dirty ones, evaluates them with the pure core, and writes each
 transition (or half-open probe lease) by compare-and-set on the breaker's ``version``: of several routers
@@ -30,16 +34,25 @@ from router_worker.state.scripts import LoadedScript
 KEY_TTL_MS = 86_400_000
 """A breaker nobody wrote for a day is forgotten (its head is long gone or healthy)."""
 
-# KEYS[1]: summary hash, KEYS[2]: dirty set. ARGV[1]: breaker key prefix (same hash tag), ARGV[2..]: heads the
-# caller wants too. Returns head, HGETALL pairs, head, pairs ... for the not-closed, dirty and asked-for heads.
+# KEYS[1]: summary hash, KEYS[2]: dirty set. ARGV[1]: breaker key prefix (same hash tag), ARGV[2]: head hash key
+# prefix ('' keeps every entry), ARGV[3..]: heads the caller wants too. Returns head, HGETALL pairs, head, pairs ...
+# for the not-closed, dirty and asked-for heads. With ARGV[2], a summary entry of a head that is not registered
+# (no head hash: removed, or expired long ago) is deleted and not returned, unless the head is dirty or asked for.
 _READ = """
 local ids, seen = {}, {}
 local function add(id) if not seen[id] then seen[id] = true; ids[#ids + 1] = id end end
 for _, id in ipairs(redis.call('SMEMBERS', KEYS[2])) do add(id) end
 redis.call('DEL', KEYS[2])
+for i = 3, #ARGV do add(ARGV[i]) end
 local summary = redis.call('HGETALL', KEYS[1])
-for i = 1, #summary, 2 do add(summary[i]) end
-for i = 2, #ARGV do add(ARGV[i]) end
+for i = 1, #summary, 2 do
+  local id = summary[i]
+  if ARGV[2] ~= '' and not seen[id] and redis.call('EXISTS', ARGV[2] .. id) == 0 then
+    redis.call('HDEL', KEYS[1], id)
+  else
+    add(id)
+  end
+end
 local out = {}
 for _, id in ipairs(ids) do
   out[#out + 1] = id
@@ -196,11 +209,14 @@ class BreakerStore:
         self._read.lost()
         self._cas.lost()
 
-    def queue_read(self, pipe: Any, heads: Sequence[str] = ()) -> None:
+    def queue_read(self, pipe: Any, heads: Sequence[str] = (), *, forget_gone: bool = False) -> None:
         """Queue the read of every breaker that is not closed, every dirty one and ``heads``
-        (call :meth:`ensure_scripts` before executing the pipeline)."""
+        (call :meth:`ensure_scripts` before executing the pipeline). ``forget_gone`` (routers): the summary
+        entries of heads that are not registered are deleted, not read: nobody reads or leases a probe on a
+        gone head's breaker again, and its key expires (:data:`KEY_TTL_MS`)."""
         self._read.queue(pipe, [summary_key(self.keys), dirty_key(self.keys)],
-                         [f"{self.keys.tag}:breaker:", *heads])  # fmt: skip
+                         [f"{self.keys.tag}:breaker:", self.keys.head("") if forget_gone else "",
+                          *heads])  # fmt: skip
 
     @staticmethod
     def parse_read(reply: Sequence[Any]) -> dict[str, Breaker]:

@@ -22,6 +22,7 @@ from redis.asyncio import Redis
 from router_worker.clock import now_ms
 from router_worker.core.adaptive import Profile
 from router_worker.core.model import Head, HeadStatus
+from router_worker.state.breakers import breaker_key, dirty_key, summary_key
 from router_worker.state.inflight import InflightChanges
 from router_worker.state.keys import Keys
 
@@ -217,12 +218,16 @@ return -1
 
 # KEYS[1] head hash, KEYS[2] heads set, KEYS[3] in-flight hash, KEYS[4] its slot (optional). ARGV[1] head id.
 # The slot is deleted only while it is still this head's. Returns how many of hash and set entry were removed.
+# KEYS: head hash, heads index, in-flight hash, breaker, breaker summary, breaker dirty set, [slot]. ARGV[1]: head.
 _REMOVE_LUA = """
 local n = redis.call('DEL', KEYS[1]) + redis.call('SREM', KEYS[2], ARGV[1])
 redis.call('HDEL', KEYS[3], ARGV[1])
-if KEYS[4] then
-  local v = redis.call('GET', KEYS[4])
-  if v == ARGV[1] or (v and string.sub(v, 1, #ARGV[1] + 1) == ARGV[1] .. '@') then redis.call('DEL', KEYS[4]) end
+redis.call('DEL', KEYS[4])
+redis.call('HDEL', KEYS[5], ARGV[1])
+redis.call('SREM', KEYS[6], ARGV[1])
+if KEYS[7] then
+  local v = redis.call('GET', KEYS[7])
+  if v == ARGV[1] or (v and string.sub(v, 1, #ARGV[1] + 1) == ARGV[1] .. '@') then redis.call('DEL', KEYS[7]) end
 end
 return n
 """
@@ -377,8 +382,9 @@ class HeadRegistry:
 
     async def remove(self, head_id: str, actor: str = "", if_registered_at: str | None = None,
                      instance: str | None = None, own_slot: tuple[str, int] | None = None) -> bool:  # fmt: skip
-        """Remove a head: its hash, index entry, in-flight count and its slot (only while the slot is still
-        this head's, so a head that lost its slot never frees the new owner's). One script.
+        """Remove a head: its hash, index entry, in-flight count, circuit breaker (routers stop reading and
+        leasing it) and its slot (only while the slot is still this head's, so a head that lost its slot never
+        frees the new owner's). One script.
 
         With ``if_registered_at``, only the registration seen then is removed: a head that registered again
         under the same id meanwhile (a restart) is left alone. With ``instance`` (a head process removing
@@ -395,7 +401,8 @@ class HeadRegistry:
                     keys=[self.keys.slot(*own_slot)], args=[slot_owner(head_id, instance)]
                 )
             return False
-        keys = [key, self.keys.heads, self.keys.inflight]
+        keys = [key, self.keys.heads, self.keys.inflight, breaker_key(self.keys, head_id), summary_key(self.keys),
+                dirty_key(self.keys)]  # fmt: skip
         if h.get("slot_topic"):
             keys.append(self.keys.slot(h["slot_topic"], _i(h, "partition")))
         removed = int(await self._remove_script(keys=keys, args=[head_id]))

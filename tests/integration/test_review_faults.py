@@ -106,8 +106,6 @@ async def test_a_very_low_rate_in_the_policy_does_not_make_the_bucket_script_unr
     assert got[1] >= now + 10**14 - 1
 
 
-@pytest.mark.xfail(strict=True, reason="review of issue 8: a busy refusal burns an attempt with no back-off; with "
-                   "one head, a job refused as busy for a few seconds is dead-lettered as max_attempts")  # fmt: skip
 async def test_a_job_the_only_head_refuses_as_busy_for_a_moment_is_not_dead_lettered(
     settings: Settings, redis: Redis
 ) -> None:
@@ -136,8 +134,6 @@ async def test_a_job_the_only_head_refuses_as_busy_for_a_moment_is_not_dead_lett
     assert head.stats.completed == 1
 
 
-@pytest.mark.xfail(strict=True, reason="review of issue 8: the breaker of a head that no longer exists stays in the "
-                   "summary for ever; routers lease it a probe every cool-down, so its key never expires")  # fmt: skip
 async def test_the_breaker_of_a_head_that_is_gone_is_forgotten(settings: Settings, redis: Redis) -> None:
     """A head that failed its jobs opened its breaker and then went away (killed, restarted under a new id: the
     default head id has a random part). Its breaker stays in ``{p}:breakers`` (not closed) and every router
@@ -164,3 +160,49 @@ async def test_the_breaker_of_a_head_that_is_gone_is_forgotten(settings: Setting
     assert v1 > 0, "the breaker opened"
     assert v2 == v1, f"nobody writes a gone head's breaker (version {v1} -> {v2}, gauge {gauge})"
     assert not summary, f"a gone head's breaker is not read by every router for ever: {summary}"
+
+
+async def test_removing_a_head_drops_its_breaker_and_a_router_forgets_an_unregistered_ones(
+    settings: Settings, redis: Redis
+) -> None:
+    """The fix, in Redis: ``HeadRegistry.remove`` deletes the head's breaker, its summary entry and its dirty
+    mark in its one script; a router's read drops the summary entry of a head that is not registered (it died and
+    expired unremoved) and does not return it, while a plain read (operators, tests) still does."""
+    from router_worker.core.breaker import BreakerConfig, evaluate
+    from router_worker.state.breakers import BreakerStore, Write, breaker_key, dirty_key, summary_key
+    from router_worker.state.heads import HeadRecord, HeadRegistry
+    from router_worker.state.keys import Keys
+
+    keys = Keys(settings.redis_prefix)
+    store = BreakerStore(redis, keys)
+    reg = HeadRegistry(redis, keys, settings.head_ttl_ms)
+    cfg = BreakerConfig(
+        window_ms=5_000, min_volume=5, error_threshold=0.5, cooldown_ms=60_000, half_open_probes=1
+    )
+
+    async def read(forget_gone: bool) -> set[str]:
+        await store.ensure_scripts()
+        async with redis.pipeline(transaction=False) as pipe:
+            store.queue_read(pipe, forget_gone=forget_gone)
+            (reply,) = await pipe.execute()
+        return set(store.parse_read(reply))
+
+    now = now_ms()
+    for head_id in ("live", "removed", "lapsed"):
+        await reg.register(HeadRecord(head_id, "m", partition=0))
+        await store.count({head_id: (0, 10)}, now)
+    seen = await store.get(["live", "removed", "lapsed"])
+    for head_id, b in seen.items():
+        new, t = evaluate(b, cfg, now)
+        assert await store.write([Write(head_id, b, new, t)], keys.events) == [True]
+    assert await read(False) == {"live", "removed", "lapsed"}, "the dirty marks, read once"
+    await store.count({"removed": (0, 1)}, now)  # dirty again
+    assert await reg.remove("removed", actor="test")
+    assert not await redis.exists(breaker_key(keys, "removed"))
+    assert await redis.hget(summary_key(keys), "removed") is None
+    assert not await redis.sismember(dirty_key(keys), "removed")
+    await redis.delete(keys.head("lapsed"))  # its hash expired, nobody removed it
+    assert await read(False) == {"live", "lapsed"}, "a plain read keeps every entry"
+    assert await read(True) == {"live"}, "a router's read forgets the unregistered head's breaker"
+    assert set(await redis.hkeys(summary_key(keys))) == {"live"}
+    assert await read(False) == {"live"}

@@ -182,7 +182,9 @@ class StreamReader:
         is, so following starts from now rather than skip what is written until Redis' clock gets there."""
         newest = await self.last_id()
         self.cursor = min(id_before(since_ms), newest, key=id_key)
-        self._trimmed_seen = await self._first_id()  # what was trimmed before the start is told by trimmed_from
+        self._trimmed_seen = (
+            await self._first_id()
+        )  # what was trimmed before the start is told by trimmed_from
         start = f"{since_ms}-0"
         while True:
             await self._check_gap()

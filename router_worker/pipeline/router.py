@@ -182,7 +182,7 @@ class Router:
             router_id=self.router_id, topics=self.topics, max_attempts=s.max_attempts,
             retry_backoff_ms=tuple(s.retry_backoff_ms), max_message_bytes=s.kafka_max_message_bytes,
             dlq_keep_bytes=s.dlq_keep_bytes, audit_decisions=s.audit_decisions, backpressure_ms=s.backpressure_ms,
-            claim_wait_ms=s.claim_wait_ms,
+            claim_wait_ms=s.claim_wait_ms, max_refusals=s.max_refusals,
         )  # fmt: skip
         self._budget = RetryBudget(attempts=s.publish_retry_attempts, max_s=s.publish_retry_max_s)
         self.faults = FaultGate(s, redis, self.keys, audit, metrics.registry, self.router_id, self.state, self.memory,

@@ -121,3 +121,8 @@ async def test_a_nack_the_broker_never_takes_is_not_committed_past(
         await wait_until(lambda: w2._tracker.committed == 4, timeout=10)
     assert sorted(done) == ["j1", "j2", "j3"], "read again from the uncommitted offset (at least once)"
     assert await committed_offset(settings, "m", 0) == 4
+
+
+async def test_the_refusal_bound_is_the_routers_setting(settings: Settings, redis: Redis) -> None:
+    router = make_router(settings.model_copy(update={"max_refusals": 7}), redis)
+    assert router._cfg.max_refusals == 7

@@ -6,7 +6,6 @@ import random
 from dataclasses import dataclass
 
 import msgpack
-import pytest
 from aiokafka import TopicPartition
 
 from router_worker.core.engine import HeadIndex
@@ -63,16 +62,11 @@ def test_a_redriven_jobs_return_from_an_admission_wait_is_keyed_within_its_redri
     assert redriven.claim_key.startswith("jr|rd-20250101T000000Z-abcdef|")
 
 
-@pytest.mark.xfail(strict=True, reason="fixed another way: the low-priority job held for headroom now waits in a "
-                   "retry tier (no hold, no attempt spent; see test_a_low_priority_job_held_for_headroom_waits_in_a_"
-                   "retry_tier_and_the_one_behind_it_goes); this test's first assertion still asks for a hold at "
-                   "offset 0, a design left out (it re-reads every record behind a hold each time it lifts)"
-                   )  # fmt: skip
 def test_a_high_priority_job_behind_a_held_low_priority_one_is_not_held_with_it() -> None:
-    """``priority_headroom``: "as heads saturate, lower-priority jobs are held back (in Kafka) first". A job of
-    priority 0 that meets heads at 0.8 load (its limit is 0.9 - 0.1) is held as *saturated*, and a hold cuts
-    the partition there: the priority-5 job right behind it, for which the same head has room (limit 0.9), is
-    held too, for as long as the heads stay between the two limits."""
+    """``priority_headroom``: "as heads saturate, lower-priority jobs are held back first". A job of priority 0
+    that meets heads at 0.8 load (its limit is 0.9 - 0.1) waits in a retry tier (no attempt spent); it does not
+    hold its partition, so the priority-5 job right behind it, for which the same head has room (limit 0.9),
+    goes at once."""
     tp = TopicPartition("req", 0)
     batch = {tp: [Rec(0, job("low", priority=0)), Rec(1, job("high", priority=5))]}
     gaps = GapGuard(wait_ms=1000)
@@ -82,7 +76,8 @@ def test_a_high_priority_job_behind_a_held_low_priority_one_is_not_held_with_it(
     policy = Policy(max_load_threshold=0.9, priority_headroom=0.1)
     p = plan(parts, {}, index, policy, RouterMemory(), NOW, NOW, random.Random(1), CFG, Stats())
     routed = [o.src.job.job_id for o in p.outcomes if isinstance(o, Routed) and o.src.job is not None]
-    assert [h.offset for h in p.holds] == [0], "the low-priority job is held"
+    assert p.holds == [], "nothing holds the partition: the low-priority job waits in a retry tier instead"
+    assert [type(o).__name__ for o in p.outcomes] == ["Retried", "Routed"]
     assert routed == ["high"], "the high-priority job, for which the head has room, goes"
 
 

@@ -382,8 +382,8 @@ def explain(
 
 def bench(
     what: Annotated[
-        str, typer.Argument(help="decisions (routing decision time per strategy) or e2e (the whole router "
-                            "against a bare Kafka pipe)")
+        str, typer.Argument(help="decisions (routing decision time per strategy), e2e (the whole router "
+                            "against a bare Kafka pipe) or soak (a steady load with faults, every job checked)")
     ] = "decisions",
     heads: Annotated[
         str | None, typer.Option(help="decisions: head counts, comma-separated (default 10,100,1000). "
@@ -405,8 +405,11 @@ def bench(
     latency_jobs: Annotated[int, typer.Option(help="e2e: jobs sent at the fixed rate for latency.")] = 3000,
     rate: Annotated[
         float | None, typer.Option(help="e2e: offered load for latency, jobs/s (default: half the one-router "
-                                   "drain rate).")
+                                   "drain rate). soak: jobs/s of the producers (default 200).")
     ] = None,
+    minutes: Annotated[float, typer.Option(help="soak: how long the producers run.")] = 10.0,
+    fault_every: Annotated[float, typer.Option(help="soak: seconds between faults (router kill, head kill, "
+                                               "Redis restart, router pause, in turn).")] = 30.0,
     routers: Annotated[str, typer.Option(help="e2e: router process counts to measure, comma-separated.")] = "1,2",
     baseline: Annotated[bool, typer.Option(help="e2e: measure the bare aiokafka pipe too.")] = True,
     plot: Annotated[
@@ -446,8 +449,11 @@ def bench(
             err.print(f"[red]error:[/] {escape(str(exc))}", soft_wrap=True)
             raise typer.Exit(1) from exc
         return
+    if what == "soak":
+        _bench_soak(config, minutes, rate, fault_every, json_)
+        return
     if what != "decisions":
-        err.print(f"[red]error:[/] unknown benchmark {what!r} (known: decisions, e2e)")
+        err.print(f"[red]error:[/] unknown benchmark {what!r} (known: decisions, e2e, soak)")
         raise typer.Exit(2)
     sizes = [int(x) for x in (heads or "10,100,1000").split(",") if x.strip()]
     t0 = time.perf_counter()
@@ -457,6 +463,24 @@ def bench(
         return
     print_table(console, render(rows))
     console.print(f"measured in {time.perf_counter() - t0:.1f}s; ratios are median / baseline median")
+
+
+def _bench_soak(
+    config: Path | None, minutes: float, rate: float | None, fault_every: float, json_: bool
+) -> None:
+    """``bench soak``: routers, heads and producers as processes with faults on a schedule (bench_soak.py)."""
+    from router_worker.bench_soak import SoakConfig, SoakError, command
+
+    try:
+        cfg = SoakConfig(minutes=minutes, rate=200.0 if rate is None else rate, fault_every_s=fault_every)
+    except ValueError as exc:
+        err.print(f"[red]error:[/] {escape(str(exc))}")
+        raise typer.Exit(2) from exc
+    try:
+        command(_settings(config, log_level="WARNING"), cfg, json_out=json_, console=console, err=err)
+    except SoakError as exc:
+        err.print(f"[red]error:[/] {escape(str(exc))}", soft_wrap=True)
+        raise typer.Exit(1) from exc
 
 
 def register(app: typer.Typer) -> None:

@@ -74,6 +74,7 @@ from router_worker.core.policy import STRATEGIES, Policy
 from router_worker.localstack import _die_with_parent, free_port
 from router_worker.loop import run as run_loop
 from router_worker.pipeline.kafka import ensure_topics, make_consumer, make_producer
+from router_worker.security import reveal
 from router_worker.settings import Settings
 from router_worker.state.heads import HeadRecord, HeadRegistry
 from router_worker.state.keys import Keys
@@ -234,7 +235,7 @@ def child_env(s: Settings, **overrides: object) -> dict[str, str]:
     """The environment of a child that joins this deployment: every setting that is not a default, as its
     ``ROUTER_*`` variable, then ``overrides``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("ROUTER_")}
-    values: dict[str, Any] = s.model_dump(exclude_defaults=True)
+    values: dict[str, Any] = reveal(s.model_dump(exclude_defaults=True))  # secrets as themselves, not '***'
     values.update(overrides)
     for name, value in values.items():
         if value is None:
@@ -305,11 +306,9 @@ class Layout:
         )
 
     async def delete_topics(self) -> None:
-        from aiokafka.admin import AIOKafkaAdminClient
+        from router_worker.pipeline.kafka import make_admin
 
-        from router_worker.pipeline.kafka import _common
-
-        admin = AIOKafkaAdminClient(**_common(self.settings))
+        admin = make_admin(self.settings)
         try:
             await admin.start()
             mine = [t for t in await admin.list_topics() if t.startswith(self.topics.prefix)]

@@ -27,6 +27,7 @@ app = typer.Typer(
     no_args_is_help=True,
     epilog=SETTINGS_EPILOG,
     rich_markup_mode=None,
+    pretty_exceptions_show_locals=False,  # a traceback's locals could show a secret (a URL, a password)
 )
 console = Console(stderr=False)
 err = Console(stderr=True)

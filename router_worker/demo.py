@@ -31,6 +31,7 @@ from router_worker.pipeline.gaps import GapGuard
 from router_worker.pipeline.kafka import make_consumer
 from router_worker.pipeline.router import Router
 from router_worker.runtime import Runtime
+from router_worker.security import redact_url
 from router_worker.services import build_router, build_worker, run_router
 from router_worker.settings import Settings
 from router_worker.tasks import cancel_and_wait
@@ -141,7 +142,7 @@ async def run_demo(rt: Runtime, jobs: int, routers: int, console: Console, rate:
     follower = asyncio.create_task(follow_results(results, gaps, out))
     pace = f"at {rate:,.0f} jobs/s" if rate > 0 else "in one burst"
     console.print(f"[bold]router-worker demo[/]: {routers} routers, {len(workers)} heads, {jobs} jobs {pace} "
-                  f"(kafka {s.kafka_bootstrap_servers}, redis {s.redis_url})")  # fmt: skip
+                  f"(kafka {s.kafka_bootstrap_servers}, redis {redact_url(s.redis_url or '')})")  # fmt: skip
     t0 = time.perf_counter()
     try:
         async with JobProducer(s) as producer:

@@ -10,7 +10,10 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import SecretStr
 
 ENV_PREFIX = "ROUTER_"
 FILE_SUFFIX = "_FILE"
@@ -110,3 +113,15 @@ def secrets_from_config(values: dict[str, object], base: Path) -> dict[str, obje
             raise SecretFileError(f"the settings file's {key} must be a file path")
         out[field] = read_secret_file(base / path, key)
     return out
+
+
+def reveal(value: Any) -> Any:
+    """``value`` with every SecretStr replaced by its secret, in lists and mappings too: for the environment
+    of a child process of this deployment (an environment, not a command line, and never printed)."""
+    if isinstance(value, SecretStr):
+        return value.get_secret_value()
+    if isinstance(value, dict):
+        return {k: reveal(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [reveal(v) for v in value]
+    return value

@@ -398,9 +398,8 @@ def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Se
         raise SettingsError(f"invalid settings: {exc}") from None
     except ValidationError as exc:
         problems = "; ".join(
-            f"{ENV_PREFIX}{'.'.join(str(p) for p in e['loc']).upper()}: {e['msg']}"
-            if e["loc"]
-            else e["msg"].removeprefix("Value error, ")  # a check across settings names them itself
+            f"{ENV_PREFIX}{'.'.join(str(p) for p in e['loc']).upper() or '<settings>'}: "
+            f"{e['msg'].removeprefix('Value error, ')}"
             for e in exc.errors()
         )
         # Not chained: the ValidationError's text holds the input values, secrets included.

@@ -18,10 +18,9 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
-from aiokafka.admin import AIOKafkaAdminClient
 
 from router_worker.core.validity import partition_problem
-from router_worker.pipeline.kafka import _common, ensure_topics
+from router_worker.pipeline.kafka import ensure_topics, make_admin
 from router_worker.settings import Settings
 from router_worker.topics import Topics
 
@@ -143,7 +142,7 @@ async def topics_partitions(settings: Settings, topics: Iterable[str]) -> dict[s
     asked (``asyncio.TimeoutError`` after ``kafka_request_timeout_ms``)."""
     wanted = list(dict.fromkeys(topics))
     timeout_s = settings.kafka_request_timeout_ms / 1000
-    admin = AIOKafkaAdminClient(**_common(settings))
+    admin = make_admin(settings)
     await asyncio.wait_for(admin.start(), timeout_s)
     try:
         # All topics (a request naming topics may auto-create them on some brokers).

@@ -28,7 +28,7 @@ from router_worker.audit_recent import AuditFilter, recent_records, recent_strea
 from router_worker.clock import now_ms
 from router_worker.core.engine import HeadIndex, decide
 from router_worker.core.model import Decision, Head, HeadStatus, RouterMemory
-from router_worker.core.policy import Policy
+from router_worker.core.policy import Policy, parse_policy_text
 from router_worker.settings import Settings
 from router_worker.state.breakers import BreakerStore, blocking
 from router_worker.state.catalog import ModelCatalog
@@ -198,7 +198,7 @@ def read_policy_file(path: Path) -> Any:
     yaml_file = path.suffix in (".yaml", ".yml")
     try:
         text = path.read_text()
-        return yaml.safe_load(text) if yaml_file else json.loads(text)
+        return parse_policy_text(text, yaml_file)  # bounded: size, no YAML aliases
     except OSError as exc:
         raise OpError(ErrorKind.INVALID, f"{path}: {exc.strerror or exc}", "file") from exc
     except (yaml.YAMLError, json.JSONDecodeError, UnicodeDecodeError) as exc:

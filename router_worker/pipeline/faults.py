@@ -24,6 +24,7 @@ import logging
 import random
 from collections import Counter as Tally
 from dataclasses import dataclass, field
+from typing import Any
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import (
@@ -165,9 +166,10 @@ class FaultGate:
 
     # --- before the plan ----------------------------------------------------------------------------------
 
-    async def before_plan(self, parts: Parts, now: int) -> dict[str, Admission]:
-        """Restore waited records, read breakers and schedule admission (one round trip at most); return the
-        batch's admission verdicts and apply the breaker view to the router's memory."""
+    def ride(self, parts: Parts, now: int) -> FaultRide:
+        """Restore waited records and work out what the batch needs from Redis: a breaker read (when due) and
+        admission (when limits apply). The commands ride on the batch's claim round trip (``Marks.claim``);
+        :meth:`FaultRide.apply` (or ``failed``) then sets the verdicts and the breaker view."""
         restore_waited(parts, self.retry_topics)
         self.probes = {h: n for h, n in self.memory.probes.items() if n > 0}  # what the last plan left
         policy = self.state.policy
@@ -175,18 +177,32 @@ class FaultGate:
         verdicts: dict[str, Admission] = {}
         needs = self._admission_needs(parts, policy, now, verdicts)
         read = cfg is not None and self._read_due(now, cfg)
-        if read or needs.keys:
-            try:
-                await self._round_trip(read, needs, now, verdicts, cfg)
-            except (RedisError, OSError) as exc:
-                log.warning(
-                    "fault state not read (admitting every job, keeping the last breaker view): %s", exc
-                )
-        elif cfg is None and (self.view or self.probes):
+        if not read and cfg is None and (self.view or self.probes):
             self.view, self.probes = {}, {}
-        self._apply_view(now)
-        self.verdicts = verdicts
-        return verdicts
+        return FaultRide(self, read, needs, now, verdicts, cfg)
+
+    async def before_plan(self, parts: Parts, now: int) -> dict[str, Admission]:
+        """:meth:`ride` with a round trip of its own (for a caller with no claim round trip to share)."""
+        r = self.ride(parts, now)
+        if not r.active:
+            r.done()
+            return r.verdicts
+        for last_try in (False, True):
+            try:
+                await r.ensure()
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    r.queue(pipe)
+                    r.received(await pipe.execute())
+                await r.apply()
+                break
+            except NoScriptError:
+                r.lost()
+                if last_try:
+                    r.failed(RedisError("scripts lost twice"))
+            except (RedisError, OSError) as exc:
+                r.failed(exc)
+                break
+        return r.verdicts
 
     def _read_due(self, now: int, cfg: BreakerConfig) -> bool:
         if self.feed or self.state.refreshes != self._seen_refresh:
@@ -229,41 +245,6 @@ class FaultGate:
                     needs.buckets.append(wanted)
                     verdicts[inc.claim_key] = Admission(now)
         return needs
-
-    async def _round_trip(self, read: bool, needs: _Needs, now: int, verdicts: dict[str, Admission],
-                          cfg: BreakerConfig | None) -> None:  # fmt: skip
-        feed = dict(self.feed)
-        for last_try in (False, True):
-            if read:
-                await self.breakers.ensure_scripts()
-            if needs.keys:
-                await self.buckets.ensure_script()
-            try:
-                async with self.redis.pipeline(transaction=False) as pipe:
-                    if read:
-                        refresh = self.state.refreshes
-                        self.breakers.queue_counts(pipe, {h: (0, n) for h, n in feed.items()}, now)
-                        at_read = len(pipe)
-                        self.breakers.queue_read(pipe, forget_gone=True)
-                    if needs.keys:
-                        at_sched = len(pipe)
-                        self.buckets.queue(pipe, needs.limits, needs.buckets, now)
-                    res = await pipe.execute()
-                break
-            except NoScriptError:
-                self.breakers.scripts_lost()
-                self.buckets.script_lost()
-                if last_try:
-                    raise
-        if needs.keys:
-            for key, t in zip(needs.keys, res[at_sched], strict=True):
-                verdicts[key] = Admission(int(t))
-        if read:
-            self.feed -= Tally(feed)
-            self._seen_refresh = refresh
-            self._last_read_ms = now
-            assert cfg is not None
-            await self._judge(BreakerStore.parse_read(res[at_read]), cfg, now)
 
     async def _judge(self, read: dict[str, Breaker], cfg: BreakerConfig, now: int) -> None:
         """Evaluate what was read; write transitions and probe leases by compare-and-set; audit what won."""
@@ -388,3 +369,77 @@ class FaultGate:
                 tally[(o.src.job.tenant or "", o.src.job.model_type)] += 1
         for (tenant, model), n in tally.items():
             self.metrics.throttled.labels(tenant, model).inc(n)
+
+
+@dataclass(slots=True)
+class FaultRide:
+    """The fault state's share of a batch's claim round trip: queued on its pipeline, applied from its replies."""
+
+    gate: FaultGate
+    read: bool
+    """Breakers are read (and this router's counted failures added) in this round trip."""
+    needs: _Needs
+    now: int
+    verdicts: dict[str, Admission]
+    cfg: BreakerConfig | None
+    _feed: dict[str, int] = field(default_factory=dict)
+    _refresh: int = -1
+    _at_read: int = -1
+    _at_sched: int = -1
+    _replies: list[Any] = field(default_factory=list)
+
+    @property
+    def active(self) -> bool:
+        return self.read or bool(self.needs.keys)
+
+    async def ensure(self) -> None:
+        """Load the scripts the ride queues (a round trip only the first time, or after :meth:`lost`)."""
+        if self.read:
+            await self.gate.breakers.ensure_scripts()
+        if self.needs.keys:
+            await self.gate.buckets.ensure_script()
+
+    def lost(self) -> None:
+        """Redis answered NOSCRIPT: load them again before the next try."""
+        self.gate.breakers.scripts_lost()
+        self.gate.buckets.script_lost()
+
+    def queue(self, pipe: Any) -> None:
+        g = self.gate
+        if self.read:
+            self._feed = dict(g.feed)
+            self._refresh = g.state.refreshes
+            g.breakers.queue_counts(pipe, {h: (0, n) for h, n in self._feed.items()}, self.now)
+            self._at_read = len(pipe)
+            g.breakers.queue_read(pipe, forget_gone=True)
+        if self.needs.keys:
+            self._at_sched = len(pipe)
+            g.buckets.queue(pipe, self.needs.limits, self.needs.buckets, self.now)
+
+    def received(self, replies: list[Any]) -> None:
+        """The whole pipeline's replies (the ride's are where it queued them)."""
+        self._replies = replies
+
+    async def apply(self) -> None:
+        """Verdicts from the replies, then the breakers' judgement (which writes any transition)."""
+        g = self.gate
+        res = self._replies
+        if self.needs.keys:
+            for key, t in zip(self.needs.keys, res[self._at_sched], strict=True):
+                self.verdicts[key] = Admission(int(t))
+        if self.read:
+            g.feed -= Tally(self._feed)
+            g._seen_refresh = self._refresh
+            g._last_read_ms = self.now
+            assert self.cfg is not None
+            await g._judge(BreakerStore.parse_read(res[self._at_read]), self.cfg, self.now)
+        self.done()
+
+    def failed(self, exc: BaseException) -> None:
+        """Redis did not answer: every job admitted, the last breaker view kept."""
+        log.warning("fault state not read (admitting every job, keeping the last breaker view): %s", exc)
+        self.done()
+
+    def done(self) -> None:
+        self.gate._apply_view(self.now)
+        self.gate.verdicts = self.verdicts

@@ -1,4 +1,5 @@
 """The router's two Redis round trips per batch: claims before the plan, marks after the acknowledgements.
+(The fault state's reads, breakers and admission, ride on the claim round trip: :class:`Rider`.)
 
 Idempotency is claim-then-complete, keyed by job id and attempt (:func:`outcomes.claim_key_of`):
 
@@ -25,7 +26,7 @@ import logging
 from collections import Counter, deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 from redis.asyncio import Redis
 from redis.exceptions import NoScriptError, RedisError
@@ -71,6 +72,21 @@ class _Pending:
         return len(self.done) + len(self.pins) + len(self.inflight) + len(self.audit)
 
 
+class Rider(Protocol):
+    """Commands another step queues on the claim round trip (the fault state's: ``faults.FaultRide``)."""
+
+    @property
+    def active(self) -> bool: ...
+
+    async def ensure(self) -> None: ...
+
+    def lost(self) -> None: ...
+
+    def queue(self, pipe: Any) -> None: ...
+
+    def received(self, replies: list[Any]) -> None: ...
+
+
 class Marks:
     def __init__(self, redis: Redis, keys: Keys, audit: AuditSink, *, claim_ttl_ms: int, dedupe_ttl_ms: int,
                  buffer_max: int, writer: str) -> None:  # fmt: skip
@@ -94,20 +110,26 @@ class Marks:
     def dedupe(self) -> bool:
         return self.dedupe_ttl_ms > 0
 
-    async def claim(self, parts: Iterable[tuple[Any, Sequence[Incoming]]], sessions: Sequence[str]
-                    ) -> tuple[dict[str, Claim], list[str | None]]:  # fmt: skip
-        """Claim each key's first record of the batch; read the sessions' pins. Raises on Redis errors."""
+    async def claim(self, parts: Iterable[tuple[Any, Sequence[Incoming]]], sessions: Sequence[str],
+                    rider: Rider | None = None) -> tuple[dict[str, Claim], list[str | None]]:  # fmt: skip
+        """Claim each key's first record of the batch; read the sessions' pins; queue what ``rider`` needs on
+        the same round trip (it gets the pipeline's replies). Raises on Redis errors."""
         first: dict[str, Incoming] = {}
         if self.dedupe:
             await self._unforge(parts)
             for _, items in parts:
                 for inc in items:
                     first.setdefault(inc.claim_key, inc)
-        if not first and not sessions:
+        riding = rider is not None and rider.active
+        if not first and not sessions and not riding:
             return {}, []
         keys = list(first)
         for last_try in (False, True):
-            await self._claim.ensure()
+            if keys:
+                await self._claim.ensure()
+            if riding:
+                assert rider is not None
+                await rider.ensure()
             try:
                 async with self.redis.pipeline(transaction=False) as pipe:
                     if keys:
@@ -116,16 +138,25 @@ class Marks:
                             args += (k, claim_value(first[k]))
                         hashes = claim_keys(self.keys, now_ms(), self.claim_ttl_ms, self.dedupe_ttl_ms)
                         self._claim.queue(pipe, hashes, args)
+                    at_pins = len(pipe)
                     if sessions:
                         pipe.mget([self.keys.affinity(sid) for sid in sessions])
+                    if riding:
+                        assert rider is not None
+                        rider.queue(pipe)
                     res = await pipe.execute()
                 break
             except NoScriptError:  # Redis restarted or flushed its scripts
                 self._claim.lost()
+                if rider is not None:
+                    rider.lost()
                 if last_try:
                     raise
+        if riding:
+            assert rider is not None
+            rider.received(res)
         claims = {k: Claim(int(c)) for k, c in zip(keys, res[0], strict=True)} if keys else {}
-        pins = cast(list[str | None], res[-1]) if sessions else []
+        pins = cast(list[str | None], res[at_pins]) if sessions else []
         return claims, pins
 
     async def _unforge(self, parts: Iterable[tuple[Any, Sequence[Incoming]]]) -> None:

@@ -463,20 +463,34 @@ class Router:
 
     async def _claim(self, parts: Parts, now: int) -> dict[str, Claim]:
         """Claims for the batch's keys and the pins of its sessions; nothing while Redis is unreachable."""
-        await self.faults.before_plan(parts, now)  # breakers and admission (keys of waited jobs set first)
+        ride = self.faults.ride(
+            parts, now
+        )  # breakers and admission (keys of waited jobs set first), on this trip
         sessions = sorted({inc.job.session_id for _, items in parts for inc in items
                            if inc.job is not None and inc.job.session_id})  # fmt: skip
-        if not self.marks.dedupe and not sessions:
+        if not self.marks.dedupe and not sessions and not ride.active:
+            ride.done()
             return {}
         try:
-            claims, pins = await self.marks.claim(parts, sessions)
+            claims, pins = await self.marks.claim(parts, sessions, ride)
         except (RedisError, OSError) as exc:
             if self.health.up:
                 log.warning("Redis unreachable: routing without claims from the last snapshot: %s", exc)
             self.health.failed(now)
             self.metrics.external_calls.labels("redis", "error").inc()
+            ride.failed(exc)
             return {}
         self.health.ok(now)
+        if ride.active:
+            try:
+                await ride.apply()
+            except (
+                RedisError,
+                OSError,
+            ) as exc:  # a transition's compare-and-set write failed: judged again next read
+                ride.failed(exc)
+        else:
+            ride.done()
         affinity = self.memory.affinity
         expires = now + self._pin_ms()
         for sid, head_id in zip(sessions, pins, strict=True):

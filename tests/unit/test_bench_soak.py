@@ -77,7 +77,10 @@ def test_a_head_kill_explains_the_next_attempt_and_a_record_served_again() -> No
 def test_a_duplicate_no_fault_can_cause_is_unexplained() -> None:
     deliveries = {
         "far": [d(1, 10_000, 10_010), d(1, 20_000, 20_010)],  # no fault near it
-        "wrong_kind": [d(1, 199_000, 199_010), d(1, 201_000, 201_010)],  # a head kill does not re-route an attempt
+        "wrong_kind": [
+            d(1, 199_000, 199_010),
+            d(1, 201_000, 201_010),
+        ],  # a head kill does not re-route an attempt
         "before": [d(1, 99_000, 99_010), d(1, 99_500, 99_510)],  # delivered again before the fault began
         "long_before": [d(1, 80_000, 80_010), d(1, 101_000, 101_010)],  # routed long before the fault
     }
@@ -106,8 +109,10 @@ def test_latency_per_minute_of_production() -> None:
     first = [Delivery(1, 0, "h", t0 + i * 1000, t0 + i * 1000 + 10 + i) for i in range(120)]
     rows = latency_by_minute(first, t0)
     assert [(r.minute, r.jobs) for r in rows] == [(0, 60), (1, 60)]
-    assert rows[0].max_ms == 69 and rows[1].max_ms == 129
-    assert rows[0].p50_ms == 39 and rows[0].p99_ms == 69
+    assert rows[0].max_ms == 69
+    assert rows[1].max_ms == 129
+    assert rows[0].p50_ms == 39
+    assert rows[0].p99_ms == 69
 
 
 def test_percentile_nearest_rank() -> None:
@@ -121,7 +126,8 @@ def test_memory_growth_from_the_first_sample_after_warm_up_to_the_last() -> None
     assert (m.warm_mb, m.end_mb) == (80.0, 88.0)
     assert m.growth_pct == pytest.approx(10.0)
     young = memory_growth("r1", 43, 55.0, [(56.0, 80.0)], 10.0)
-    assert young.warm_mb is None and young.growth_pct is None
+    assert young.warm_mb is None
+    assert young.growth_pct is None
 
 
 def test_a_completion_record_becomes_a_delivery_whatever_it_lacks() -> None:

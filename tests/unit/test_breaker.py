@@ -292,8 +292,9 @@ def test_half_open_probes_let_exactly_the_leased_number_of_jobs_through() -> Non
             assert "half-open breaker probe" in d.reason
             record_decision(d, mem, job, policy, T0)
             routed.append(job.job_id)
-        else:
-            assert d.outcome is Outcome.NO_CAPACITY
+        else:  # the probes are spent: the job waits (held, no attempt spent), it is not a dead letter
+            assert d.outcome is Outcome.SATURATED
+            assert "open circuit breaker" in d.reason
     assert routed == ["j0", "j1"]
     assert "bad" in mem.blocked
 

@@ -28,7 +28,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import TopicPartition
 
 from producers.producer import JobProducer
 from router_worker.harness.ledger import DeadLetter, Ledger, Report
@@ -42,6 +42,7 @@ from router_worker.harness.procs import (
     settings_env,
 )
 from router_worker.localstack import free_port
+from router_worker.pipeline.kafka import make_consumer
 from router_worker.settings import Settings
 from schemas.envelope import MSGPACK
 
@@ -159,13 +160,13 @@ class JobStream:
 
 async def committed_offsets(s: Settings, tps: Iterable[TopicPartition]) -> dict[TopicPartition, int | None]:
     """The router group's committed offsets (read without joining the group)."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=s.kafka_bootstrap_servers, group_id=s.group_id,
-                                enable_auto_commit=False)  # fmt: skip
-    await consumer.start()
+    consumer = make_consumer(s, group_id=s.group_id)  # never subscribes: reads the group's offsets only
     try:
+        await consumer.start()
         return {tp: await consumer.committed(tp) for tp in tps}
     finally:
-        await consumer.stop()
+        with contextlib.suppress(Exception):  # also after a failed start (a refused login)
+            await consumer.stop()
 
 
 async def wait_committed(s: Settings, expected: Mapping[TopicPartition, int], timeout: float = 20.0

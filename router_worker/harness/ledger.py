@@ -17,6 +17,7 @@ import msgpack
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from router_worker.harness.procs import HarnessError, poll
+from router_worker.pipeline.kafka import make_consumer
 from router_worker.settings import Settings
 from router_worker.topics import Topics
 
@@ -134,13 +135,16 @@ class Ledger:
 
     async def start(self, within_s: float = 30.0) -> None:
         """Start reading; waits until both topics exist (the routers create the DLQ, heads the results)."""
-        from router_worker.pipeline.kafka import _common
-
-        consumer = AIOKafkaConsumer(
-            **_common(self.s), group_id=None, enable_auto_commit=False, auto_offset_reset="earliest",
-            fetch_max_wait_ms=100, max_partition_fetch_bytes=8 << 20, fetch_max_bytes=64 << 20,
+        consumer = make_consumer(  # the deployment's SASL and TLS, as every client of it
+            self.s, group_id=None, fetch_max_wait_ms=100, fetch_max_bytes=64 << 20,
+            max_partition_fetch_bytes=max(8 << 20, self.s.kafka_max_message_bytes + 64 * 1024),
         )  # fmt: skip
-        await consumer.start()
+        try:
+            await consumer.start()
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await consumer.stop()
+            raise
         self._consumer = consumer
         wanted = (self.topics.results, self.topics.dlq)
         tps: list[TopicPartition] = []

@@ -30,7 +30,8 @@ from pydantic import SecretStr
 from redis.asyncio import Redis
 
 from router_worker.localstack import _die_with_parent, free_port, redis_binary
-from router_worker.runtime import make_redis
+from router_worker.pipeline.kafka import make_admin
+from router_worker.runtime import connect_redis, make_redis
 from router_worker.settings import Settings
 from router_worker.state.keys import Keys
 from router_worker.topics import Topics
@@ -139,8 +140,11 @@ def settings_env(s: Settings) -> dict[str, str]:
 
 
 def child_env(s: Settings, **extra: str) -> dict[str, str]:
-    """The environment of a child (a CLI command, a router, a head) that joins ``s``'s deployment."""
-    env = dict(os.environ)
+    """The environment of a child (a CLI command, a router, a head) that joins ``s``'s deployment. This
+    process's own ``ROUTER_*`` variables are left out: the settings object says everything (with
+    :func:`settings_env`), and an inherited ``ROUTER_<SECRET>_FILE`` next to the secret's value would be a
+    secret given twice (the child refuses to start), an inherited setting would override ``s``'s default."""
+    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("ROUTER_")}
     env.update(
         ROUTER_KAFKA_BOOTSTRAP_SERVERS=s.kafka_bootstrap_servers or "",
         ROUTER_REDIS_URL=s.redis_url or "",
@@ -323,8 +327,7 @@ class Procs:
     @property
     def redis(self) -> Redis:
         if self._redis is None:
-            assert self.s.redis_url
-            self._redis = make_redis(self.s.redis_url)
+            self._redis = connect_redis(self.s)  # the deployment's login and TLS, as its processes use
         return self._redis
 
     def routers(self) -> list[Proc]:
@@ -338,10 +341,14 @@ class Procs:
     async def group_state(self) -> tuple[str, int]:
         """(state, members) of the routers' consumer group, as the broker describes it."""
         if self._admin is None:
-            assert self.s.kafka_bootstrap_servers
-            self._admin = AIOKafkaAdminClient(bootstrap_servers=self.s.kafka_bootstrap_servers,
-                                              request_timeout_ms=5000)  # fmt: skip
-            await self._admin.start()
+            admin = make_admin(self.s, request_timeout_ms=5000)  # the deployment's SASL and TLS
+            try:
+                await admin.start()
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await admin.close()
+                raise
+            self._admin = admin
         groups = await self._admin.describe_consumer_groups([self.s.group_id])
         for resp in groups:
             for g in resp.groups:

@@ -44,7 +44,7 @@ import tempfile
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from itertools import pairwise
 from pathlib import Path
@@ -536,10 +536,17 @@ class _Run:
                 for name, p in sorted(self.routers.items())]  # fmt: skip
 
 
+REDIS_SECURITY = ("redis_username", "redis_password", "redis_ssl_cafile", "redis_ssl_certfile", "redis_ssl_keyfile",
+                  "redis_ssl_key_password")  # fmt: skip
+"""Login and TLS of a configured Redis: not for the soak's own (plaintext, no password)."""
+
+
 def soak_settings(base: Settings, bootstrap: str, redis_url: str, workdir: Path) -> Settings:
-    """The run's settings: its own topics, keys and group, the soak's fault-recovery timings."""
+    """The run's settings: its own topics, keys and group, the soak's fault-recovery timings, and its own
+    Redis (without the configured Redis's login and TLS; the broker's are kept)."""
     run = uuid.uuid4().hex[:6]
     return base.model_copy(update={
+        **dict.fromkeys(REDIS_SECURITY), "redis_ssl_check_hostname": True,
         "kafka_bootstrap_servers": bootstrap, "redis_url": redis_url,
         "topic_prefix": f"{base.topic_prefix}soak-{run}.", "redis_prefix": f"{base.redis_prefix}-soak-{run}",
         "group_id": f"soak-{run}", "audit_file": str(workdir / "audit.log"), **SOAK_TIMINGS,
@@ -668,14 +675,39 @@ def _report(run: _Run, ledger: Ledger, produced: list[str], failed: int, t0_ms: 
 def command(
     settings: Settings, cfg: SoakConfig, *, json_out: bool, console: Console, err: Console
 ) -> SoakReport:
-    """``router-worker bench soak``: run, then print the report (or one JSON object). Progress on stderr."""
-    report = asyncio.run(run_soak(settings, cfg, err))
+    """``router-worker bench soak``: run, then print the report (or one JSON object). Progress on stderr.
+    SIGTERM stops it as Ctrl-C does: every process it started is resumed (one may be paused) and stopped."""
+    report = asyncio.run(_stoppable(run_soak(settings, cfg, err)))
     if json_out:
         sys.stdout.write(json.dumps(report.to_json()) + "\n")
         sys.stdout.flush()
     else:
         render(report, console)
     return report
+
+
+async def _stoppable(soak: Awaitable[SoakReport]) -> SoakReport:
+    """``soak`` cancelled on SIGTERM, so its clean-up runs (Python's default for SIGTERM ends the process at once:
+    the children get SIGTERM from the kernel, but a router paused by SIGSTOP for a fault would stay stopped)."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+    terminated = False
+
+    def on_term() -> None:
+        nonlocal terminated
+        terminated = True
+        task.cancel()
+
+    loop.add_signal_handler(signal.SIGTERM, on_term)
+    try:
+        return await soak
+    except asyncio.CancelledError:
+        if terminated:
+            raise SoakError("stopped by SIGTERM (every process the soak started was stopped)") from None
+        raise
+    finally:
+        loop.remove_signal_handler(signal.SIGTERM)
 
 
 # --- the producer process -----------------------------------------------------------------------------------

@@ -7,7 +7,9 @@ only towards the server it is for: every URL that may carry credentials is redac
 
 from __future__ import annotations
 
+import os
 import re
+import stat
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -32,9 +34,13 @@ FILE_READABLE: tuple[str, ...] = (*SECRET_FIELDS, "redis_url")
 """Settings that may come from a file: the secrets, and the Redis URL (it may carry a password)."""
 
 REDACTED = "***"
+MAX_SECRET_FILE_BYTES = 64 * 1024
+"""A secret file larger than this is refused (a token list of named tokens fits many times over)."""
 
 # scheme://user:password@host — the password part, whatever scheme (redis, rediss, kafka, http, ...).
 _URL_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^:/@\s]*:)(?P<pw>\S+)(?P<at>@)")
+# ...?password=secret&ssl_password=secret: redis-py takes a URL's query parameters as client options, a login too.
+_QUERY_PASSWORD = re.compile(r"(?P<head>[?&;](?:ssl_)?password=)(?P<pw>[^&;#\s]*)", re.IGNORECASE)
 
 
 class SecretFileError(ValueError):
@@ -50,14 +56,15 @@ def redact_url(url: str) -> str:
             return redact_text(url)
         user = parts.username or ""
         host = parts.netloc.rpartition("@")[2]
-        return urlunsplit(parts._replace(netloc=f"{user}:{REDACTED}@{host}"))
+        return redact_text(urlunsplit(parts._replace(netloc=f"{user}:{REDACTED}@{host}")))
     except ValueError:
-        return re.sub(r"://[^@/\s]*@", f"://{REDACTED}@", url)
+        return redact_text(re.sub(r"://[^@/\s]*@", f"://{REDACTED}@", url))
 
 
 def redact_text(text: str, secrets: Iterable[str] = ()) -> str:
     """``text`` with every URL's password and every given secret replaced by ``***``."""
     out = _URL_PASSWORD.sub(lambda m: f"{m['head']}{REDACTED}{m['at']}", text)
+    out = _QUERY_PASSWORD.sub(lambda m: f"{m['head']}{REDACTED}", out)
     for secret in sorted((s for s in secrets if s), key=len, reverse=True):
         out = out.replace(secret, REDACTED)
     return out
@@ -71,11 +78,23 @@ def read_secret_file(path: str | Path, variable: str) -> str:
     """A secret file's content without its trailing newline; SecretFileError naming ``variable`` otherwise."""
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
+        # O_NONBLOCK: a FIFO with no writer would block the open; only a regular file is read, and at most
+        # MAX_SECRET_FILE_BYTES of it (ROUTER_X_FILE=/dev/zero read for ever, into all of memory).
+        fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK)
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                kind = "a directory" if p.is_dir() else "not a regular file"
+                raise SecretFileError(f"{variable}: can not read {p}: {kind}")
+            raw = f.read(MAX_SECRET_FILE_BYTES + 1)
+        text = raw.decode("utf-8")
     except OSError as exc:
         raise SecretFileError(f"{variable}: can not read {p}: {exc.strerror or type(exc).__name__}") from None
     except UnicodeDecodeError:
         raise SecretFileError(f"{variable}: {p} is not UTF-8 text") from None
+    if len(raw) > MAX_SECRET_FILE_BYTES:
+        raise SecretFileError(
+            f"{variable}: {p} is larger than {MAX_SECRET_FILE_BYTES:,} bytes (no secret is)"
+        )
     value = text[:-2] if text.endswith("\r\n") else text[:-1] if text.endswith("\n") else text
     if not value:
         raise SecretFileError(f"{variable}: {p} is empty")

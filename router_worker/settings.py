@@ -25,6 +25,7 @@ from router_worker.security import (
     SECRET_FIELDS,
     SecretFileError,
     file_variable,
+    redact_text,
     redact_url,
     secrets_from_config,
     secrets_from_env,
@@ -498,6 +499,14 @@ def _redis_problem(s: Settings) -> str | None:
         in_url_user, in_url_password = parts.username, parts.password
     except ValueError as exc:
         return f"{_var('redis_url')} is not a valid URL ({exc}): {redact_url(url)}"
+    try:  # what the client will make of it (a port, the query's options), checked now, not at the first call
+        from redis.asyncio.connection import parse_url
+
+        options = parse_url(url)
+    except ValueError as exc:
+        return f"{_var('redis_url')} is not a valid Redis URL ({redact_text(str(exc))}): {redact_url(url)}"
+    in_url_user = in_url_user or options.get("username")
+    in_url_password = in_url_password or options.get("password")
     if in_url_password is not None and s.redis_password is not None:
         return f"the Redis password is given twice: in {_var('redis_url')} and {_var('redis_password')}"
     if in_url_user and s.redis_username:

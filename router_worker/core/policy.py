@@ -311,8 +311,11 @@ def _first_match(
     if model_type in memo:
         return memo[model_type]
     found = next((item for item in items if fnmatchcase(model_type, pattern(item))), None)
-    if len(memo) < _MEMO_LIMIT:
-        memo[model_type] = found
+    # Emptied when full, not frozen: a stream of made-up model types (any producer's) filled it once, and every
+    # real one not seen before scanned every rule (up to MAX_RULES patterns) on each of its jobs from then on.
+    if len(memo) >= _MEMO_LIMIT:
+        memo.clear()
+    memo[model_type] = found
     return found
 
 

@@ -67,11 +67,11 @@ def make_redis(url: str, timeout_s: float | None = 5.0, **options: Any) -> Redis
                           socket_timeout=timeout_s, socket_connect_timeout=timeout_s, **options)  # fmt: skip
 
 
-def connect_redis(s: Settings) -> Redis:
-    """The Redis client of these settings: its URL, timeout, login and TLS."""
+def connect_redis(s: Settings, **extra: Any) -> Redis:
+    """The Redis client of these settings: its URL, timeout, login and TLS (``extra``: more client options)."""
     if not s.redis_url:
         raise ValueError("redis_url is not set")
-    return make_redis(s.redis_url, s.redis_timeout_s, **redis_options(s))
+    return make_redis(s.redis_url, s.redis_timeout_s, **redis_options(s), **extra)
 
 
 def describe_failure(exc: BaseException, s: Settings) -> str | None:

@@ -244,8 +244,11 @@ def resolve_strategy(job: Job, policy: Policy) -> Resolved:
         label = "b" if variant_b else "a"
         return Resolved(v_model, v_strategy, f"{note}ab {test.name} variant {label}; ")
     resolved = Resolved(model, strategy, note)
-    if not job.strategy and len(policy.resolved) < 4096:
-        policy.resolved[model] = resolved
+    if not job.strategy:
+        memo = policy.resolved
+        if len(memo) >= 4096:  # made-up model types filled it: start afresh rather than stop caching
+            memo.clear()
+        memo[model] = resolved
     return resolved
 
 

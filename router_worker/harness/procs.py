@@ -28,6 +28,10 @@ from typing import Any
 from aiokafka.admin import AIOKafkaAdminClient
 from pydantic import SecretStr
 from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from router_worker.localstack import _die_with_parent, free_port, redis_binary
 from router_worker.pipeline.kafka import make_admin
@@ -327,7 +331,10 @@ class Procs:
     @property
     def redis(self) -> Redis:
         if self._redis is None:
-            self._redis = connect_redis(self.s)  # the deployment's login and TLS, as its processes use
+            # The deployment's login and TLS, as its processes use; retried on a lost connection, since the
+            # harness restarts Redis under it (the first call after a restart finds the old socket closed).
+            self._redis = connect_redis(self.s, retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), 6),
+                                        retry_on_error=[RedisConnectionError, RedisTimeoutError])  # fmt: skip
         return self._redis
 
     def routers(self) -> list[Proc]:

@@ -29,3 +29,16 @@ def test_a_real_model_type_is_memoised_after_a_flood_of_made_up_ones() -> None:
     assert policy.ab_test_for("llama-3.3-70b") is not None
     assert "llama-3.3-70b" in policy._ab_by_model
     assert len(policy._rules) <= 4096
+
+
+def test_the_engines_strategy_memo_keeps_caching_after_a_flood() -> None:
+    """The same for the engine's resolved-strategy memo (``policy.resolved``): full, it starts afresh."""
+    from router_worker.core.engine import resolve_strategy
+    from schemas.envelope import Job
+
+    policy = Policy()
+    for i in range(5_000):
+        resolve_strategy(Job(job_id="j", model_type=f"made-up-{i}"), policy)
+    resolve_strategy(Job(job_id="j", model_type="llama-3.3-70b"), policy)
+    assert "llama-3.3-70b" in policy.resolved
+    assert len(policy.resolved) <= 4096

@@ -288,8 +288,9 @@ class Settings(BaseSettings):
     @classmethod
     def _token_names(cls, value: dict[str, SecretStr]) -> dict[str, SecretStr]:
         for name, token in value.items():
-            if not _TOKEN_NAME.fullmatch(name):
-                raise ValueError(f"token name {name!r} must be 1-64 of A-Z a-z 0-9 . _ @ -")
+            if not _TOKEN_NAME.fullmatch(name):  # not echoed: it may be a token written where its name goes
+                raise ValueError(f"a token name ({len(name)} characters, starting {name[:2]!r}) is not 1-64 of "
+                                 "A-Z a-z 0-9 . _ @ -; pairs are written name=token")  # fmt: skip
             if not token.get_secret_value():
                 raise ValueError(f"token {name!r} is empty")
         return value

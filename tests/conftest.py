@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from router_worker.localstack import LocalStack, local_stack, wait_kafka_ready
-from router_worker.runtime import make_redis
+from router_worker.runtime import connect_redis
 from router_worker.settings import Settings, load_settings
 
 
@@ -52,6 +52,6 @@ def settings(stack: LocalStack, tmp_path: Path) -> Settings:
 @pytest.fixture
 async def redis(settings: Settings) -> AsyncIterator[object]:
     assert settings.redis_url
-    client = make_redis(settings.redis_url)
+    client = connect_redis(settings)  # the deployment's login and TLS, where the suite runs against a real one
     yield client
     await client.aclose()

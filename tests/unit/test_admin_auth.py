@@ -69,7 +69,7 @@ def test_tokens_from_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     [
         ("ops", None, "expected name=token"),
         ("ops=a,ops=b", None, "token name 'ops' given twice"),
-        ("bad name=x", None, "token name 'bad name'"),
+        ("bad name=x", None, "a token name (8 characters, starting 'ba') is not 1-64"),
         ("ops=", None, "token 'ops' is empty"),
         ("admin=x", "y", "that name is ROUTER_ADMIN_TOKEN's"),
         ("ops=same,ci=same", None, "two admin tokens are equal"),

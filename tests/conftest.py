@@ -52,6 +52,8 @@ def settings(stack: LocalStack, tmp_path: Path) -> Settings:
 @pytest.fixture
 async def redis(settings: Settings) -> AsyncIterator[object]:
     assert settings.redis_url
-    client = connect_redis(settings)  # the deployment's login and TLS, where the suite runs against a real one
+    client = connect_redis(
+        settings
+    )  # the deployment's login and TLS, where the suite runs against a real one
     yield client
     await client.aclose()

@@ -298,6 +298,29 @@ def _policy_file(file: Path, label: str) -> Policy:
         _refuse(exc, 1, label)
 
 
+@policy_app.command("fields")
+def policy_fields_cmd(
+    json_: Annotated[bool, typer.Option("--json", help="One JSON object per field, one a line.")] = False,
+) -> None:
+    """Every policy field (nested ones as breaker.window_s, list items as rules[].pattern): type, default,
+    bounds and meaning, read from the policy's own schema."""
+    from dataclasses import asdict
+
+    from router_worker.policy_docs import policy_fields
+
+    rows = policy_fields()
+    if json_:
+        for r in rows:
+            print(orjson.dumps(asdict(r)).decode())
+        return
+    table = Table(title="policy fields (router-worker policy validate FILE checks a policy against them)")
+    for col in ("field", "type", "default", "bounds", "meaning"):
+        table.add_column(col, no_wrap=col == "field", overflow="fold")
+    for r in rows:
+        table.add_row(r.path, r.type, r.default, r.bounds, r.description)
+    console.print(table)
+
+
 @policy_app.command("validate")
 def policy_validate(file: Path) -> None:
     """Check a policy file (JSON or YAML) without storing it."""

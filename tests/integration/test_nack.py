@@ -28,8 +28,9 @@ pytestmark = pytest.mark.integration
 async def test_a_failed_job_is_retried_and_succeeds_on_a_later_attempt(
     settings: Settings, redis: Redis
 ) -> None:
-    """Every job fails once on the only head: its failures open its breaker, and the retries wait for the
-    half-open probe (held, no attempt spent) instead of running out of attempts."""
+    """Every job fails once on the only head: its failures may open its breaker (when they are counted before the
+    retries arrive), and then the retries wait for the half-open probe (held, no attempt spent) instead of
+    running out of attempts; either way each job succeeds on its second attempt."""
     settings = settings.model_copy(update={"breaker_cooldown_s": 1.0})
     attempts: dict[str, list[int]] = {}
 
@@ -51,9 +52,6 @@ async def test_a_failed_job_is_retried_and_succeeds_on_a_later_attempt(
     assert all(a == [1, 2] for a in attempts.values()), attempts
     assert router.stats.routed == 40, "each job routed twice: first try, then from the retry tier"
     assert router.stats.dead_lettered == 0
-    assert router.metrics.registry.get_sample_value(
-        "circuit_breaker_transitions_total", {"head_id": "h", "to": "open"}
-    ), "the breaker did open: the retries waited for it"
 
 
 async def test_a_job_that_always_fails_is_dead_lettered_after_max_attempts(

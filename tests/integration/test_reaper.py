@@ -141,7 +141,8 @@ async def test_jobs_of_a_killed_head_are_rerouted_once_to_a_live_head(
     assert await redis.get(Keys(s.redis_prefix).slot(topics.model("m"), 0)) is None, (
         "the reaper's lock released"
     )
-    assert reaper.stats.heads_reaped == 1
+    by_router_reaped = router.reaper.stats.heads_reaped if router.reaper is not None else 0
+    assert reaper.stats.heads_reaped + by_router_reaped == 1, "reaped once, by one of the two reapers"
 
 
 async def test_two_reapers_racing_republish_each_job_once(settings: Settings, redis: Redis) -> None:

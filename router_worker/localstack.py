@@ -152,10 +152,16 @@ def local_stack(workdir: str | Path | None = None) -> Iterator[LocalStack]:
             shutil.rmtree(wd, ignore_errors=True)
 
 
+_READY_TOPIC = "__localstack_ready_partitions"
+_READY_PARTITIONS = 8
+
+
 async def wait_kafka_ready(bootstrap: str, within_s: float = 30.0) -> None:
     """Wait until the broker takes a produce to a new topic. The port opens before metadata is answered, and a
     just-started broker has answered NotLeaderForPartition to produces for a while after it answered metadata."""
     from aiokafka import AIOKafkaProducer
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+    from aiokafka.errors import TopicAlreadyExistsError
 
     deadline = time.monotonic() + within_s
     last: Exception | None = None
@@ -163,9 +169,19 @@ async def wait_kafka_ready(bootstrap: str, within_s: float = 30.0) -> None:
         producer = AIOKafkaProducer(
             bootstrap_servers=bootstrap, request_timeout_ms=3000, enable_idempotence=False
         )
+        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=3000)
         try:
             await producer.start()
             await asyncio.wait_for(producer.send_and_wait("__localstack_ready", b"ready"), 5.0)
+            # A topic of several partitions too, each written once: the first such topic of a just-started
+            # broker has answered NotLeaderForPartition for some of its partitions for many seconds.
+            await admin.start()
+            with contextlib.suppress(TopicAlreadyExistsError):
+                await admin.create_topics([NewTopic(_READY_TOPIC, _READY_PARTITIONS, 1)])
+            for partition in range(_READY_PARTITIONS):
+                await asyncio.wait_for(
+                    producer.send_and_wait(_READY_TOPIC, b"ready", partition=partition), 5.0
+                )
             return
         except Exception as exc:
             last = exc
@@ -173,4 +189,6 @@ async def wait_kafka_ready(bootstrap: str, within_s: float = 30.0) -> None:
         finally:
             with contextlib.suppress(Exception):
                 await producer.stop()
+            with contextlib.suppress(Exception):
+                await admin.close()
     raise LocalStackError(f"broker at {bootstrap} not ready: {last}")

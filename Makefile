@@ -23,7 +23,7 @@ test: $(STAMP)  ## lint, type-check, and run every test against a real embedded 
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n 2 --dist loadfile  # two workers, each its own broker and Redis; a file stays on one
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

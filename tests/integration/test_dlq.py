@@ -59,11 +59,11 @@ def _audit(s: Settings, event: str) -> list[dict[str, Any]]:
 
 
 async def _dead_letters(
-    s: Settings, jobs: list[str], model: str = "m", reason: str = "unknown_model"
+    s: Settings, jobs: list[str], model: str = "m", reason: str = "unknown_model", dlq_partitions: int = 2
 ) -> None:
     """Dead letters as a router writes them (for tests that need no router to make them)."""
     topics = Topics.from_settings(s)
-    await ensure_topics(s, [(topics.dlq, 2), (topics.requests, 2)])
+    await ensure_topics(s, [(topics.dlq, dlq_partitions), (topics.requests, 2)])
     producer = make_producer(s)
     await producer.start()
     try:

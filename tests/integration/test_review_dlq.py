@@ -7,7 +7,6 @@ import asyncio
 from collections import Counter
 from typing import Any
 
-import msgpack
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from redis.asyncio import Redis
@@ -24,12 +23,12 @@ from router_worker.dlq.reader import read_dead_letters
 from router_worker.dlq.redrive import RedriveBusy, execute, prepare
 from router_worker.metrics import Metrics
 from router_worker.pipeline.kafka import ensure_topics, make_producer
-from router_worker.pipeline.publish import dead_letter_record
 from router_worker.settings import Settings
 from router_worker.state.keys import Keys
 from router_worker.topics import Topics
 from schemas.envelope import Job
 from tests.helpers import Served, cli, make_router, make_worker, read_topic, running, wait_until
+from tests.integration.test_dlq import _dead_letters as dead_letters
 
 pytestmark = pytest.mark.integration
 
@@ -37,21 +36,9 @@ pytestmark = pytest.mark.integration
 async def _dead_letters(
     s: Settings, jobs: list[str], model: str = "m", reason: str = "unknown_model"
 ) -> None:
-    """Dead letters as a router writes them (the same job id twice: as after a router's kill -9 between the
-    broker's ack of a dead letter and its marks, a case the README lists)."""
-    topics = Topics.from_settings(s)
-    await ensure_topics(s, [(topics.dlq, 1), (topics.requests, 2)])
-    producer = make_producer(s)
-    await producer.start()
-    try:
-        for i, job_id in enumerate(jobs):
-            value = msgpack.packb({"job_id": job_id, "model_type": model, "payload": f"p{i}"})
-            v, k, h = dead_letter_record(value, job_id.encode(), [("content-type", b"application/msgpack")], reason,
-                                         "no head serves it", topics.requests, 0, 1000 + i, 3, limit=1 << 20,
-                                         keep=64)  # fmt: skip
-            await producer.send_and_wait(topics.dlq, v, key=k, headers=h)
-    finally:
-        await producer.stop()
+    """Dead letters as a router writes them, on one DLQ partition (the same job id twice: as after a router's
+    kill -9 between the broker's ack of a dead letter and its marks, a case the README lists)."""
+    await dead_letters(s, jobs, model, reason, dlq_partitions=1)
 
 
 async def _until_dlq(s: Settings, n: int, timeout: float = 30.0) -> None:

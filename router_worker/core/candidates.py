@@ -75,13 +75,16 @@ class CandidateSet:
             heapq.heapify(entries)
             heap = self.heaps[hkey] = _Heap(mem.epoch, entries)
         entries = heap.entries
+        pending = mem.pending
         while entries:
             _neg, _tb, i, infl = entries[0]
             h = heads[i]
             if h.expires_at_ms < now_ms:
                 heapq.heappop(entries)
                 continue
-            cur = mem.inflight(h)
+            cur = pending.get(h.head_id, 0)  # mem.inflight(h), written out: this loop runs for every pick
+            if h.reported_inflight > cur:
+                cur = h.reported_inflight
             if cur != infl:
                 if cur / h.capacity >= limit:
                     heapq.heappop(entries)

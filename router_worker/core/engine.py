@@ -15,14 +15,14 @@ Order of work for one job:
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from router_worker.core.adaptive import Profile
 from router_worker.core.candidates import CandidateSet
 from router_worker.core.catalog import ModelSpec, spec_miss
-from router_worker.core.model import Decision, Head, HeadStatus, Outcome, RouterMemory
-from router_worker.core.policy import STRATEGIES, Policy
+from router_worker.core.model import Decision, Head, HeadStatus, Outcome, Pick, RouterMemory
+from router_worker.core.policy import STRATEGIES, ABTest, Policy
 from router_worker.core.strategies import STRATEGY_FUNCTIONS, Context, unit_interval
 from schemas.envelope import Job
 
@@ -44,6 +44,11 @@ class HeadIndex:
     profiles: Mapping[str, Profile] = field(default_factory=dict)
     models: Mapping[str, ModelSpec] = field(default_factory=dict)
     cache: dict[tuple[object, ...], tuple[CandidateSet, ...]] = field(default_factory=dict)
+    routes: dict[tuple[object, ...], _Route | _Split | None] = field(default_factory=dict)
+    """(model, override, region, priority, criteria, avoided heads) -> the route such jobs take under
+    ``route_policy`` and breaker epoch ``route_breakers`` (None: an A/B test, resolved per job)."""
+    route_policy: Policy | None = None
+    route_breakers: int = -1
     hits: int = 0
     misses: int = 0
 
@@ -235,14 +240,7 @@ def resolve_strategy(job: Job, policy: Policy) -> Resolved:
         test = policy.ab_test_for(model)
         if test is None:
             return Resolved(model, _FALLBACK_STRATEGY, note + "no A/B test for this model; ")
-        key = job.session_id if test.key == "session" and job.session_id else job.job_id
-        variant_b = unit_interval(test.name, key) < test.share_b
-        v_model = (test.b_model if variant_b else test.a_model) or model
-        v_strategy = (test.b_strategy if variant_b else test.a_strategy) or policy.strategy_for(v_model)
-        if v_strategy == "ab_test":
-            v_strategy = _FALLBACK_STRATEGY
-        label = "b" if variant_b else "a"
-        return Resolved(v_model, v_strategy, f"{note}ab {test.name} variant {label}; ")
+        return ab_variant(test, model, note, in_variant_b(test, job), policy)
     resolved = Resolved(model, strategy, note)
     if not job.strategy:
         memo = policy.resolved
@@ -250,6 +248,22 @@ def resolve_strategy(job: Job, policy: Policy) -> Resolved:
             memo.clear()
         memo[model] = resolved
     return resolved
+
+
+def in_variant_b(test: ABTest, job: Job) -> bool:
+    """The job's side of an A/B test: the same in every router, per session (or per job without one)."""
+    key = job.session_id if test.key == "session" and job.session_id else job.job_id
+    return unit_interval(test.name, key) < test.share_b
+
+
+def ab_variant(test: ABTest, model: str, note: str, variant_b: bool, policy: Policy) -> Resolved:
+    """The model and strategy of one side of an A/B test."""
+    v_model = (test.b_model if variant_b else test.a_model) or model
+    v_strategy = (test.b_strategy if variant_b else test.a_strategy) or policy.strategy_for(v_model)
+    if v_strategy == "ab_test":
+        v_strategy = _FALLBACK_STRATEGY
+    label = "b" if variant_b else "a"
+    return Resolved(v_model, v_strategy, f"{note}ab {test.name} variant {label}; ")
 
 
 def decide(
@@ -268,11 +282,144 @@ def decide(
     ``avoid``: heads that refused or failed this job before (its nack said so); they are passed over while
     any other head can take it (or will, once it has room), and tried again only when no other head is
     eligible at all (better than no route)."""
-    if avoid:
-        d = _decide(job, index, policy, memory, now_ms, rng, attempt, explain, avoid)
+    if not explain:
+        if not avoid:
+            return _decide_fast(job, index, policy, memory, now_ms, rng, attempt, avoid)
+        d = _decide_fast(job, index, policy, memory, now_ms, rng, attempt, avoid)
         if d.routed or d.outcome is Outcome.SATURATED:  # saturated: wait for another head, not an avoided one
             return d
-    return _decide(job, index, policy, memory, now_ms, rng, attempt, explain, frozenset())
+        return _decide_fast(job, index, policy, memory, now_ms, rng, attempt, _NOTHING)
+    if avoid:
+        d = _decide(job, index, policy, memory, now_ms, rng, attempt, True, avoid)
+        if d.routed or d.outcome is Outcome.SATURATED:
+            return d
+    return _decide(job, index, policy, memory, now_ms, rng, attempt, True, _NOTHING)
+
+
+_NOTHING: frozenset[str] = frozenset()
+_MISS = object()
+
+
+@dataclass(slots=True)
+class _Step:
+    """One model of a route (the job's own, then its fallbacks): its candidate sets and a strategy context
+    kept for it (only the job, clock, random source and memory change from one job to the next)."""
+
+    tier: int
+    sets: tuple[CandidateSet, ...]
+    ctx: Context
+    prefix: str
+    """What a pick's reason starts with here (an override refused, an A/B variant, a fallback model)."""
+
+
+@dataclass(slots=True)
+class _Route:
+    """Everything about a decision that depends on the job's key and not the job: built once per snapshot,
+    policy and breaker view, so a decision is a dictionary lookup and a strategy call."""
+
+    strategy: str
+    fn: Callable[[CandidateSet, Context], Pick | None]
+    steps: tuple[_Step, ...]
+    models: tuple[str, ...]
+    known: bool
+    note: str
+
+
+@dataclass(slots=True)
+class _Split:
+    """The two routes of an A/B test: which one a job takes is decided per job (by session or id)."""
+
+    test: ABTest
+    a: _Route
+    b: _Route
+
+
+def _route(job: Job, index: HeadIndex, policy: Policy, memory: RouterMemory, rng: random.Random,
+           avoid: frozenset[str]) -> _Route | _Split | None:  # fmt: skip
+    """The route of jobs keyed like ``job`` (None: refused, which is rare and cheap as it is)."""
+    r = resolve_strategy(job, policy)
+    if r.refused:
+        return None
+    model = job.model_type
+    override = job.strategy
+    allowed = not override or policy.allows_override(override)
+    base = override if override and allowed else policy.strategy_for(model)
+    test = policy.ab_test_for(model) if base == "ab_test" else None
+    if test is None:
+        return _route_of(r, job, index, policy, memory, rng, avoid)
+    note = "" if allowed else f"override {override} not allowed; "
+    sides = [ab_variant(test, model, note, b, policy) for b in (False, True)]
+    return _Split(test, *(_route_of(v, job, index, policy, memory, rng, avoid) for v in sides))
+
+
+def _route_of(r: Resolved, job: Job, index: HeadIndex, policy: Policy, memory: RouterMemory, rng: random.Random,
+              avoid: frozenset[str]) -> _Route:  # fmt: skip
+    fallbacks = policy.fallback_models.get(r.model_type)
+    models = (r.model_type, *fallbacks) if fallbacks else (r.model_type,)
+    limit = policy.load_limit(job.priority)
+    steps: list[_Step] = []
+    known = False
+    for tier, model in enumerate(models):
+        heads = index.by_model.get(model)
+        if not heads:
+            continue
+        known = True
+        sets = tuple(cs for cs in _cached_sets(index, heads, job, r.strategy, policy, model, memory, avoid, False)
+                     if cs.heads)  # fmt: skip
+        if not sets:
+            continue
+        ctx = Context(job, policy, memory, 0, rng, policy.goal_for(model), index.profiles,
+                      index.models.get(model), limit)  # fmt: skip
+        prefix = r.note + (f"fallback model {model}; " if tier > 0 else "")
+        steps.append(_Step(tier, sets, ctx, prefix))
+    return _Route(r.strategy, STRATEGY_FUNCTIONS[r.strategy], tuple(steps), models, known, r.note)
+
+
+def _decide_fast(job: Job, index: HeadIndex, policy: Policy, memory: RouterMemory, now_ms: int,
+                 rng: random.Random, attempt: int, avoid: frozenset[str]) -> Decision:  # fmt: skip
+    """:func:`_decide` for the common case (no explanation asked): the job's route comes from the index's
+    route cache, and only the strategy's pick is computed per job. Same outcomes, same reasons."""
+    if index.route_policy is not policy or index.route_breakers != memory.breaker_epoch:
+        index.routes.clear()
+        index.route_policy = policy
+        index.route_breakers = memory.breaker_epoch
+    meta = job.metadata
+    key = (job.model_type, job.strategy, job.region, job.priority, _meta_key(job) if meta else (), avoid)
+    routes = index.routes
+    route = routes.get(key, _MISS)
+    if route is _MISS:
+        index.misses += 1
+        if len(routes) >= 4096:  # made-up keys filled it: start afresh rather than grow without bound
+            routes.clear()
+        route = routes[key] = _route(job, index, policy, memory, rng, avoid)
+    else:
+        index.hits += 1
+    if route is None:
+        return _decide(job, index, policy, memory, now_ms, rng, attempt, False, avoid)
+    if type(route) is _Split:
+        route = route.b if in_variant_b(route.test, job) else route.a
+    assert type(route) is _Route
+    fn = route.fn
+    saturated = False
+    for step in route.steps:
+        ctx = step.ctx
+        ctx.job = job
+        ctx.now_ms = now_ms
+        ctx.rng = rng
+        ctx.memory = memory
+        for cs in step.sets:
+            pick = fn(cs, ctx)
+            if pick is None:
+                saturated = saturated or _any_alive(cs, now_ms)
+                continue
+            head = pick.head
+            reason = step.prefix + pick.reason if step.prefix else pick.reason
+            if memory.probes and head.head_id in memory.probes:
+                reason += "; half-open breaker probe"
+            return Decision(Outcome.ROUTED, route.strategy, reason, head, head.model_id, pick.scores, attempt,
+                            step.tier > 0 or cs.region_fallback, (), pick.sticky)  # fmt: skip
+    return _no_route(route.strategy, route.note, route.models, route.known, saturated, index, memory.blocked,
+                     now_ms, attempt, ())  # fmt: skip
 
 
 def _decide(job: Job, index: HeadIndex, policy: Policy, memory: RouterMemory, now_ms: int, rng: random.Random,
@@ -293,18 +440,11 @@ def _decide(job: Job, index: HeadIndex, policy: Policy, memory: RouterMemory, no
         if not heads:
             continue
         known = True
-        key = (model, job.region, r.strategy, _meta_key(job), policy.version, id(policy), memory.breaker_epoch,
-               avoid)  # fmt: skip
-        tiers = None if explain else index.cache.get(key)
-        if tiers is None:
-            index.misses += 1
-            tiers = _static_candidates(
-                heads, job, r.strategy, policy, explain, index.models.get(model), model, blocked, avoid
-            )
-            if not explain:
-                index.cache[key] = tiers
+        if explain:
+            tiers = _static_candidates(heads, job, r.strategy, policy, True, index.models.get(model), model,
+                                       blocked, avoid)  # fmt: skip
         else:
-            index.hits += 1
+            tiers = _cached_sets(index, heads, job, r.strategy, policy, model, memory, avoid)
         ctx = Context(job, policy, memory, now_ms, rng, policy.goal_for(model), index.profiles,
                       index.models.get(model), limit)  # fmt: skip
         for cs in tiers:
@@ -336,21 +476,63 @@ def _decide(job: Job, index: HeadIndex, policy: Policy, memory: RouterMemory, no
                 excluded=tuple(excluded),
                 sticky=pick.sticky,
             )
+    return _no_route(r.strategy, r.note, models, known, saturated, index, blocked, now_ms, attempt,
+                     tuple(excluded))  # fmt: skip
+
+
+def _cached_sets(
+    index: HeadIndex,
+    heads: Candidates,
+    job: Job,
+    strategy: str,
+    policy: Policy,
+    model: str,
+    memory: RouterMemory,
+    avoid: frozenset[str],
+    count: bool = True,
+) -> tuple[CandidateSet, ...]:
+    """The static candidate sets of one model for the job's criteria, shared by every job (and route) with the
+    same ones until the snapshot (a new index), the policy or the breakers change."""
+    key = (
+        model,
+        job.region,
+        strategy,
+        _meta_key(job),
+        policy.version,
+        id(policy),
+        memory.breaker_epoch,
+        avoid,
+    )
+    tiers = index.cache.get(key)
+    if tiers is None:
+        if count:
+            index.misses += 1
+        tiers = index.cache[key] = _static_candidates(heads, job, strategy, policy, False, index.models.get(model),
+                                                      model, memory.blocked, avoid)  # fmt: skip
+    elif count:
+        index.hits += 1
+    return tiers
+
+
+def _no_route(strategy: str, note: str, models: tuple[str, ...], known: bool, saturated: bool, index: HeadIndex,
+              blocked: Mapping[str, str], now_ms: int, attempt: int,
+              excluded: tuple[tuple[str, str], ...]) -> Decision:  # fmt: skip
+    """The outcome when no head was picked: unknown model, saturated (a wait), or no capacity."""
     names = " or ".join(models)
     if not known:
-        return Decision(Outcome.UNKNOWN_MODEL, r.strategy, f"no head serves {names}", attempt=attempt,
-                        excluded=tuple(excluded))  # fmt: skip
+        return Decision(Outcome.UNKNOWN_MODEL, strategy, f"no head serves {names}", attempt=attempt,
+                        excluded=excluded)  # fmt: skip
     if saturated:
-        return Decision(Outcome.SATURATED, r.strategy, r.note + f"every live head of {names} is at its load threshold",
-                        attempt=attempt, excluded=tuple(excluded))  # fmt: skip
+        return Decision(Outcome.SATURATED, strategy, note + f"every live head of {names} is at its load threshold",
+                        attempt=attempt, excluded=excluded)  # fmt: skip
     if blocked and _breakers_hold(models, index, blocked, now_ms):
         # Open breakers are a wait, not a verdict: the job waits for a half-open probe (held, no attempt spent)
         # instead of running out of attempts and being dead-lettered while its heads cool down.
-        return Decision(Outcome.SATURATED, r.strategy, r.note + f"every live head of {names} that could take it "
+        return Decision(Outcome.SATURATED, strategy, note + f"every live head of {names} that could take it "
                         "has an open circuit breaker: waiting for a half-open probe", attempt=attempt,
-                        excluded=tuple(excluded))  # fmt: skip
-    return Decision(Outcome.NO_CAPACITY, r.strategy, r.note + f"no eligible head for {names}", attempt=attempt,
-                    excluded=tuple(excluded))  # fmt: skip
+                        excluded=excluded)  # fmt: skip
+    return Decision(Outcome.NO_CAPACITY, strategy, note + f"no eligible head for {names}", attempt=attempt,
+                    excluded=excluded)  # fmt: skip
 
 
 def _breakers_hold(

@@ -47,6 +47,13 @@ class Head:
         return self.model_id == model_type or model_type in self.families
 
 
+def _r4(x: float) -> float:
+    """``x`` to four decimals, as ``round(x, 4)`` (but for exact ties) at a quarter of its cost: rounding to an
+    integer is a fast path, and n / 1e4 prints as the shortest decimal that reads back the same. Values too
+    large for that (or not finite) are returned as they are."""
+    return round(x * 1e4) / 1e4 if -1e12 < x < 1e12 else x
+
+
 @dataclass(slots=True)
 class Scores:
     """Component scores of a pick, each in 0..1 where higher is better; ``total`` is the strategy's own.
@@ -62,14 +69,8 @@ class Scores:
     total: float = 0.0
 
     def as_dict(self) -> dict[str, float]:
-        return {
-            "load": round(self.load, 4),
-            "cache": round(self.cache, 4),
-            "quota": round(self.quota, 4),
-            "health": round(self.health, 4),
-            "latency": round(self.latency, 4),
-            "total": round(self.total, 4),
-        }
+        return {"load": _r4(self.load), "cache": _r4(self.cache), "quota": _r4(self.quota),
+                "health": _r4(self.health), "latency": _r4(self.latency), "total": _r4(self.total)}  # fmt: skip
 
 
 class Outcome(StrEnum):

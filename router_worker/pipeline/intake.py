@@ -24,6 +24,7 @@ Parts = list[tuple[TopicPartition, list[Incoming]]]
 def decode_one(rec: Any, tp: TopicPartition, attempt: int, max_bytes: int,
                attempt_error: str | None = None) -> Incoming:  # fmt: skip
     headers = list(rec.headers or ())
+    marked = len(headers) > 1 or (len(headers) == 1 and headers[0][0] != "content-type")
     ctype = MSGPACK
     job: Job | None = None
     error: EnvelopeError | None = None
@@ -43,7 +44,8 @@ def decode_one(rec: Any, tp: TopicPartition, attempt: int, max_bytes: int,
     if error is not None:
         job = None
     return Incoming(tp, rec.offset, rec.key, rec.value, headers, ctype, attempt, job, error,
-                    claim_key_of(job, attempt, tp, rec.offset, redrive_of(headers)))  # fmt: skip
+                    claim_key_of(job, attempt, tp, rec.offset, redrive_of(headers) if marked else None),
+                    marked)  # fmt: skip
 
 
 def intake(batch: Mapping[TopicPartition, Sequence[Any]], gaps: GapGuard, retry_topics: frozenset[str],

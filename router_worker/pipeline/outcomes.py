@@ -42,6 +42,9 @@ class Incoming:
     error: EnvelopeError | None
     claim_key: str
     """The idempotency key this record is claimed and marked under (see :func:`claim_key_of`)."""
+    marked: bool = True
+    """Whether its headers may hold the router's own (``x-...``): False for a producer's plain record (at most
+    a ``content-type``), whose headers the plan then never searches."""
 
 
 H_REDRIVE = "x-redrive"

@@ -42,6 +42,9 @@ PUBLISH_FALLBACK = "publish_error"
 """The ``routing_fallbacks_total`` reason of a job moved to another head because its head's publish failed."""
 
 
+_NO_HEADS: frozenset[str] = frozenset()
+
+
 @dataclass(frozen=True, slots=True)
 class Admission:
     """A job's admission verdict: it may go at ``admit_at`` (epoch ms; its token is reserved), after ``trips``
@@ -205,17 +208,18 @@ def _headroom_wait(inc: Incoming, job: Job, d: Decision, verdict: Admission | No
 
 
 def _routed(inc: Incoming, job: Job, d: Decision, memory: RouterMemory, policy: Policy, cfg: PlanConfig,
-            now: int) -> Routed:  # fmt: skip
+            now: int, refused: int | None = None) -> Routed:  # fmt: skip
+    """``refused``: the job's busy refusals as the plan counted them (None: count them here)."""
     head = d.head
     assert head is not None
     new_pin = d.sticky is not None and d.sticky[0] not in memory.affinity
     record(d, memory, job, policy, now)
     headers = routed_headers(inc.headers, job.job_id, d, inc.content_type, now)
-    if inc.headers:
+    if inc.marked:
         if any(k in THROTTLE_HEADERS for k, _ in inc.headers):  # its wait is over: not the head's
             headers = without(headers, THROTTLE_HEADERS)
         # The count as the router took it (bounded by the trips made): the head adds its own refusal to it.
-        headers = with_refusals(headers, refusals(inc.headers, inc.attempt))
+        headers = with_refusals(headers, refusals(inc.headers, inc.attempt) if refused is None else refused)
     send = Send(cfg.topics.model(head.model_id), inc.value, inc.key, head.partition, headers)
     audit = (
         decision_record(d, cfg.router_id, job.job_id, job.model_type, job.region, now, job.tenant)
@@ -290,7 +294,7 @@ def plan(parts: Parts, claims: Mapping[str, Claim], index: HeadIndex, policy: Po
                 outcomes.append(dead_letter(inc, err.reason, err.detail, cfg, now))
                 in_batch.add(key)
                 continue
-            refused = refusals(inc.headers, inc.attempt) if inc.headers else 0
+            refused = refusals(inc.headers, inc.attempt) if inc.marked else 0
             if refused > cfg.max_refusals:
                 detail = (f"refused as busy {refused} times by its heads (max_refusals {cfg.max_refusals}): no "
                           f"head had room for it")  # fmt: skip
@@ -314,7 +318,7 @@ def plan(parts: Parts, claims: Mapping[str, Claim], index: HeadIndex, policy: Po
                 outcomes.append(_throttle(inc, job, verdict, cfg, now, sampled))
                 in_batch.add(key)
                 continue
-            avoid = excluded_heads(inc.headers) if inc.headers else frozenset()
+            avoid = excluded_heads(inc.headers) if inc.marked else _NO_HEADS
             t0 = time.perf_counter_ns()
             d = decide(job, index, policy, memory, heads_now, rng, inc.attempt, avoid=avoid)
             timings.append((time.perf_counter_ns() - t0) / 1e9)
@@ -330,7 +334,7 @@ def plan(parts: Parts, claims: Mapping[str, Claim], index: HeadIndex, policy: Po
                 break
             in_batch.add(key)
             if d.outcome is Outcome.ROUTED:
-                outcomes.append(_routed(inc, job, d, memory, policy, cfg, now))
+                outcomes.append(_routed(inc, job, d, memory, policy, cfg, now, refused))
             elif d.outcome is Outcome.REFUSED:
                 outcomes.append(dead_letter(inc, DeadLetterReason.SCHEMA_ERROR, d.reason, cfg, now))
             else:

@@ -6,6 +6,7 @@ import pytest
 from aiokafka.errors import MessageSizeTooLargeError
 
 from router_worker.pipeline.kafka import ensure_topics, make_producer
+from router_worker.pipeline.messages import Headers
 from router_worker.pipeline.publish import RetryBudget, Send, is_retriable, publish
 from router_worker.settings import Settings
 from tests.helpers import read_topic
@@ -52,3 +53,33 @@ def test_classification_of_errors() -> None:
         assert is_retriable(exc), exc
     for exc in (MessageSizeTooLargeError(), AssertionError("Unrecognized partition"), TypeError("bad")):
         assert not is_retriable(exc), exc
+
+
+async def test_records_for_one_partition_travel_as_batches_in_order(settings: Settings) -> None:
+    """Hundreds of records over two partitions (several producer batches each), records without a partition,
+    and three records for a partition the topic lacks: every good one acknowledged once, in its partition in
+    the order given; each bad one fatal with its own error."""
+    topic = f"{settings.topic_prefix}batched"
+    await ensure_topics(settings, [(topic, 2)])
+    producer = make_producer(settings)
+    await producer.start()
+    headers: Headers = [("content-type", b"application/msgpack"), ("x-route-head", b"h1")]
+    try:
+        sends = [Send(topic, b"%d" % i + b"." * 300, b"k%d" % i, i % 2, headers) for i in range(400)]
+        sends += [Send(topic, b"bad-%d" % i, None, 7, []) for i in range(3)]
+        sends += [Send(topic, b"free-%d" % i, b"f%d" % i, None, []) for i in range(5)]
+        report = await publish(producer, sends, RetryBudget(attempts=2, max_s=5))
+    finally:
+        await producer.stop()
+    assert len(report.acked) == 405
+    assert report.unsent == []
+    assert sorted(s.value or b"" for s in report.fatal) == [b"bad-0", b"bad-1", b"bad-2"]
+    assert all(isinstance(s.error, AssertionError) for s in report.fatal)
+    got = await read_topic(settings, topic, expect=405)
+    assert len(got) == 405
+    for p in (0, 1):
+        seq = [int(r.value.split(b".")[0]) for r in sorted(got, key=lambda r: r.offset)
+               if r.partition == p and not r.value.startswith(b"free")]  # fmt: skip
+        assert seq == list(range(p, 400, 2)), f"partition {p} out of order or incomplete"
+        assert all(dict(r.headers).get("x-route-head") == b"h1" for r in got if r.partition == p
+                   and not r.value.startswith(b"free"))  # fmt: skip

@@ -127,9 +127,12 @@ def worker(
                 if problem:
                     err.print(f"[red]error:[/] {escape(problem)}", soft_wrap=True)
                     raise typer.Exit(2)
+            from router_worker.loop import tune_gc
+
             w = build_worker(rt, cfg, service_ms, jitter_ms, fail_rate)
             await until_signalled(w.stop)
             err.print(f"head {w.head_id} of {model} in {region} starting")
+            tune_gc(s.gc_young_threshold)
             await w.run()
 
     _run(main, s.event_loop)

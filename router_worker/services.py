@@ -11,6 +11,7 @@ from typing import Any
 
 from consumers.worker import JobContext, ModelWorker, WorkerConfig
 from router_worker.admin import router_app, serve
+from router_worker.loop import tune_gc
 from router_worker.metrics import Metrics
 from router_worker.pipeline.router import Router
 from router_worker.runtime import Runtime
@@ -24,6 +25,7 @@ def build_router(rt: Runtime, metrics: Metrics | None = None, with_file: bool = 
 async def run_router(rt: Runtime, router: Router) -> None:
     """Run a router and, when ROUTER_ADMIN_PORT is set, its admin HTTP server, until stopped."""
     s = rt.settings
+    tune_gc(s.gc_young_threshold)
     runner = None
     if s.admin_port:
         app = router_app(router, s)

@@ -234,6 +234,14 @@ class Settings(BaseSettings):
         "letters and admin operations are always audited).",
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    gc_young_threshold: int = Field(
+        50_000,
+        ge=0,
+        description="Allocations between two collections of the youngest generation in router and head processes "
+        "(Python's default is 700: a router's batches of short-lived objects then trigger collections that "
+        "scan every live object; see docs/performance.md). The objects of start-up are frozen out of "
+        "collection too. 0: Python's defaults.",
+    )
     event_loop: Literal["auto", "asyncio", "uvloop"] = Field(
         "auto",
         description="asyncio's event loop, or uvloop's (faster; `pip install 'router-worker[fast]'`). auto: uvloop "

@@ -46,9 +46,13 @@ MODEL_FALLBACK = "model_fallback"
 REGION_FALLBACK = "region_fallback"
 
 
-_PUBLISH_ALL = "for i = 2, #ARGV do redis.call('PUBLISH', ARGV[1], ARGV[i]) end return #ARGV - 1"
-"""PUBLISH each record to the channel (ARGV[1]). Sent as EVAL, source and all: Redis caches it, and a Redis
-that restarted (and forgot its scripts) has no NOSCRIPT to answer."""
+_PUBLISH_ALL = (
+    "local n = 0 for line in string.gmatch(ARGV[2], '[^\\n]+') do redis.call('PUBLISH', ARGV[1], line) n = n + 1 end "
+    "return n"
+)
+"""PUBLISH each record of ARGV[2] (newline-separated: an encoded record holds no raw newline) to the channel
+(ARGV[1]). One argument for the lot: the client encodes one string, not one per record. Sent as EVAL, source
+and all: Redis caches it, and a Redis that restarted (and forgot its scripts) has no NOSCRIPT to answer."""
 _PUBLISH_CHUNK = 1000
 
 
@@ -182,7 +186,7 @@ class AuditSink:
                 pipe.xadd(self.stream, {STREAM_FIELD: b"\n".join(batch[i : i + step])},
                           maxlen=self.stream_maxlen, approximate=True)  # fmt: skip
         for i in range(0, len(batch), _PUBLISH_CHUNK):
-            pipe.eval(_PUBLISH_ALL, 0, self.channel, *batch[i : i + _PUBLISH_CHUNK])
+            pipe.eval(_PUBLISH_ALL, 0, self.channel, b"\n".join(batch[i : i + _PUBLISH_CHUNK]))
 
     def publish_failed(self, exc: BaseException) -> None:
         self.failures += 1

@@ -46,10 +46,12 @@ class _Recorder:
         self.calls.append(("publish", (channel, data)))
 
     def eval(self, script: str, numkeys: int, channel: str, *data: bytes) -> None:
-        """The channel messages of a batch, published by one script call: recorded as the PUBLISHes."""
+        """The channel messages of a batch, published by one script call (one newline-joined argument):
+        recorded as the PUBLISHes."""
         assert numkeys == 0
         assert "PUBLISH" in script.upper()
-        self.calls.extend(("publish", (channel, d)) for d in data)
+        assert len(data) == 1
+        self.calls.extend(("publish", (channel, d)) for d in data[0].split(b"\n"))
 
 
 @given(st.text(min_size=1, max_size=40), st.floats(min_value=0.0, max_value=1.0))

@@ -35,7 +35,14 @@ from router_worker.audit import AuditSink
 from router_worker.clock import now_ms
 from router_worker.pipeline.outcomes import DeadLettered, Incoming, Outcome, Retried, Routed
 from router_worker.pipeline.plan import Claim
-from router_worker.state.idempotency import CLAIM_LUA, LIFETIMES_KEPT, claim_keys, queue_done, redrive_key
+from router_worker.state.idempotency import (
+    CLAIM_LUA,
+    LIFETIMES_KEPT,
+    claim_args,
+    claim_keys,
+    queue_done,
+    redrive_key,
+)
 from router_worker.state.inflight import InflightChanges
 from router_worker.state.keys import Keys
 from router_worker.state.scripts import LoadedScript
@@ -133,9 +140,8 @@ class Marks:
             try:
                 async with self.redis.pipeline(transaction=False) as pipe:
                     if keys:
-                        args: list[Any] = [LIFETIMES_KEPT * self.claim_ttl_ms]
-                        for k in keys:
-                            args += (k, claim_value(first[k]))
+                        args = claim_args(LIFETIMES_KEPT * self.claim_ttl_ms,
+                                          ((k, claim_value(first[k])) for k in keys))  # fmt: skip
                         hashes = claim_keys(self.keys, now_ms(), self.claim_ttl_ms, self.dedupe_ttl_ms)
                         self._claim.queue(pipe, hashes, args)
                     at_pins = len(pipe)

@@ -100,11 +100,31 @@ def capability_miss(head: Head, meta: Mapping[str, object]) -> str | None:
     return None
 
 
+def _route_meta(meta: Mapping[str, object]) -> tuple[tuple[str, object], ...]:
+    """The criteria part of a route key: the items in the order they come (one order a producer repeats is one
+    key; another order of the same criteria is a second key for the same candidate sets), each value with its
+    type (``True == 1`` in Python, yet ``dynamic_shapes: true`` and ``dynamic_shapes: 1`` are not the same
+    criterion); a list as a tuple of its items, typed the same way."""
+    return tuple((k, _typed(v)) for k, v in meta.items())
+
+
+def _typed(v: object) -> object:
+    if isinstance(v, list):
+        return tuple((x.__class__, x) for x in v)
+    return (v.__class__, v)
+
+
 def _meta_key(job: Job) -> tuple[object, ...]:
-    meta = job.metadata
-    if not meta:
+    """The criteria part of a candidate-set key: :func:`_route_meta`, sorted (the order is not a criterion)."""
+    if not job.metadata:
         return ()
-    return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in meta.items()))
+    items = list(_route_meta(job.metadata))
+    items.sort(key=_name)
+    return tuple(items)
+
+
+def _name(item: tuple[str, object]) -> str:
+    return item[0]
 
 
 def _static_candidates(
@@ -298,6 +318,7 @@ def decide(
 
 _NOTHING: frozenset[str] = frozenset()
 _MISS = object()
+_SIDES_MEMO = 65_536
 
 
 @dataclass(slots=True)
@@ -332,6 +353,19 @@ class _Split:
     test: ABTest
     a: _Route
     b: _Route
+    sides: dict[str, bool] = field(default_factory=dict)
+    """Session -> in variant b, as hashed once (a session's jobs repeat it; bounded, then started afresh)."""
+
+    def side(self, job: Job) -> _Route:
+        test = self.test
+        if test.key != "session" or not job.session_id:
+            return self.b if in_variant_b(test, job) else self.a
+        b = self.sides.get(job.session_id)
+        if b is None:
+            if len(self.sides) >= _SIDES_MEMO:
+                self.sides.clear()
+            b = self.sides[job.session_id] = in_variant_b(test, job)
+        return self.b if b else self.a
 
 
 def _route(job: Job, index: HeadIndex, policy: Policy, memory: RouterMemory, rng: random.Random,
@@ -348,8 +382,9 @@ def _route(job: Job, index: HeadIndex, policy: Policy, memory: RouterMemory, rng
     if test is None:
         return _route_of(r, job, index, policy, memory, rng, avoid)
     note = "" if allowed else f"override {override} not allowed; "
-    sides = [ab_variant(test, model, note, b, policy) for b in (False, True)]
-    return _Split(test, *(_route_of(v, job, index, policy, memory, rng, avoid) for v in sides))
+    a, b = (_route_of(ab_variant(test, model, note, side, policy), job, index, policy, memory, rng, avoid)
+            for side in (False, True))  # fmt: skip
+    return _Split(test, a, b)
 
 
 def _route_of(r: Resolved, job: Job, index: HeadIndex, policy: Policy, memory: RouterMemory, rng: random.Random,
@@ -384,7 +419,7 @@ def _decide_fast(job: Job, index: HeadIndex, policy: Policy, memory: RouterMemor
         index.route_policy = policy
         index.route_breakers = memory.breaker_epoch
     meta = job.metadata
-    key = (job.model_type, job.strategy, job.region, job.priority, _meta_key(job) if meta else (), avoid)
+    key = (job.model_type, job.strategy, job.region, job.priority, _route_meta(meta) if meta else (), avoid)
     routes = index.routes
     route = routes.get(key, _MISS)
     if route is _MISS:
@@ -397,7 +432,7 @@ def _decide_fast(job: Job, index: HeadIndex, policy: Policy, memory: RouterMemor
     if route is None:
         return _decide(job, index, policy, memory, now_ms, rng, attempt, False, avoid)
     if type(route) is _Split:
-        route = route.b if in_variant_b(route.test, job) else route.a
+        route = route.side(job)
     assert type(route) is _Route
     fn = route.fn
     saturated = False

@@ -111,3 +111,23 @@ def test_cached_routes_decide_as_the_reference_path(seed: int) -> None:
     decide(job, index_fast, policy, mem_fast, now, rng_fast)
     decide(job, index_fast, policy, mem_fast, now, rng_fast)
     assert index_fast.hits >= hits + 1  # a repeated key is served from the cache
+
+
+def test_criteria_equal_in_python_but_not_in_meaning_get_routes_of_their_own() -> None:
+    """``True == 1`` in Python, but ``dynamic_shapes: true`` asks for dynamic shapes and ``1`` does not: a job
+    with the one must never take the route cached for the other (nor its candidate sets)."""
+    heads = [Head(head_id="dyn", model_id="m", expires_at_ms=10**12, dynamic_shapes=True, reported_inflight=3),
+             Head(head_id="static", model_id="m", expires_at_ms=10**12)]  # fmt: skip
+    index, policy, mem = HeadIndex.build(heads), Policy(), RouterMemory()
+    loose = decide(Job(job_id="a", model_type="m", metadata={"dynamic_shapes": 1}), index, policy, mem, 1_000,
+                   random.Random(0))  # fmt: skip
+    assert loose.head is not None
+    assert loose.head.head_id == "static"  # the lighter head: 1 is not a criterion
+    strict = decide(Job(job_id="b", model_type="m", metadata={"dynamic_shapes": True}), index, policy, mem, 1_000,
+                    random.Random(0))  # fmt: skip
+    assert strict.head is not None
+    assert strict.head.head_id == "dyn"
+    again = decide(Job(job_id="c", model_type="m", metadata={"dynamic_shapes": 1.0}), index, policy, mem, 1_000,
+                   random.Random(0))  # fmt: skip
+    assert again.head is not None
+    assert again.head.head_id == "static"

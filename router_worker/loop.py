@@ -43,8 +43,8 @@ def tune_gc(young_threshold: int) -> None:
     instead of every 700. A router makes a dozen short-lived objects per job; with Python's defaults the
     collections they trigger scanned every live object so often that they cost a fifth of its CPU. 0: leave
     Python's defaults."""
-    if young_threshold <= 0:
-        return
+    if young_threshold <= 0 or gc.get_threshold()[0] == young_threshold:
+        return  # asked not to, or done already (the demo runs two routers in one process)
     gc.collect()
     gc.freeze()
     _, older, oldest = gc.get_threshold()

@@ -47,6 +47,8 @@ class HeadIndex:
     routes: dict[tuple[object, ...], _Route | _Split | None] = field(default_factory=dict)
     """(model, override, region, priority, criteria, avoided heads) -> the route such jobs take under
     ``route_policy`` and breaker epoch ``route_breakers`` (None: an A/B test, resolved per job)."""
+    sides: dict[tuple[int, str], bool] = field(default_factory=dict)
+    """(A/B test, session) -> the session's side (variant b or not), for ``route_policy``."""
     route_policy: Policy | None = None
     route_breakers: int = -1
     hits: int = 0
@@ -318,7 +320,10 @@ def decide(
 
 _NOTHING: frozenset[str] = frozenset()
 _MISS = object()
-_SIDES_MEMO = 65_536
+_CACHE_MAX = 4096
+"""Entries of each cache of a snapshot (routes, candidate sets, A/B sides) before it starts afresh."""
+_DONE = Job(job_id="-", model_type="-")
+"""What a cached route's context holds between decisions: never the last job (its payload may be a MiB)."""
 
 
 @dataclass(slots=True)
@@ -353,18 +358,18 @@ class _Split:
     test: ABTest
     a: _Route
     b: _Route
-    sides: dict[str, bool] = field(default_factory=dict)
-    """Session -> in variant b, as hashed once (a session's jobs repeat it; bounded, then started afresh)."""
 
-    def side(self, job: Job) -> _Route:
+    def side(self, job: Job, sides: dict[tuple[int, str], bool]) -> _Route:
+        """``sides``: (test, session) -> in variant b, as hashed once (a session's jobs repeat it)."""
         test = self.test
         if test.key != "session" or not job.session_id:
             return self.b if in_variant_b(test, job) else self.a
-        b = self.sides.get(job.session_id)
+        key = (id(test), job.session_id)  # two tests may share a name; a test lives as long as its policy
+        b = sides.get(key)
         if b is None:
-            if len(self.sides) >= _SIDES_MEMO:
-                self.sides.clear()
-            b = self.sides[job.session_id] = in_variant_b(test, job)
+            if len(sides) >= _CACHE_MAX:
+                sides.clear()
+            b = sides[key] = in_variant_b(test, job)
         return self.b if b else self.a
 
 
@@ -416,6 +421,7 @@ def _decide_fast(job: Job, index: HeadIndex, policy: Policy, memory: RouterMemor
     route cache, and only the strategy's pick is computed per job. Same outcomes, same reasons."""
     if index.route_policy is not policy or index.route_breakers != memory.breaker_epoch:
         index.routes.clear()
+        index.sides.clear()
         index.route_policy = policy
         index.route_breakers = memory.breaker_epoch
     meta = job.metadata
@@ -424,15 +430,16 @@ def _decide_fast(job: Job, index: HeadIndex, policy: Policy, memory: RouterMemor
     route = routes.get(key, _MISS)
     if route is _MISS:
         index.misses += 1
-        if len(routes) >= 4096:  # made-up keys filled it: start afresh rather than grow without bound
+        if len(routes) >= _CACHE_MAX:  # made-up keys filled it: start afresh rather than grow without bound
             routes.clear()
+            index.sides.clear()
         route = routes[key] = _route(job, index, policy, memory, rng, avoid)
     else:
         index.hits += 1
     if route is None:
         return _decide(job, index, policy, memory, now_ms, rng, attempt, False, avoid)
     if type(route) is _Split:
-        route = route.side(job)
+        route = route.side(job, index.sides)
     assert type(route) is _Route
     fn = route.fn
     saturated = False
@@ -447,12 +454,14 @@ def _decide_fast(job: Job, index: HeadIndex, policy: Policy, memory: RouterMemor
             if pick is None:
                 saturated = saturated or _any_alive(cs, now_ms)
                 continue
+            ctx.job = _DONE
             head = pick.head
             reason = step.prefix + pick.reason if step.prefix else pick.reason
             if memory.probes and head.head_id in memory.probes:
                 reason += "; half-open breaker probe"
             return Decision(Outcome.ROUTED, route.strategy, reason, head, head.model_id, pick.scores, attempt,
                             step.tier > 0 or cs.region_fallback, (), pick.sticky)  # fmt: skip
+        ctx.job = _DONE
     return _no_route(route.strategy, route.note, route.models, route.known, saturated, index, memory.blocked,
                      now_ms, attempt, ())  # fmt: skip
 
@@ -542,6 +551,8 @@ def _cached_sets(
     if tiers is None:
         if count:
             index.misses += 1
+        if len(index.cache) >= _CACHE_MAX:  # made-up criteria filled it: start afresh rather than grow
+            index.cache.clear()
         tiers = index.cache[key] = _static_candidates(heads, job, strategy, policy, False, index.models.get(model),
                                                       model, memory.blocked, avoid)  # fmt: skip
     elif count:

@@ -118,11 +118,6 @@ _RECORD_OVERHEAD = 512
 """More than a record's framing adds to its key, value and headers (varints, attributes, header counts)."""
 
 
-async def _round_each(producer: AIOKafkaProducer, sends: Sequence[Send]) -> list[BaseException | None]:
-    """Enqueue every send on its own (``producer.send``), then gather: one wait for the whole round."""
-    return await _outcomes([await _one(producer, s) for s in sends])
-
-
 async def _outcomes(futures: Sequence[Any]) -> list[BaseException | None]:
     """Wait for the futures (errors raised before enqueue stand in for theirs) and give each one's error."""
     pending = [f for f in futures if not isinstance(f, BaseException)]
@@ -142,9 +137,14 @@ async def _outcomes(futures: Sequence[Any]) -> list[BaseException | None]:
 async def _submit(producer: AIOKafkaProducer, batch: Any, topic: str, partition: int) -> Any:
     try:
         return await producer.send_batch(batch, topic, partition=partition)
-    except (
-        Exception
-    ) as exc:  # a partition the topic lacks, metadata timeout, closed: the batch's records' error
+    except Exception as exc:  # a partition the topic lacks, metadata timeout, closed: its records' error
+        return exc
+
+
+async def _one(producer: AIOKafkaProducer, s: Send) -> Any:
+    try:
+        return await producer.send(s.topic, s.value, key=s.key, partition=s.partition, headers=s.headers)
+    except Exception as exc:  # refused before enqueue: size, partition, metadata timeout, closed
         return exc
 
 
@@ -153,9 +153,10 @@ async def _round(producer: AIOKafkaProducer, sends: Sequence[Send]) -> list[Base
 
     Records with a partition go in one batch per partition (``create_batch``/``send_batch``: a third of the
     CPU of a ``send`` per record, and one future per batch). A batch's error is each of its records' error,
-    except a fatal one: the record at fault is found by sending that batch's records one by one, so a record
-    the broker refuses never takes its neighbours to the dead letters. Records without a partition (the
-    producer's partitioner picks by key) are sent one by one."""
+    except a fatal one: then each of its records is sent again in a batch of its own (:func:`_alone`), so a
+    record the broker refuses never takes its neighbours to the dead letters. A record the batch can not take
+    (it can not be encoded) has that error as its own. Records without a partition (the producer's
+    partitioner picks by key) are sent one by one."""
     out: list[BaseException | None] = [None] * len(sends)
     groups: dict[tuple[str, int], list[int]] = {}
     singles: list[int] = []
@@ -174,37 +175,54 @@ async def _round(producer: AIOKafkaProducer, sends: Sequence[Send]) -> list[Base
         held: list[int] = []
         for i in idxs:
             s = sends[i]
-            if batch.append(key=s.key, value=s.value, timestamp=None, headers=s.headers) is None:  # full
-                members.append(held)
-                futures.append(await _submit(producer, batch, topic, partition))
-                batch, held = producer.create_batch(), []
-                batch.append(
-                    key=s.key, value=s.value, timestamp=None, headers=s.headers
-                )  # a first always fits
+            try:
+                if batch.append(key=s.key, value=s.value, timestamp=None, headers=s.headers) is None:  # full
+                    if held:
+                        members.append(held)
+                        futures.append(await _submit(producer, batch, topic, partition))
+                    batch, held = producer.create_batch(), []
+                    batch.append(key=s.key, value=s.value, timestamp=None, headers=s.headers)  # a first fits
+            except Exception as exc:
+                members.append([i])
+                futures.append(exc)
+                continue
             held.append(i)
-        members.append(held)
-        futures.append(await _submit(producer, batch, topic, partition))
+        if held:
+            members.append(held)
+            futures.append(await _submit(producer, batch, topic, partition))
     if singles:
         members += [[i] for i in singles]
         futures += [await _one(producer, sends[i]) for i in singles]
-    alone: list[int] = []
+    again: list[int] = []
     for idxs, err in zip(members, await _outcomes(futures), strict=True):
         if err is not None and len(idxs) > 1 and not is_retriable(err):
-            alone += idxs  # which record is at fault: each one, sent alone, says
+            again += idxs  # which record is at fault: each one, sent in a batch of its own, says
             continue
         for i in idxs:
             out[i] = err
-    if alone:
-        for i, err in zip(alone, await _round_each(producer, [sends[i] for i in alone]), strict=True):
+    if again:
+        for i, err in zip(again, await _alone(producer, [sends[i] for i in again]), strict=True):
             out[i] = err
     return out
 
 
-async def _one(producer: AIOKafkaProducer, s: Send) -> Any:
-    try:
-        return await producer.send(s.topic, s.value, key=s.key, partition=s.partition, headers=s.headers)
-    except Exception as exc:  # refused before enqueue: size, partition, metadata timeout, closed
-        return exc
+async def _alone(producer: AIOKafkaProducer, sends: Sequence[Send]) -> list[BaseException | None]:
+    """Each record in a closed batch of its own: one produce request each, so each gets its own answer (sent
+    one by one with ``send``, they would share a batch again: nothing yields between them)."""
+    futures: list[Any] = []
+    for s in sends:
+        if s.partition is None:
+            futures.append(await _one(producer, s))
+            continue
+        try:
+            batch = producer.create_batch()
+            batch.append(key=s.key, value=s.value, timestamp=None, headers=s.headers)
+            batch.close()  # nothing else joins it
+        except Exception as exc:
+            futures.append(exc)
+            continue
+        futures.append(await _submit(producer, batch, s.topic, s.partition))
+    return await _outcomes(futures)
 
 
 async def publish(producer: AIOKafkaProducer, sends: Sequence[Send], budget: RetryBudget) -> PublishReport:

@@ -91,8 +91,6 @@ def test_a_head_that_turns_unhealthy_is_not_served_from_the_route_cache() -> Non
     assert d.head.head_id == "big"
 
 
-@pytest.mark.xfail(strict=True, reason="review: index.cache (candidate sets) has no bound: distinct criteria "
-                   "or avoid sets grow it for as long as one snapshot lives (all of a Redis outage)")  # fmt: skip
 def test_made_up_criteria_do_not_grow_the_caches_of_one_snapshot_without_bound() -> None:
     """Every job with criteria of its own (a tag per job, or its own x-route-exclude list) adds a candidate
     set to the snapshot's cache; the route cache starts afresh at 4,096 keys, the candidate-set cache never
@@ -261,8 +259,6 @@ async def test_batches_keep_order_and_ack_each_record_once() -> None:
     assert max(len(b) for b in producer.batches) > 1
 
 
-@pytest.mark.xfail(strict=True, reason="review: records re-sent 'alone' after a fatal batch error share one "
-                   "accumulator batch again, so the culprit's error dead-letters its neighbours")  # fmt: skip
 async def test_a_fatal_batch_error_dead_letters_only_the_record_at_fault() -> None:
     """Ten records for one head's partition, one of which the broker refuses (it fails the whole record batch).
     ``_round`` promises to pin the error on its record by sending that batch's records alone; only the
@@ -280,8 +276,6 @@ async def test_a_fatal_batch_error_dead_letters_only_the_record_at_fault() -> No
     assert len(report.acked) == 9
 
 
-@pytest.mark.xfail(strict=True, reason="review: BatchBuilder.append raising (a header value that is not bytes) "
-                   "escapes _round: publish raises instead of classifying that record as fatal")  # fmt: skip
 async def test_a_record_the_batch_refuses_is_that_records_error_not_the_rounds() -> None:
     """``producer.send`` raising for one record (a value or header of a type the record format can not hold)
     was that record's fatal error; in a batch, ``BatchBuilder.append`` raises the same error, and it must

@@ -131,3 +131,15 @@ def test_criteria_equal_in_python_but_not_in_meaning_get_routes_of_their_own() -
                    random.Random(0))  # fmt: skip
     assert again.head is not None
     assert again.head.head_id == "static"
+
+
+def test_a_cached_route_keeps_no_job_alive_between_decisions() -> None:
+    """A route's strategy context is reused: it must not hold on to the last job (its payload may be a MiB, and
+    a snapshot keeps thousands of routes)."""
+    index = HeadIndex.build([Head(head_id="h", model_id="m", expires_at_ms=10**12)])
+    big = Job(job_id="big", model_type="m", payload=b"x" * 1_000_000)
+    decide(big, index, Policy(), RouterMemory(), 1_000, random.Random(0))
+    contexts = [step.ctx for route in index.routes.values() if route is not None
+                for step in getattr(route, "steps", ())]  # fmt: skip
+    assert contexts
+    assert all(ctx.job is not big for ctx in contexts)

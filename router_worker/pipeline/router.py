@@ -172,6 +172,9 @@ class Router:
         self.batch_lock = asyncio.Lock()
         self._inflight: _InFlight | None = None
         """The batch whose publishes are in flight while the next one is planned (see :meth:`step`)."""
+        self._closing: asyncio.Task[None] | None = None
+        """The acknowledged batch whose marks and commit are being written while the next ones go on."""
+        self._mark_lock = asyncio.Lock()
         self.paused_until: dict[TopicPartition, int] = {}
         self.gaps = GapGuard(s.gap_wait_ms)
         self.ready = asyncio.Event()
@@ -377,14 +380,16 @@ class Router:
 
     async def step(self, batch: dict[TopicPartition, list[Any]], consumer: AIOKafkaConsumer,
                    producer: AIOKafkaProducer) -> None:  # fmt: skip
-        """Two batches overlap: this one is decoded, claimed and planned while the previous one's publishes are
-        in flight; then the previous one is settled (acks, marks, commit) before this one is published. A
-        partition the previous one rewound (an unsent publish, a bug) is dropped from this one: read again."""
+        """Batches overlap: this one is decoded, claimed and planned while the previous one's publishes are in
+        flight; once the previous one's acks are in, this one is published, and the previous one's marks and
+        commit are written in the background (after the marks and commit of the one before it, in order),
+        while the next batch is fetched and planned. A partition the previous one rewound (an unsent publish, a
+        bug) is dropped from this one: read again."""
         prepared = await self.prepare(batch, consumer) if batch else None
         previous, self._inflight = self._inflight, None
         if previous is not None:
             try:
-                rewound = await self.finish(previous, consumer)
+                rewound = await self._acked(previous, consumer)
             except BaseException:
                 # Never past what the previous batch left unsettled: it rewound its partitions to that.
                 if prepared is not None:
@@ -393,6 +398,8 @@ class Router:
                 raise
             if prepared is not None and rewound:
                 prepared.drop(rewound)
+            await self._closed(raising=False)
+            self._closing = asyncio.create_task(self._close(previous, consumer), name="close")
         if prepared is not None:
             self._inflight = self.start(prepared, consumer, producer)
 
@@ -403,10 +410,35 @@ class Router:
         await self.settle(consumer)
 
     async def settle(self, consumer: AIOKafkaConsumer) -> None:
-        """Finish the batch in flight, if any: before partitions move, and before the router stops."""
+        """Finish the batch being closed and the batch in flight, if any: before partitions move, and before the
+        router stops."""
         previous, self._inflight = self._inflight, None
-        if previous is not None:
-            await self.finish(previous, consumer)
+        try:
+            await self._closed()
+        finally:
+            if previous is not None:
+                await self.finish(previous, consumer)
+
+    async def _closed(self, raising: bool = True) -> None:
+        """Wait until the batch being closed in the background has its marks and commit written. Its error is
+        raised, or (``raising=False``, in the loop, where the next batches are already in hand) logged and
+        counted as the loop does: a commit refused after a rebalance loses nothing (what was acknowledged is
+        marked done, and the next owner skips it)."""
+        closing, self._closing = self._closing, None
+        if closing is None:
+            return
+        if raising:
+            await closing
+            return
+        try:
+            await closing
+        except (CommitFailedError, IllegalStateError) as exc:
+            self.stats.commit_failures += 1
+            log.warning("commit refused after a rebalance (the next owner dedupes): %s", exc)
+        except Exception:
+            self.stats.batch_errors += 1
+            # Its acknowledged records are marked done or buffered for Redis; the next commit covers their offsets.
+            log.exception("closing a batch (marks, counts, commit) failed; the next batch's commit covers it")
 
     async def prepare(self, batch: dict[TopicPartition, list[Any]], consumer: AIOKafkaConsumer) -> _Prepared:
         """Decode, claim and plan a batch: no publish yet."""
@@ -435,6 +467,12 @@ class Router:
 
     async def finish(self, f: _InFlight, consumer: AIOKafkaConsumer) -> set[TopicPartition]:
         """Await the acks, hold what was not sent, mark, count and commit. Returns the partitions it rewound."""
+        rewound = await self._acked(f, consumer)
+        await self._close(f, consumer)
+        return rewound
+
+    async def _acked(self, f: _InFlight, consumer: AIOKafkaConsumer) -> set[TopicPartition]:
+        """Await the acks and hold what was not sent. Returns the partitions it rewound."""
         b, p = f.batch, f.batch.plan
         try:
             await f.publishing
@@ -451,6 +489,11 @@ class Router:
             rewound = {h.tp for h in p.holds[before:]}
         else:
             self._unsent_streak = 0
+        return rewound
+
+    async def _close(self, f: _InFlight, consumer: AIOKafkaConsumer) -> None:
+        """Mark, count and commit an acknowledged batch."""
+        b, p = f.batch, f.batch.plan
         self._log_bad(p)
         await self._mark([o for o in p.outcomes if o.final])
         self._count(
@@ -459,7 +502,6 @@ class Router:
         offsets = commit_offsets(p)
         self.metrics.observe_batch(self.s.group_id, consumer, b.fetched, offsets, p.outcomes)
         await self._commit(consumer, offsets)
-        return rewound
 
     async def _claim(self, parts: Parts, now: int) -> dict[str, Claim]:
         """Claims for the batch's keys and the pins of its sessions; nothing while Redis is unreachable."""
@@ -635,7 +677,8 @@ class Router:
             log.warning("... and %d more bad jobs in this batch", len(bad) - _LOG_BAD_PER_BATCH)
 
     async def _mark(self, settled: list[Outcome]) -> None:
-        inflight = await self.marks.mark(settled, self._pin_ms())
+        async with self._mark_lock:  # one at a time: a batch closed in the background and an idle flush
+            inflight = await self.marks.mark(settled, self._pin_ms())
         now = now_ms()
         self.metrics.outage_buffered.set(self.marks.buffered)
         if inflight is None:

@@ -94,6 +94,10 @@ class Rider(Protocol):
     def received(self, replies: list[Any]) -> None: ...
 
 
+_CLAIMS = {0: Claim.MINE, 1: Claim.DONE, 2: Claim.BUSY}
+"""The script's answers (ints from Redis) as claims: a lookup, not an enum call per job."""
+
+
 class Marks:
     def __init__(self, redis: Redis, keys: Keys, audit: AuditSink, *, claim_ttl_ms: int, dedupe_ttl_ms: int,
                  buffer_max: int, writer: str) -> None:  # fmt: skip
@@ -161,7 +165,7 @@ class Marks:
         if riding:
             assert rider is not None
             rider.received(res)
-        claims = {k: Claim(int(c)) for k, c in zip(keys, res[0], strict=True)} if keys else {}
+        claims = dict(zip(keys, map(_CLAIMS.__getitem__, res[0]), strict=True)) if keys else {}
         pins = cast(list[str | None], res[at_pins]) if sessions else []
         return claims, pins
 

@@ -33,7 +33,7 @@ from router_worker.audit import AuditSink
 from router_worker.clock import now_ms
 from router_worker.core.model import Head, RouterMemory
 from router_worker.core.validity import split_valid
-from router_worker.metrics import Metrics
+from router_worker.metrics import Metrics, observe_many
 from router_worker.pipeline.faults import FaultGate
 from router_worker.pipeline.gaps import GapGuard, start_offset
 from router_worker.pipeline.intake import Parts, intake
@@ -552,9 +552,7 @@ class Router:
         stats = Stats()
         p = plan(parts, claims, index, self.state.policy, self.memory, now, self.health.heads_clock(now),
                  self.rng, self._cfg, stats, self.faults.verdicts)  # fmt: skip
-        observe = self.metrics.decision_duration.observe
-        for sec in stats.decision_seconds:
-            observe(sec)
+        observe_many(self.metrics.decision_duration, stats.decision_seconds)
         self.metrics.cache_hits.inc(index.hits - hits0)
         self.metrics.cache_misses.inc(index.misses - misses0)
         self.stats.saturated += stats.saturated

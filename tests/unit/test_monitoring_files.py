@@ -154,3 +154,28 @@ def test_promtool_accepts_the_config_and_the_rules() -> None:
     ):
         proc = subprocess.run([tool, *args], capture_output=True, text=True, timeout=60)
         assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_observing_a_batch_at_once_gives_the_histogram_observing_each_value_gives() -> None:
+    """The router observes a batch's decision times in one call (``observe_many``): the exposition must be the
+    one ``observe`` per value gives, bucket bounds included (a value equal to a bound falls in that bucket)."""
+    import random
+
+    from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+    from router_worker.metrics import observe_many
+
+    rng = random.Random(7)
+    bounds = (1e-6, 2.5e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 1e-3, 1e-2)
+    values = [rng.choice((1e-6, 1e-4, 1e-2, 1.0)) * rng.random() for _ in range(2000)] + [*bounds, 0.0, 1e9]
+    one, many = CollectorRegistry(), CollectorRegistry()
+    h_one = Histogram("d", "decisions", buckets=bounds, registry=one)
+    h_many = Histogram("d", "decisions", buckets=bounds, registry=many)
+    for v in values:
+        h_one.observe(v)
+    observe_many(h_many, values)
+
+    def lines(r: CollectorRegistry) -> list[str]:
+        return [line for line in generate_latest(r).decode().splitlines() if "_created" not in line]
+
+    assert lines(many) == lines(one)

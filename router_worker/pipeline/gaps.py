@@ -18,8 +18,9 @@ is reset only when the gap closes or the consumer moves elsewhere.
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
@@ -105,19 +106,46 @@ class GapGuard:
         return (records if kept is None else kept), None
 
 
-async def start_offset(consumer: AIOKafkaConsumer, tp: TopicPartition) -> int | None:
+START_WITHIN_S = 10.0
+"""How long reading a partition's start offset may take before its first fetch goes unguarded: the reads run
+inside the consumer's assignment callback, and nothing is fetched until it returns."""
+
+
+async def start_offset(
+    consumer: AIOKafkaConsumer, tp: TopicPartition, within_s: float = START_WITHIN_S
+) -> int | None:
     """Where reading ``tp`` resumes: the committed offset, else the partition's first offset (so the
-    first fetch is guarded as well). None when neither can be read (the guard then trusts the fetch)."""
+    first fetch is guarded as well). None when neither can be read within ``within_s`` (the guard then
+    trusts the fetch)."""
     try:
-        committed = await consumer.committed(tp)
-        if committed is not None:
-            return int(committed)
-        first = await consumer.beginning_offsets([tp])
-        return int(first[tp]) if tp in first else None
-    except KafkaError as exc:
+        return await asyncio.wait_for(_start_offset(consumer, tp), within_s)
+    except (TimeoutError, KafkaError) as exc:
         log.warning("%s[%d]: start offset unknown (%s); the first fetch is not gap-guarded", tp.topic,
-                    tp.partition, exc)  # fmt: skip
+                    tp.partition, describe_error(exc))  # fmt: skip
         return None
+
+
+async def start_offsets(consumer: AIOKafkaConsumer, tps: Iterable[TopicPartition],
+                        within_s: float = START_WITHIN_S) -> dict[TopicPartition, int | None]:  # fmt: skip
+    """:func:`start_offset` of every partition at once (concurrent requests, not one round trip after
+    another: a router is assigned dozens, and fetches nothing until they are read)."""
+    wanted = list(tps)
+    found = await asyncio.gather(*(start_offset(consumer, tp, within_s) for tp in wanted))
+    return dict(zip(wanted, found, strict=True))
+
+
+async def _start_offset(consumer: AIOKafkaConsumer, tp: TopicPartition) -> int | None:
+    committed = await consumer.committed(tp)
+    if committed is not None:
+        return int(committed)
+    first = await consumer.beginning_offsets([tp])
+    return int(first[tp]) if tp in first else None
+
+
+def describe_error(exc: BaseException) -> str:
+    if isinstance(exc, asyncio.TimeoutError):
+        return "no answer in time"
+    return str(exc) or type(exc).__name__
 
 
 def seek_to_gap(consumer: AIOKafkaConsumer, guard: GapGuard, tp: TopicPartition, offset: int) -> None:

@@ -35,7 +35,7 @@ from router_worker.core.model import Head, RouterMemory
 from router_worker.core.validity import split_valid
 from router_worker.metrics import Metrics, observe_many
 from router_worker.pipeline.faults import FaultGate
-from router_worker.pipeline.gaps import GapGuard, start_offset
+from router_worker.pipeline.gaps import GapGuard, start_offsets
 from router_worker.pipeline.intake import Parts, intake
 from router_worker.pipeline.kafka import ensure_topics, make_consumer, make_producer
 from router_worker.pipeline.marks import Marks
@@ -134,13 +134,16 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
     async def on_partitions_assigned(self, assigned: Any) -> None:
         log.info("router %s assigned %d partitions", self.router.router_id, len(assigned))
         consumer = self.router._consumer
-        starts: dict[TopicPartition, int | None] = {}
-        for tp in assigned:  # reading resumes at the committed offset: the first record must be that one
-            offset = await start_offset(consumer, tp) if consumer is not None else None
+        if consumer is None:
+            return
+        t0 = time.monotonic()
+        # Reading resumes at the committed offset: the first record must be that one.
+        starts = await start_offsets(consumer, assigned)
+        for tp, offset in starts.items():
             self.router.gaps.expect(tp, offset)
-            starts[tp] = offset
-        if consumer is not None:
-            self.router.metrics.partitions_assigned(consumer, starts)
+        self.router.metrics.partitions_assigned(consumer, starts)
+        log.info("router %s reads %d partitions from their committed offsets (found in %.0f ms)",
+                 self.router.router_id, len(starts), (time.monotonic() - t0) * 1000)  # fmt: skip
 
 
 class Router:

@@ -101,3 +101,44 @@ def test_a_seek_elsewhere_drops_the_open_gap() -> None:
     g.admit(TP, recs(12), now_ms=0)
     g.expect(TP, 40)
     assert TP not in g.since
+
+
+async def test_start_offsets_are_read_at_once_and_a_read_that_hangs_leaves_its_partition_unguarded() -> None:
+    """A router reads the start offset of every partition it is assigned inside the assignment callback, and
+    fetches nothing until it returns: the reads go out together, and one the broker never answers costs at
+    most ``within_s`` (that partition's first fetch is then not gap-guarded) instead of a stalled router."""
+    import asyncio
+    from typing import Any
+
+    from aiokafka import TopicPartition
+
+    from router_worker.pipeline.gaps import start_offsets
+
+    hung = TopicPartition("req", 2)
+
+    class _Consumer:
+        """Answers ``committed`` after a moment, except for one partition it never answers."""
+
+        def __init__(self) -> None:
+            self.open = 0
+            self.most_open = 0
+
+        async def committed(self, tp: TopicPartition) -> int | None:
+            self.open += 1
+            self.most_open = max(self.most_open, self.open)
+            try:
+                await asyncio.sleep(3600 if tp == hung else 0.01)
+            finally:
+                self.open -= 1
+            return 7 if tp.partition % 2 else None
+
+        async def beginning_offsets(self, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
+            return {tp: 0 for tp in tps}
+
+    tps = [TopicPartition("req", p) for p in range(24)]
+    fake = _Consumer()
+    consumer: Any = fake
+    starts = await asyncio.wait_for(start_offsets(consumer, tps, within_s=0.5), 60)
+    assert starts[hung] is None
+    assert all(starts[tp] == (7 if tp.partition % 2 else 0) for tp in tps if tp != hung)
+    assert fake.most_open == len(tps), "the reads went out one after another"

@@ -57,6 +57,8 @@ from schemas.envelope import DeadLetterReason
 log = logging.getLogger(__name__)
 
 _UNSENT_BACKOFF_MS = (200, 5_000)
+_PIN_WRITE_GRACE_MS = 5_000
+"""A pin this router made this recently is kept though Redis does not have it yet (its marks are on the way)."""
 _OUTAGE_PROBE_S = 0.5
 _LOG_BAD_PER_BATCH = 10
 
@@ -129,6 +131,7 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
             for tp in revoked:
                 self.router.paused_until.pop(tp, None)
                 self.router.gaps.forget(tp)
+                self.router._uncommitted.pop(tp, None)  # its next owner commits it (or reads it again)
             self.router.metrics.partitions_revoked(self.router.s.group_id, revoked)
 
     async def on_partitions_assigned(self, assigned: Any) -> None:
@@ -178,6 +181,8 @@ class Router:
         self._closing: asyncio.Task[None] | None = None
         """The acknowledged batch whose marks and commit are being written while the next ones go on."""
         self._mark_lock = asyncio.Lock()
+        self._uncommitted: dict[TopicPartition, int] = {}
+        """Offsets settled but not committed (their commit failed), for the next commit of partitions still owned."""
         self.paused_until: dict[TopicPartition, int] = {}
         self.gaps = GapGuard(s.gap_wait_ms)
         self.ready = asyncio.Event()
@@ -235,12 +240,16 @@ class Router:
             self.ready.clear()
             if reaping is not None:
                 await cancel_and_wait([reaping])
+            if self._closing is not None:  # the loop was cancelled: the batch being closed finishes first
+                with contextlib.suppress(BaseException):
+                    await asyncio.wait_for(self._closed(), s.shutdown_timeout_s)
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(consumer.stop(), s.shutdown_timeout_s)
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(producer.stop(), s.shutdown_timeout_s)
             with contextlib.suppress(Exception):  # what Redis did not take during an outage, if it is back
-                await asyncio.wait_for(self.marks.mark([], self._pin_ms()), 2.0)
+                async with self._mark_lock:
+                    await asyncio.wait_for(self.marks.mark([], self._pin_ms()), 2.0)
             await self.state.stop()
             with contextlib.suppress(Exception):
                 await self.audit.emit("router_stopped", self.router_id, routed=self.stats.routed)
@@ -393,6 +402,7 @@ class Router:
         if previous is not None:
             try:
                 rewound = await self._acked(previous, consumer)
+                await self._closed(raising=False)
             except BaseException:
                 # Never past what the previous batch left unsettled: it rewound its partitions to that.
                 if prepared is not None:
@@ -401,7 +411,6 @@ class Router:
                 raise
             if prepared is not None and rewound:
                 prepared.drop(rewound)
-            await self._closed(raising=False)
             self._closing = asyncio.create_task(self._close(previous, consumer), name="close")
         if prepared is not None:
             self._inflight = self.start(prepared, consumer, producer)
@@ -537,10 +546,16 @@ class Router:
         else:
             ride.done()
         affinity = self.memory.affinity
-        expires = now + self._pin_ms()
+        pin_ms = self._pin_ms()
+        expires = now + pin_ms
+        fresh_after = expires - _PIN_WRITE_GRACE_MS
         for sid, head_id in zip(sessions, pins, strict=True):
             if head_id is None:
-                affinity.pop(sid, None)  # expired in Redis: expired everywhere
+                local = affinity.get(sid)
+                # Expired in Redis: expired everywhere; unless this router pinned it a moment ago, and the
+                # batch that did is still on its way to Redis (marks are written after the next batch starts).
+                if local is not None and local[1] < fresh_after:
+                    del affinity[sid]
             else:
                 affinity[sid] = (head_id, expires)
         return claims
@@ -688,15 +703,37 @@ class Router:
             return
         self.health.ok(now)
         self._last_inflight = inflight
-        self.memory.reset_pending(dict(inflight))
+        pending = dict(inflight)
+        # Redis counts a job once its batch is marked: the picks of the batch still in flight are this
+        # router's own, and count against their heads until then.
+        f = self._inflight
+        if f is not None:
+            for o in f.batch.plan.outcomes:
+                if isinstance(o, Routed):
+                    pending[o.head_id] = pending.get(o.head_id, 0) + 1
+        self.memory.reset_pending(pending)
         self.metrics.external_calls.labels("redis", "ok").inc()
 
     async def _commit(self, consumer: AIOKafkaConsumer, offsets: dict[TopicPartition, int]) -> None:
-        """Commit the next offset of each partition this member still owns: everything before it is settled."""
+        """Commit the next offset of each partition this member still owns: everything before it is settled.
+        Offsets a failed commit left are carried into the next one (a quiet partition has no next batch of its
+        own to cover them)."""
         owned = consumer.assignment()
+        carried = self._uncommitted
+        if carried:
+            offsets = {**{tp: off for tp, off in carried.items() if tp in owned}, **offsets}
+            for tp, off in carried.items():
+                if tp in offsets and offsets[tp] < off:
+                    offsets[tp] = off
         commit = {tp: OffsetAndMetadata(off, "") for tp, off in offsets.items() if tp in owned}
-        if commit:
+        if not commit:
+            return
+        try:
             await consumer.commit(commit)
+        except BaseException:
+            self._uncommitted = {tp: m.offset for tp, m in commit.items()}
+            raise
+        self._uncommitted = {}
 
     def _count(self, p: Plan, t_batch: float) -> None:
         st = self.stats

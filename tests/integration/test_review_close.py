@@ -25,11 +25,6 @@ from tests.helpers import Served, make_router, make_worker, running, wait_until
 pytestmark = pytest.mark.integration
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review: a session's pin made in batch N is dropped by the claims of N+1 and N+2, read before N's "
-    "marks (written in the background) reach Redis; the session's next jobs go to other heads",
-)
 async def test_a_streaming_session_stays_on_its_head_while_batches_overlap(
     settings: Settings, redis: Redis
 ) -> None:

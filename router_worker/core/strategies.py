@@ -360,6 +360,7 @@ def _size_class(size: float) -> int:
 _TABLE_KEYS = tuple(f"adaptive:{k}" for k in range(len(_CLASS_SIZES)))
 _HEAP_NAMES = {(g, k): f"adaptive:{g.value}:{k}" for g in Goal for k in range(len(_CLASS_SIZES))}
 _GOAL_NAMES = {g: g.value for g in Goal}
+_SCORER_KEYS = {(g, k): f"adaptive-scorers:{g.value}:{k}" for g in Goal for k in range(len(_CLASS_SIZES))}
 """Names built once: an f-string (and an enum's ``.value``) per decision is a measurable share of it."""
 
 
@@ -399,9 +400,15 @@ def _adaptive_table(
     return memo  # type: ignore[return-value]
 
 
-def adaptive(cs: CandidateSet, ctx: Context) -> Pick | None:
-    goal = ctx.goal
-    klass = _size_class(job_size(ctx.job))
+def _adaptive_scorers(cs: CandidateSet, ctx: Context, goal: Goal, klass: int) -> tuple[
+    Callable[[Head, float], tuple[float, float]], Callable[[Head, float], float], dict[str, _AdaptiveRow], float
+]:  # fmt: skip
+    """The (score and predicted latency, score) functions of one candidate set, goal and size class, and their
+    table and best latency: built once per set, not two closures per decision."""
+    key = _SCORER_KEYS[goal, klass]
+    memo = cs.memo.get(key)
+    if memo is not None:
+        return memo  # type: ignore[return-value]
     rows, best_lat, best_pw, best_tp = _adaptive_table(cs, ctx, klass)
 
     def parts(h: Head, load: float) -> tuple[float, float]:
@@ -426,6 +433,14 @@ def adaptive(cs: CandidateSet, ctx: Context) -> Pick | None:
     def score(h: Head, load: float) -> float:
         return parts(h, load)[0]
 
+    memo = cs.memo[key] = (parts, score, rows, best_lat)
+    return memo
+
+
+def adaptive(cs: CandidateSet, ctx: Context) -> Pick | None:
+    goal = ctx.goal
+    klass = _size_class(job_size(ctx.job))
+    parts, score, rows, best_lat = _adaptive_scorers(cs, ctx, goal, klass)
     head = _best(cs, ctx, _HEAP_NAMES[goal, klass], score)
     if head is None:
         return None

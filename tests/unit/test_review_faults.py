@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
 
-import msgpack
 from aiokafka import TopicPartition
 
 from router_worker.core.engine import HeadIndex
@@ -15,30 +13,32 @@ from router_worker.pipeline.fault_headers import H_ADMIT_AT, H_THROTTLE_N
 from router_worker.pipeline.faults import restore_waited
 from router_worker.pipeline.gaps import GapGuard
 from router_worker.pipeline.intake import intake
-from router_worker.pipeline.outcomes import H_REDRIVE, DeadLettered, Incoming, Retried, Routed, claim_key_of
+from router_worker.pipeline.outcomes import (
+    H_REDRIVE,
+    DeadLettered,
+    Incoming,
+    Plan,
+    Retried,
+    Routed,
+    claim_key_of,
+)
 from router_worker.pipeline.plan import PlanConfig, Stats, plan
-from router_worker.topics import Topics
 from schemas.envelope import Job
 from tests.unit.core.sim import head
-
-TOPICS = Topics(prefix="", requests="req", model_prefix="model.", retry_prefix="retry.", dlq="dlq",
-                results="res")  # fmt: skip
-CFG = PlanConfig(router_id="r", topics=TOPICS, max_attempts=3, retry_backoff_ms=(100, 200),
-                 max_message_bytes=1000, dlq_keep_bytes=16)  # fmt: skip
-NOW = 1_000_000
+from tests.unit.test_plan import CFG, NOW, Rec, job
 
 
-@dataclass
-class Rec:
-    offset: int
-    value: bytes | None
-    key: bytes | None = None
-    headers: tuple[tuple[str, bytes | None], ...] = ()
-
-
-def job(job_id: str, model: str = "m", **kw: object) -> bytes:
-    out: bytes = msgpack.packb({"job_id": job_id, "model_type": model, **kw})
-    return out
+def _low_then_high() -> Plan:
+    """A priority-0 job then a priority-5 one, on a head at 0.8 load (limits 0.8 and 0.9)."""
+    tp = TopicPartition("req", 0)
+    batch = {tp: [Rec(0, job("low", priority=0)), Rec(1, job("high", priority=5))]}
+    gaps = GapGuard(wait_ms=1000)
+    gaps.expect(tp, 0)
+    parts, _ = intake(batch, gaps, frozenset(), NOW, CFG.max_message_bytes)
+    index = HeadIndex.build([head("h0", partition=0, capacity=10, reported_inflight=8)])
+    policy = Policy(max_load_threshold=0.9, priority_headroom=0.1)
+    p = plan(parts, {}, index, policy, RouterMemory(), NOW, NOW, random.Random(1), CFG, Stats())
+    return p
 
 
 def _waited(topic: str, headers: list[tuple[str, bytes | None]]) -> Incoming:
@@ -67,14 +67,7 @@ def test_a_high_priority_job_behind_a_held_low_priority_one_is_not_held_with_it(
     that meets heads at 0.8 load (its limit is 0.9 - 0.1) waits in a retry tier (no attempt spent); it does not
     hold its partition, so the priority-5 job right behind it, for which the same head has room (limit 0.9),
     goes at once."""
-    tp = TopicPartition("req", 0)
-    batch = {tp: [Rec(0, job("low", priority=0)), Rec(1, job("high", priority=5))]}
-    gaps = GapGuard(wait_ms=1000)
-    gaps.expect(tp, 0)
-    parts, _ = intake(batch, gaps, frozenset(), NOW, CFG.max_message_bytes)
-    index = HeadIndex.build([head("h0", partition=0, capacity=10, reported_inflight=8)])
-    policy = Policy(max_load_threshold=0.9, priority_headroom=0.1)
-    p = plan(parts, {}, index, policy, RouterMemory(), NOW, NOW, random.Random(1), CFG, Stats())
+    p = _low_then_high()
     routed = [o.src.job.job_id for o in p.outcomes if isinstance(o, Routed) and o.src.job is not None]
     assert p.holds == [], "nothing holds the partition: the low-priority job waits in a retry tier instead"
     assert [type(o).__name__ for o in p.outcomes] == ["Retried", "Routed"]
@@ -185,16 +178,9 @@ def test_a_low_priority_job_held_for_headroom_waits_in_a_retry_tier_and_the_one_
     """The fix of the head-of-line blocking above: the low-priority job waits in a retry tier (a return from a
     wait: no attempt spent, its claim keyed by the trip), the high-priority one behind it is routed, nothing is
     held, and the partition is planned to its end."""
-    tp = TopicPartition("req", 0)
-    batch = {tp: [Rec(0, job("low", priority=0)), Rec(1, job("high", priority=5))]}
-    gaps = GapGuard(wait_ms=1000)
-    gaps.expect(tp, 0)
-    parts, _ = intake(batch, gaps, frozenset(), NOW, CFG.max_message_bytes)
-    index = HeadIndex.build([head("h0", partition=0, capacity=10, reported_inflight=8)])
-    policy = Policy(max_load_threshold=0.9, priority_headroom=0.1)
-    p = plan(parts, {}, index, policy, RouterMemory(), NOW, NOW, random.Random(1), CFG, Stats())
+    p = _low_then_high()
     assert not p.holds
-    assert p.next_offset[tp] == 2
+    assert p.next_offset[TopicPartition("req", 0)] == 2
     low, high = p.outcomes
     assert isinstance(high, Routed)
     assert isinstance(low, Retried)

@@ -23,7 +23,12 @@ def stack() -> Iterator[LocalStack]:
     if kafka and redis:  # an external deployment: use it, start nothing
         yield LocalStack(kafka, redis, Path("."))
         return
-    with local_stack() as st:
+    # ROUTER_TEST_STACK_DIR keeps the broker's and Redis' logs after the run (one folder per xdist worker).
+    keep = os.environ.get("ROUTER_TEST_STACK_DIR")
+    workdir = Path(keep) / os.environ.get("PYTEST_XDIST_WORKER", "main") if keep else None
+    if workdir is not None:
+        workdir.mkdir(parents=True, exist_ok=True)
+    with local_stack(workdir) as st:
         asyncio.run(wait_kafka_ready(st.bootstrap_servers))
         yield st
 
@@ -57,3 +62,37 @@ async def redis(settings: Settings) -> AsyncIterator[object]:
     )  # the deployment's login and TLS, where the suite runs against a real one
     yield client
     await client.aclose()
+
+
+_BROKER_LOG_LINES = 60
+"""At most this many of the broker's warning and error lines are shown under a failed test."""
+_BROKER_LOG = pytest.StashKey[tuple[Path, int]]()
+
+
+@pytest.fixture(autouse=True)
+def broker_log_mark(request: pytest.FixtureRequest) -> None:
+    """Where the embedded broker's log stood when the test began (tests using the stack only)."""
+    if "stack" in request.fixturenames:
+        st: LocalStack = request.getfixturevalue("stack")
+        log = st.workdir / "broker.log"
+        request.node.stash[_BROKER_LOG] = (log, log.stat().st_size if log.exists() else 0)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """A failed test's report carries what the broker logged meanwhile: a broker-side cause (a produce refused
+    for many seconds, a storage error) is then visible in CI, where the broker's log is gone after the run."""
+    report = yield
+    mark = item.stash.get(_BROKER_LOG, None)
+    if mark is not None and report.failed:
+        log, start = mark
+        try:
+            with open(log, "rb") as f:
+                f.seek(start)
+                text = f.read().decode("utf-8", "replace")
+        except OSError as exc:
+            text = f"(broker log unreadable: {exc})"
+        lines = [ln for ln in text.splitlines() if "ERROR" in ln or "WARN" in ln]
+        shown = "\n".join(lines[-_BROKER_LOG_LINES:]) or "(no warnings or errors)"
+        report.sections.append(("broker log (warnings and errors during the test)", shown))
+    return report

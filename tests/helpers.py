@@ -105,7 +105,10 @@ async def running(*services: Router | ModelWorker) -> AsyncIterator[None]:
                 raise r
 
 
-async def wait_until(pred: Callable[[], bool], timeout: float = 30.0, every: float = 0.05) -> None:
+async def wait_until(pred: Callable[[], bool], timeout: float = 75.0, every: float = 0.05) -> None:
+    """Poll ``pred`` until it holds. The default outlasts one publish the broker keeps refusing for the producer's
+    whole request timeout (30 s; the embedded broker has done so for a topic just created) plus the router's
+    reading it again: only a failing test waits this long."""
     deadline = asyncio.get_running_loop().time() + timeout
     while not pred():
         if asyncio.get_running_loop().time() > deadline:

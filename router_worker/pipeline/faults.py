@@ -341,23 +341,35 @@ class FaultGate:
             return []
         state = self.state
         moved: list[Send] = []
+        failures: Tally[str] = Tally()
         for o in p.outcomes:
             if not isinstance(o, Routed) or o.send is None or id(o.send) not in bad:
                 continue
             if isinstance(o.send.error, RECORD_ERRORS):
                 continue
             head_id = o.head_id
-            self.feed[head_id] += 1
+            failures[head_id] += 1
             failed.add(head_id)
             why = f"publish to head {head_id} failed: {describe(o.send.error or Exception())}"
             if reroute(
                 o, frozenset(failed), why, state.index, state.policy, self.memory, now, self.rng, self.cfg
             ):
                 moved.append(o.send)
+        self._feed_failures(failures)
         if moved:
             log.warning("%d jobs moved to other heads after their publishes failed (heads %s)", len(moved),
                         ", ".join(sorted(failed)))  # fmt: skip
         return moved
+
+    def _feed_failures(self, failures: Tally[str]) -> None:
+        """Count publishes that failed for good against their heads' breakers, each head at least the breaker's
+        minimum volume: such a publish failed after the producer's whole retry budget (its request timeout, then
+        ours), so the head's partition is unwritable, and every batch holding a job for it would wait that long
+        again. A few jobs per batch, batches that far apart, never fill the window on their own."""
+        cfg = breaker_config(self.state.policy, self.s)
+        floor = cfg.min_volume if cfg is not None else 1
+        for head_id, n in failures.items():
+            self.feed[head_id] += max(n, floor)
 
     def _count_throttled(self, p: Plan, report: PublishReport) -> None:
         acked = {id(s) for s in report.acked}

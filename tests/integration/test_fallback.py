@@ -5,6 +5,7 @@ breaker, and heads that refuse or fail a job are passed over on its next attempt
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from typing import Any
 
@@ -154,3 +155,47 @@ async def test_a_head_that_refuses_or_fails_a_job_is_passed_over_on_its_next_att
     assert workers[0].stats.refused > 0
     assert workers[1].stats.failed > 0
     assert router.stats.dead_lettered == 0
+
+
+async def test_one_publish_that_fails_for_good_opens_the_heads_breaker_though_the_window_is_far_from_full(
+    settings: Settings, redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A publish fails for good only after the producer's whole retry budget (30 s and more): a head whose
+    partition stays unwritable would make every batch holding a job for it wait that long. A few jobs per batch
+    never fill the breaker's window (20 outcomes in 10 s), so such a failure counts as a full window: the breaker
+    opens after the first batch, and later jobs never try the head."""
+    assert settings.breaker_min_volume == 20
+    served = Served()
+    bad = make_worker(settings, redis, served, "m", head_id="bad", partition=0, capacity=500)
+    good = make_worker(settings, redis, served, "m", head_id="good", partition=1, capacity=500)
+    failed_sends: list[int] = []
+    refusing = _refusing(settings, 0, KafkaTimeoutError("leader gone"))
+
+    async def counting(producer: Any, sends: Sequence[Send], budget: RetryBudget) -> PublishReport:
+        report = await refusing(producer, sends, budget)
+        failed_sends.append(len([x for x in report.unsent if x.partition == 0]))
+        return report
+
+    monkeypatch.setattr(faults_module, "publish", counting)
+    router = make_router(settings, redis)
+    n = 8
+    async with running(bad, good):
+        async with JobProducer(settings) as p:  # waiting before the router starts: one batch, half for "bad"
+            for i in range(n):
+                await p.submit("m", {"i": i}, job_id=f"w{i}", strategy="round_robin")
+        async with running(router):
+            await wait_until(lambda: len(served.rows) >= n, timeout=30)
+            first_round = sum(failed_sends)
+            after = len(failed_sends)
+            async with JobProducer(settings) as p:
+                for i in range(n, 3 * n):
+                    await p.submit("m", {"i": i}, job_id=f"w{i}", strategy="round_robin")
+                    await asyncio.sleep(0.02)  # batches of a job or two
+            await wait_until(lambda: len(served.rows) >= 3 * n, timeout=30)
+    assert sorted(served.job_ids()) == sorted(f"w{i}" for i in range(3 * n)), "every job once, none lost"
+    assert {r[1] for r in served.rows} == {"good"}
+    assert 0 < first_round < settings.breaker_min_volume
+    assert sum(failed_sends[after:]) == 0, f"no job tried the head once its breaker was open: {failed_sends}"
+    assert router.faults.view["bad"].state.label == "open"
+    records, _ = read_audit(settings.audit_file)
+    assert [r["head_id"] for r in records if r.get("event") == "breaker_opened"] == ["bad"]

@@ -49,6 +49,9 @@ def settings(stack: LocalStack, tmp_path: Path) -> Settings:
         kafka_session_timeout_ms=6_000,
         kafka_heartbeat_interval_ms=500,
         retry_backoff_ms=[100, 200, 400],
+        # A breaker opened by the embedded broker refusing a fresh topic's partition (it has, for 30 s) holds a
+        # lone head's jobs for this long, not 30 s.
+        breaker_cooldown_s=3.0,
         requests_partitions=6,
         model_partitions=8,
     )

@@ -31,9 +31,14 @@ from aiokafka.errors import (
     CorruptRecordException,
     InvalidMessageError,
     InvalidTimestampError,
+    LeaderNotAvailableError,
     MessageSizeTooLargeError,
+    NotEnoughReplicasAfterAppendError,
+    NotEnoughReplicasError,
+    NotLeaderForPartitionError,
     RecordListTooLargeError,
     RecordTooLargeError,
+    UnknownTopicOrPartitionError,
 )
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from redis.asyncio import Redis
@@ -77,6 +82,11 @@ log = logging.getLogger(__name__)
 RECORD_ERRORS = (MessageSizeTooLargeError, RecordTooLargeError, RecordListTooLargeError, CorruptRecordException,
                  InvalidMessageError, InvalidTimestampError)  # fmt: skip
 """Publish errors that are the record's own: no other head would take it either, and its head is not at fault."""
+PARTITION_ERRORS = (NotLeaderForPartitionError, LeaderNotAvailableError, NotEnoughReplicasError,
+                    NotEnoughReplicasAfterAppendError, UnknownTopicOrPartitionError)  # fmt: skip
+"""Retriable errors a live broker answers about one partition: still failing after the whole retry budget, they
+are the head's partition's problem even when nothing else was sent in the batch (a broker that is down gives
+connection errors and timeouts instead)."""
 THROTTLE_REASON_B = THROTTLE_REASON.encode()
 FALLBACK_ROUNDS = 2
 """How many times one batch moves jobs off failing heads (each round passes over every head failed so far)."""
@@ -337,6 +347,8 @@ class FaultGate:
         bad = {id(s) for s in report.fatal}
         if report.acked:  # the broker takes records: what stayed unsent is the head's partition's problem
             bad |= {id(s) for s in report.unsent}
+        else:  # nothing went: blame a head only where the broker answered that its partition takes nothing
+            bad |= {id(s) for s in report.unsent if isinstance(s.error, PARTITION_ERRORS)}
         if not bad:
             return []
         state = self.state

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import pytest
-from aiokafka.errors import KafkaTimeoutError
+from aiokafka.errors import KafkaTimeoutError, NotLeaderForPartitionError
 from redis.asyncio import Redis
 
 import router_worker.pipeline.faults as faults_module
@@ -39,7 +39,9 @@ def _refusing(settings: Settings, partition: int, error: BaseException) -> Any:
         report = await real_publish(producer, good, budget) if good else PublishReport()
         for x in bad:
             x.error = error
-        if isinstance(error, KafkaTimeoutError):
+        if isinstance(
+            error, KafkaTimeoutError | NotLeaderForPartitionError
+        ):  # retriable: unsent after retries
             report.unsent += bad
         else:
             report.fatal += bad
@@ -199,3 +201,36 @@ async def test_one_publish_that_fails_for_good_opens_the_heads_breaker_though_th
     assert router.faults.view["bad"].state.label == "open"
     records, _ = read_audit(settings.audit_file)
     assert [r["head_id"] for r in records if r.get("event") == "breaker_opened"] == ["bad"]
+
+
+@pytest.mark.parametrize("error", [NotLeaderForPartitionError(), KafkaTimeoutError("no answer")])
+async def test_a_lone_job_whose_heads_partition_the_broker_says_takes_nothing_moves_on_at_once(
+    settings: Settings, redis: Redis, monkeypatch: pytest.MonkeyPatch, error: BaseException
+) -> None:
+    """A batch holding only jobs for one head, whose publishes all stay unsent: with nothing acknowledged the
+    broker may be down (timeouts: the records are read again, no head is blamed), unless the broker answered
+    that the head's partition takes nothing (NotLeaderForPartition after every retry): then the jobs move to
+    the next candidate at once and the head's breaker opens, instead of the job trying that head again and
+    again, each time after the whole retry budget."""
+    served = Served()
+    bad = make_worker(settings, redis, served, "m", head_id="bad", partition=0, capacity=500)
+    good = make_worker(settings, redis, served, "m", head_id="good", partition=1, capacity=500)
+    monkeypatch.setattr(faults_module, "publish", _refusing(settings, 0, error))
+    router = make_router(settings, redis)
+    async with running(bad, good), running(router), JobProducer(settings) as p:
+        await p.submit("m", {"i": 0}, job_id="lone", strategy="round_robin")
+        await wait_until(lambda: len(served.rows) >= 1, timeout=30)
+        await p.submit("m", {"i": 1}, job_id="next", strategy="round_robin")  # its batch reads the breaker
+        await wait_until(lambda: len(served.rows) >= 2, timeout=30)
+    assert served.job_ids() == ["lone", "next"]
+    assert [r[1] for r in served.rows] == ["good", "good"]
+    records, _ = read_audit(settings.audit_file)
+    opened = [r["head_id"] for r in records if r.get("event") == "breaker_opened"]
+    if isinstance(error, NotLeaderForPartitionError):
+        assert served.rows[0][4]["x-route-fallback"] == b"1", "moved within the batch, not read again"
+        assert served.rows[1][4]["x-route-fallback"] == b"0", "the head was no candidate any more"
+        assert router.stats.unsent == 0
+        assert opened == ["bad"]
+    else:
+        assert router.stats.unsent >= 1, "read again: a broker that is down blames no head"
+        assert opened == []

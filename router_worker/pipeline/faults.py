@@ -20,6 +20,7 @@ routes from its last snapshot anyway; a limit is not worth stopping the stream f
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 from collections import Counter as Tally
@@ -36,6 +37,7 @@ from aiokafka.errors import (
     NotEnoughReplicasAfterAppendError,
     NotEnoughReplicasError,
     NotLeaderForPartitionError,
+    ProducerClosed,
     RecordListTooLargeError,
     RecordTooLargeError,
     UnknownTopicOrPartitionError,
@@ -90,6 +92,20 @@ connection errors and timeouts instead)."""
 THROTTLE_REASON_B = THROTTLE_REASON.encode()
 FALLBACK_ROUNDS = 2
 """How many times one batch moves jobs off failing heads (each round passes over every head failed so far)."""
+
+
+_PROBE_MAX_S = 2.0
+"""The longest wait for the broker's answer to the metadata request that tells a partition's fault from an outage."""
+
+
+async def broker_answers(producer: AIOKafkaProducer, request_timeout_ms: int) -> bool:
+    """Whether the cluster answers a metadata request now (within 2 s, or the request timeout if shorter)."""
+    client: Any = producer.client
+    try:
+        await asyncio.wait_for(client.fetch_all_metadata(), min(_PROBE_MAX_S, request_timeout_ms / 1000))
+    except Exception:
+        return False
+    return True
 
 
 def breaker_config(policy: Policy, s: Settings) -> BreakerConfig | None:
@@ -330,8 +346,10 @@ class FaultGate:
         """Publish the plan; move routed jobs off heads whose publish failed; count throttled jobs."""
         report = await publish(producer, p.sends(), budget)
         failed: set[str] = set()
+        charged: set[int] = set()
         for _ in range(FALLBACK_ROUNDS):
-            moved = self._move_failed(p, report, failed, now)
+            bad = await self._blamed(producer, report)
+            moved = self._move_failed(p, bad, failed, charged, now)
             if not moved:
                 break
             again = await publish(producer, moved, budget)
@@ -343,12 +361,25 @@ class FaultGate:
         self._count_throttled(p, report)
         return report
 
-    def _move_failed(self, p: Plan, report: PublishReport, failed: set[str], now: int) -> list[Send]:
+    async def _blamed(self, producer: AIOKafkaProducer, report: PublishReport) -> set[int]:
+        """The failed sends that are their head's partition's fault (ids): a fatal error that is not the record's
+        own; an unsent one the broker answered about (:data:`PARTITION_ERRORS`); an unsent one that timed out, if
+        the broker answers a metadata request right after (acks from before an outage prove nothing: a broker
+        that went down mid-batch blames no head)."""
         bad = {id(s) for s in report.fatal}
-        if report.acked:  # the broker takes records: what stayed unsent is the head's partition's problem
-            bad |= {id(s) for s in report.unsent}
-        else:  # nothing went: blame a head only where the broker answered that its partition takes nothing
-            bad |= {id(s) for s in report.unsent if isinstance(s.error, PARTITION_ERRORS)}
+        timed_out = []
+        for s in report.unsent:
+            if isinstance(s.error, PARTITION_ERRORS):
+                bad.add(id(s))
+            elif not isinstance(s.error, ProducerClosed):
+                timed_out.append(s)
+        if timed_out and report.acked and await broker_answers(producer, self.s.kafka_request_timeout_ms):
+            bad |= {id(s) for s in timed_out}
+        return bad
+
+    def _move_failed(
+        self, p: Plan, bad: set[int], failed: set[str], charged: set[int], now: int
+    ) -> list[Send]:
         if not bad:
             return []
         state = self.state
@@ -360,7 +391,9 @@ class FaultGate:
             if isinstance(o.send.error, RECORD_ERRORS):
                 continue
             head_id = o.head_id
-            failures[head_id] += 1
+            if id(o.send) not in charged:  # a job no head could take stays here: its head is charged once
+                charged.add(id(o.send))
+                failures[head_id] += 1
             failed.add(head_id)
             why = f"publish to head {head_id} failed: {describe(o.send.error or Exception())}"
             if reroute(
@@ -377,11 +410,14 @@ class FaultGate:
         """Count publishes that failed for good against their heads' breakers, each head at least the breaker's
         minimum volume: such a publish failed after the producer's whole retry budget (its request timeout, then
         ours), so the head's partition is unwritable, and every batch holding a job for it would wait that long
-        again. A few jobs per batch, batches that far apart, never fill the window on their own."""
+        again. A few jobs per batch, batches that far apart, never fill the window on their own. Nothing is
+        counted while breakers are off (nothing would read the counts, and they would all land on the window in
+        force when breakers are turned on)."""
         cfg = breaker_config(self.state.policy, self.s)
-        floor = cfg.min_volume if cfg is not None else 1
+        if cfg is None:
+            return
         for head_id, n in failures.items():
-            self.feed[head_id] += max(n, floor)
+            self.feed[head_id] += max(n, cfg.min_volume)
 
     def _count_throttled(self, p: Plan, report: PublishReport) -> None:
         acked = {id(s) for s in report.acked}

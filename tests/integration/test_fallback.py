@@ -234,3 +234,23 @@ async def test_a_lone_job_whose_heads_partition_the_broker_says_takes_nothing_mo
     else:
         assert router.stats.unsent >= 1, "read again: a broker that is down blames no head"
         assert opened == []
+
+
+async def test_with_breakers_off_publish_failures_are_not_counted_for_later(
+    settings: Settings, redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Nothing reads breaker counts while breakers are off: failures counted then would pile up and land on the
+    window in force the moment breakers are turned on."""
+    s = settings.model_copy(update={"breaker_enabled": False})
+    served = Served()
+    bad = make_worker(s, redis, served, "m", head_id="bad", partition=0, capacity=500)
+    good = make_worker(s, redis, served, "m", head_id="good", partition=1, capacity=500)
+    monkeypatch.setattr(faults_module, "publish", _refusing(s, 0, NotLeaderForPartitionError()))
+    router = make_router(s, redis)
+    async with running(bad, good), running(router), JobProducer(s) as p:
+        for i in range(6):
+            await p.submit("m", {"i": i}, job_id=f"off{i}", strategy="round_robin")
+        await wait_until(lambda: len(served.rows) >= 6, timeout=30)
+    assert {r[1] for r in served.rows} == {"good"}
+    assert any(r[4]["x-route-fallback"] == b"1" for r in served.rows), "jobs still move off a failing head"
+    assert not router.faults.feed, f"failures counted with breakers off: {dict(router.faults.feed)}"

@@ -32,47 +32,50 @@ from tests.procs import read_audit
 pytestmark = pytest.mark.integration
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="faults.py _move_failed: `report.acked` accumulates over every retry round and over the fallback "
-    "publish, so acks the broker gave BEFORE it went down make a broker-wide outage look like each head's own "
-    "unwritable partition; _feed_failures then weighs it as a full window (a65f7cf) and opens every head's breaker: "
-    "the model's jobs are held for the whole cool-down",
-)
 async def test_a_broker_outage_that_begins_mid_batch_does_not_open_healthy_heads_breakers(
     settings: Settings, redis: Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The broker acknowledges the batch for head a's partition, then stops answering (a restart, a network cut)
-    for the rest of that publish and for the fallback publish that follows it; then it is back. Nothing was wrong
-    with either head. Because the first publish had acks, head b's unsent jobs count ``breaker_min_volume``
-    failures against b; they move to a, whose fallback publish is unsent as well, and since ``report.acked`` still
-    holds the first publish's acks, a gets a full window too. On the next batch both breakers open, the model has
-    no routable head, and its jobs (and every job behind them on their request partitions) are held for the whole
-    cool-down (30 s by default) while the broker and both heads are fine."""
+    for a second: the rest of that publish stays unsent, and so does every publish until it is back. Nothing was
+    wrong with either head. Acks from before the outage are no proof that the broker takes records: the router
+    asks it (a metadata request) before it blames a head for a timed-out publish, so no breaker opens, and the
+    jobs read again go as soon as the broker is back (before the fix, a and b were each charged a full window,
+    both breakers opened, and the model's jobs were held for the whole cool-down: 30.5 s)."""
     s = settings.model_copy(update={"breaker_cooldown_s": 30.0})  # the default (the suite's is 3 s)
     model_topic = Topics.from_settings(s).model("m")
-    outage: dict[str, Any] = {"calls": 0, "over_at": None}
+    outage: dict[str, Any] = {"calls": 0, "began": None, "over_at": None}
+
+    def down() -> bool:
+        began = outage["began"]
+        return began is not None and time.monotonic() < began + 1.0
+
+    async def answers(producer: Any, request_timeout_ms: int) -> bool:
+        return not down()
 
     async def outage_after_the_first_ack(
         producer: Any, sends: Sequence[Send], budget: RetryBudget
     ) -> PublishReport:
         parts = {x.partition for x in sends if x.topic == model_topic}
-        if outage["over_at"] is not None or (not outage["calls"] and not parts >= {0, 1}):
+        if outage["began"] is None and not parts >= {0, 1}:
             return await real_publish(producer, sends, budget)  # before the outage: a batch for both heads
+        if outage["began"] is not None and not down():
+            outage["over_at"] = outage["over_at"] or outage["began"] + 1.0
+            return await real_publish(producer, sends, budget)
         outage["calls"] += 1
-        if outage["calls"] == 1:  # head a's partition is acknowledged, then the broker goes away
+        if outage["began"] is None:  # head a's partition is acknowledged, then the broker goes away
             first = [x for x in sends if x.topic == model_topic and x.partition == 0]
             report = await real_publish(producer, first, budget)
             rest = [x for x in sends if not (x.topic == model_topic and x.partition == 0)]
-        else:  # the fallback publish, during the same outage; the broker is back after it
+            outage["began"] = time.monotonic()
+        else:  # any publish during the outage
             report, rest = PublishReport(), list(sends)
-            outage["over_at"] = time.monotonic()
         for x in rest:
             x.error = KafkaTimeoutError("broker unreachable")
         report.unsent += rest
         report.tries += budget.attempts
         return report
 
+    monkeypatch.setattr(faults_module, "broker_answers", answers)
     monkeypatch.setattr(faults_module, "publish", outage_after_the_first_ack)
     served = Served()
     a = make_worker(s, redis, served, "m", head_id="a", partition=0, capacity=500)
@@ -87,9 +90,11 @@ async def test_a_broker_outage_that_begins_mid_batch_does_not_open_healthy_heads
                 await p.submit("m", job_id, job_id=job_id, strategy="round_robin")
         async with running(router):
             with contextlib.suppress(AssertionError):
-                await wait_until(lambda: outage["over_at"] is not None, timeout=30)
-            if outage["over_at"] is None:
+                await wait_until(lambda: outage["began"] is not None, timeout=30)
+            if outage["began"] is None:
                 pytest.skip("no publish held jobs for both heads: the outage never began")
+            await wait_until(lambda: not down())
+            outage["over_at"] = outage["began"] + 1.0
             try:  # the broker is back: the jobs read again go at once (a hold is 200 ms)
                 await wait_until(lambda: set(served.job_ids()) >= set(ids), timeout=10)
             except AssertionError:

@@ -111,6 +111,8 @@ class Routed(_Outcome):
     """The session had no pin: written only if still absent, so of two routers racing the first wins."""
     fallback: str | None = None
     """Why the decision fell back (``model_fallback``, ``region_fallback``; see ``audit.fallback_kind``)."""
+    probe: bool = False
+    """The decision spent one of this router's half-open probes on the head: given back if it is never sent."""
 
 
 @dataclass(slots=True)

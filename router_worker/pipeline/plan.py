@@ -213,6 +213,7 @@ def _routed(inc: Incoming, job: Job, d: Decision, memory: RouterMemory, policy: 
     head = d.head
     assert head is not None
     new_pin = d.sticky is not None and d.sticky[0] not in memory.affinity
+    probe = bool(memory.probes) and head.head_id in memory.probes
     record(d, memory, job, policy, now)
     headers = routed_headers(inc.headers, job.job_id, d, inc.content_type, now)
     if inc.marked:
@@ -227,7 +228,7 @@ def _routed(inc: Incoming, job: Job, d: Decision, memory: RouterMemory, policy: 
         else None
     )
     return Routed(inc, send, audit, head_id=head.head_id, region=head.region, strategy=d.strategy, pin=d.sticky,
-                  new_pin=new_pin, fallback=fallback_kind(d))  # fmt: skip
+                  new_pin=new_pin, fallback=fallback_kind(d), probe=probe)  # fmt: skip
 
 
 def reroute(o: Routed, failed: frozenset[str], why: str, index: HeadIndex, policy: Policy, memory: RouterMemory,
@@ -253,7 +254,7 @@ def reroute(o: Routed, failed: frozenset[str], why: str, index: HeadIndex, polic
     o.send.topic, o.send.partition, o.send.headers, o.send.error = (new.send.topic, new.send.partition,
                                                                     new.send.headers, None)  # fmt: skip
     o.audit, o.head_id, o.region, o.strategy = new.audit, new.head_id, new.region, new.strategy
-    o.pin, o.new_pin, o.fallback = new.pin, new.new_pin, PUBLISH_FALLBACK
+    o.pin, o.new_pin, o.fallback, o.probe = new.pin, new.new_pin, PUBLISH_FALLBACK, new.probe
     return True
 
 

@@ -20,6 +20,7 @@ import random
 import time
 import uuid
 from collections import Counter as Tally
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -93,15 +94,17 @@ class _Prepared:
     t_batch: float
     now: int
 
-    def drop(self, tps: set[TopicPartition]) -> None:
+    def drop(self, tps: set[TopicPartition]) -> list[Outcome]:
         """Forget these partitions' records: an earlier batch rewound them, so they are read again (their
-        claims are this router's, the same on the second read)."""
+        claims are this router's, the same on the second read). Returns the outcomes dropped."""
         p = self.plan
+        dropped = [o for o in p.outcomes if o.src.tp in tps]
         p.outcomes = [o for o in p.outcomes if o.src.tp not in tps]
         p.holds = [h for h in p.holds if h.tp not in tps]
         for tp in tps:
             p.next_offset.pop(tp, None)
         self.parts = [(tp, items) for tp, items in self.parts if tp not in tps]
+        return dropped
 
 
 @dataclass(slots=True)
@@ -409,11 +412,19 @@ class Router:
                     self._rewind(consumer, prepared.parts, prepared.plan.holds,
                                  not_after=commit_offsets(previous.batch.plan))  # fmt: skip
                 raise
-            if prepared is not None and rewound:
-                prepared.drop(rewound)
             self._closing = asyncio.create_task(self._close(previous, consumer), name="close")
+            if prepared is not None and rewound:
+                try:
+                    self._give_back_probes(prepared.drop(rewound))
+                except BaseException:  # a bug: nothing of this batch went, so all of it is read again
+                    self._rewind(consumer, prepared.parts, prepared.plan.holds)
+                    raise
         if prepared is not None:
-            self._inflight = self.start(prepared, consumer, producer)
+            try:
+                self._inflight = self.start(prepared, consumer, producer)
+            except BaseException:
+                self._rewind(consumer, prepared.parts, prepared.plan.holds)
+                raise
 
     async def process(self, batch: dict[TopicPartition, list[Any]], consumer: AIOKafkaConsumer,
                       producer: AIOKafkaProducer) -> None:  # fmt: skip
@@ -643,8 +654,20 @@ class Router:
         for tp, off in first.items():
             p.holds.append(Hold(tp, off, now + backoff, "publish_unsent"))
         self.stats.unsent += len(unsent)
+        self._give_back_probes(unsent)
         log.warning("%d publishes not acknowledged after retries; reading them again in %d ms", len(unsent),
                     backoff)  # fmt: skip
+
+    def _give_back_probes(self, outcomes: Iterable[Outcome]) -> None:
+        """Half-open probes spent on jobs that were never sent (dropped behind a rewind, or unsent) go back to
+        this router's lease: the job read again may take one, instead of finding the head's probes "in flight"
+        until the lease lapses (a whole cool-down) though none went."""
+        memory = self.memory
+        back = Tally(o.head_id for o in outcomes if isinstance(o, Routed) and o.probe)
+        for head_id, n in back.items():
+            memory.probes[head_id] = memory.probes.get(head_id, 0) + n
+            memory.blocked.pop(head_id, None)
+            memory.breaker_epoch += 1
 
     def _apply_holds(self, consumer: AIOKafkaConsumer, holds: list[Hold]) -> None:
         """Pause each held partition at its earliest held record until the hold's time."""

@@ -43,9 +43,9 @@ async def test_a_batch_planned_behind_an_unsent_one_is_read_again_not_skipped(
     dropped: list[set[Any]] = []
     real_drop = router_module._Prepared.drop
 
-    def drop(self: Any, tps: set[Any]) -> None:
+    def drop(self: Any, tps: set[Any]) -> Any:
         dropped.append(set(tps))
-        real_drop(self, tps)
+        return real_drop(self, tps)
 
     monkeypatch.setattr(faults_module, "publish", first_publish_lost)
     monkeypatch.setattr(router_module._Prepared, "drop", drop)

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import sys
 import time
 import uuid
 from collections import Counter as Tally
@@ -84,6 +85,11 @@ class RouterStats:
     dead_by_reason: Tally[str] = field(default_factory=Tally)
 
 
+_NEVER_MARKED = sys.maxsize
+_SETTLED_MAX = 200_000
+"""The most claim keys :attr:`Router._settled` holds (about 20 MiB at most; in practice a few batches' worth)."""
+
+
 @dataclass(slots=True)
 class _Prepared:
     """A batch decoded, claimed and planned, not yet published."""
@@ -93,6 +99,8 @@ class _Prepared:
     plan: Plan
     t_batch: float
     now: int
+    seq: int = 0
+    """The batch's place in this router's order (what :attr:`Router._settled` remembers keys by)."""
 
     def drop(self, tps: set[TopicPartition]) -> list[Outcome]:
         """Forget these partitions' records: an earlier batch rewound them, so they are read again (their
@@ -202,6 +210,12 @@ class Router:
         self.faults = FaultGate(s, redis, self.keys, audit, metrics.registry, self.router_id, self.state, self.memory,
                                 self._retry_set, self._cfg, self.rng)  # breakers, admission, fallback  # fmt: skip
         self._unsent_streak = 0
+        self._seq = 0
+        self._marked_seq = 0
+        self._settled: dict[str, int] = {}
+        """Claim keys of records settled (acknowledged) in a batch whose partitions were rewound (claim key ->
+        the batch's seq), until their done marks are in Redis: read again meanwhile, they are duplicates, though
+        Redis (slow, or away) would still call them this router's to handle."""
         self._last_inflight: dict[str, int] = {}
         self._outage_paused = False
         self._consumer: AIOKafkaConsumer | None = None
@@ -474,12 +488,15 @@ class Router:
             self.metrics.gaps_accepted.inc(self.gaps.accepted - accepted)
         try:
             claims = await self._claim(parts, now)
+            if self._settled:
+                self._known_settled(parts, claims)
             p = self._plan(parts, claims, now)
         except BaseException:
             self._rewind(consumer, parts, holds)  # nothing of it is committed: read it all again
             raise
         p.holds.extend(holds)
-        return _Prepared(batch, parts, p, t_batch, now)
+        self._seq += 1
+        return _Prepared(batch, parts, p, t_batch, now, self._seq)
 
     def start(self, b: _Prepared, consumer: AIOKafkaConsumer, producer: AIOKafkaProducer) -> _InFlight:
         """Hold what the plan holds (before the next fetch), then enqueue the publishes; their acks are awaited
@@ -500,16 +517,19 @@ class Router:
         try:
             await f.publishing
         except BaseException:
-            # Nothing of this batch is committed: read it all again from its first records.
+            # Nothing of this batch is committed: read it all again from its first records. What went is settled
+            # and never marked (this batch is not closed): remembered until the size bound pushes it out.
+            self._remember_settled(b, {tp for tp, _ in b.parts}, _NEVER_MARKED)
             self._rewind(consumer, b.parts, p.holds)
             raise
         rewound: set[TopicPartition] = set()
         unsent = [o for o in p.outcomes if not o.final]
         if unsent:
             before = len(p.holds)
-            self._hold_unsent(p, unsent, b.now)
+            self._hold_unsent(p, unsent, now_ms())
             self._apply_holds(consumer, p.holds[before:])
             rewound = {h.tp for h in p.holds[before:]}
+            self._remember_settled(b, rewound)
         else:
             self._unsent_streak = 0
         return rewound
@@ -518,6 +538,7 @@ class Router:
         """Mark, count and commit an acknowledged batch."""
         b, p = f.batch, f.batch.plan
         self._log_bad(p)
+        self._marked_seq = b.seq
         await self._mark([o for o in p.outcomes if o.final])
         self._count(
             p, b.t_batch
@@ -525,6 +546,30 @@ class Router:
         offsets = commit_offsets(p)
         self.metrics.observe_batch(self.s.group_id, consumer, b.fetched, offsets, p.outcomes)
         await self._commit(consumer, offsets)
+
+    def _known_settled(self, parts: Parts, claims: dict[str, Claim]) -> None:
+        """Records this router settled in a batch whose partitions were rewound, read again before Redis has
+        their done marks: duplicates, whatever Redis (slow, or away) said."""
+        settled = self._settled
+        for _, items in parts:
+            for inc in items:
+                if inc.claim_key in settled:
+                    claims[inc.claim_key] = Claim.DONE
+
+    def _remember_settled(self, b: _Prepared, tps: set[TopicPartition], seq: int | None = None) -> None:
+        settled = self._settled
+        seq = b.seq if seq is None else seq
+        for o in b.plan.outcomes:
+            if o.final and o.src.tp in tps:
+                settled[o.src.claim_key] = seq
+        while len(settled) > _SETTLED_MAX:  # the oldest first (a long Redis outage with many rewinds)
+            del settled[next(iter(settled))]
+
+    def _forget_settled(self) -> None:
+        """Done marks up to the last closed batch are in Redis: its claims say "done" from now on."""
+        if self._settled and not self.marks.buffered:
+            upto = self._marked_seq
+            self._settled = {k: seq for k, seq in self._settled.items() if seq > upto}
 
     async def _claim(self, parts: Parts, now: int) -> dict[str, Claim]:
         """Claims for the batch's keys and the pins of its sessions; nothing while Redis is unreachable."""
@@ -725,6 +770,7 @@ class Router:
             self.metrics.external_calls.labels("redis", "error").inc()
             return
         self.health.ok(now)
+        self._forget_settled()
         self._last_inflight = inflight
         pending = dict(inflight)
         # Redis counts a job once its batch is marked: the picks of the batch still in flight are this

@@ -217,3 +217,53 @@ async def test_a_bug_between_planning_a_batch_and_publishing_it_loses_none_of_it
     assert sorted(served.job_ids()) == sorted(ids), (
         "every job once: the batch that met the bug was read again"
     )
+
+
+async def test_jobs_acknowledged_behind_an_unsent_one_are_not_routed_again_while_redis_is_away(
+    settings: Settings, redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch's second record stays unsent, the records after it are acknowledged: the partition is read again
+    from the unsent one, and the acknowledged ones come back too. Redis is away just then (the router's claims
+    and marks fail: their done marks are buffered, the batch read again gets no claims and would route every
+    record as its own). The router knows better: it settled them, so they are duplicates, not routed twice."""
+    s = settings.model_copy(update={"batch_max_records": 5})
+    lost_once: list[str] = []
+    router: Any = None
+    dead = Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.2)
+
+    async def second_send_unsent(producer: Any, sends: Sequence[Send], budget: RetryBudget) -> PublishReport:
+        if lost_once or len(sends) < 3:
+            return await real_publish(producer, sends, budget)
+        unsent = sends[1]
+        lost_once.append("x")
+        unsent.error = KafkaTimeoutError("this one timed out")
+        report = await real_publish(producer, [x for x in sends if x is not unsent], budget)
+        report.unsent.append(unsent)
+        router.marks.redis = dead  # Redis goes away for the router's claims and marks
+        return report
+
+    async def broker_away(producer: Any, request_timeout_ms: int) -> bool:
+        return False  # the timeout blames no head: the broker was away a moment too
+
+    monkeypatch.setattr(faults_module, "publish", second_send_unsent)
+    monkeypatch.setattr(faults_module, "broker_answers", broker_away)
+    served = Served()
+    worker = make_worker(s, redis, served, "m", head_id="h", capacity=1000)
+    router = make_router(s, redis)
+    ids = [f"s{i:02d}" for i in range(20)]
+    try:
+        async with running(worker):
+            async with JobProducer(s) as p:  # one session: one request partition, in order
+                for job_id in ids:
+                    await p.submit("m", job_id, job_id=job_id, session_id="one-partition")
+            async with running(router):
+                await wait_until(lambda: bool(lost_once), timeout=30)
+                await asyncio.sleep(6.0)  # the partition is read again meanwhile (a hold is 200 ms)
+                router.marks.redis = redis  # back
+                await wait_until(lambda: set(served.job_ids()) >= set(ids), timeout=60)
+                await asyncio.sleep(2.0)  # a duplicate would arrive by now
+    finally:
+        await dead.aclose()
+    assert router.stats.unsent == 1
+    assert router.stats.routed == len(ids), f"routed {router.stats.routed} times for {len(ids)} jobs"
+    assert sorted(served.job_ids()) == sorted(ids)

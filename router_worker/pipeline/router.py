@@ -487,9 +487,10 @@ class Router:
         if self.gaps.accepted > accepted:
             self.metrics.gaps_accepted.inc(self.gaps.accepted - accepted)
         try:
+            settled = self._settled  # as before the round trip (a close that lands meanwhile replaces it)
             claims = await self._claim(parts, now)
-            if self._settled:
-                self._known_settled(parts, claims)
+            if settled:
+                self._known_settled(parts, claims, settled)
             p = self._plan(parts, claims, now)
         except BaseException:
             self._rewind(consumer, parts, holds)  # nothing of it is committed: read it all again
@@ -547,10 +548,11 @@ class Router:
         self.metrics.observe_batch(self.s.group_id, consumer, b.fetched, offsets, p.outcomes)
         await self._commit(consumer, offsets)
 
-    def _known_settled(self, parts: Parts, claims: dict[str, Claim]) -> None:
+    @staticmethod
+    def _known_settled(parts: Parts, claims: dict[str, Claim], settled: dict[str, int]) -> None:
         """Records this router settled in a batch whose partitions were rewound, read again before Redis has
-        their done marks: duplicates, whatever Redis (slow, or away) said."""
-        settled = self._settled
+        their done marks: duplicates, whatever Redis (slow, or away) said. ``settled`` as it was before the
+        claims were asked for: a done mark written meanwhile may have come after the claim was judged."""
         for _, items in parts:
             for inc in items:
                 if inc.claim_key in settled:
@@ -560,7 +562,9 @@ class Router:
         settled = self._settled
         seq = b.seq if seq is None else seq
         for o in b.plan.outcomes:
-            if o.final and o.src.tp in tps:
+            # Published and acknowledged only: a duplicate within the batch is "final" with nothing sent, and
+            # its key is its first copy's, which may be the very record left unsent.
+            if o.final and o.send is not None and o.src.tp in tps:
                 settled[o.src.claim_key] = seq
         while len(settled) > _SETTLED_MAX:  # the oldest first (a long Redis outage with many rewinds)
             del settled[next(iter(settled))]

@@ -35,11 +35,6 @@ def _one_batch_ids() -> tuple[list[str], list[str]]:
     return ids, [ids[0], ids[1], ids[1], *ids[2:]]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Router._remember_settled remembers the key of an in-batch Duplicate whose first copy was never sent: "
-    "the first copy read again is taken for a settled record and the job is lost",
-)
 async def test_a_job_resent_by_its_producer_is_not_lost_when_its_first_copy_stays_unsent_while_redis_is_away(
     settings: Settings, redis: Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -96,11 +91,6 @@ async def test_a_job_resent_by_its_producer_is_not_lost_when_its_first_copy_stay
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="after a publishing task raises, Router._acked remembers (forever: _NEVER_MARKED) the key of an "
-    "in-batch Duplicate whose first copy was never sent: the job is lost even with Redis up",
-)
 async def test_a_job_resent_by_its_producer_is_not_lost_when_a_bug_strikes_its_first_publish(
     settings: Settings, redis: Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -346,7 +346,7 @@ class FaultGate:
         """Publish the plan; move routed jobs off heads whose publish failed; count throttled jobs."""
         report = await publish(producer, p.sends(), budget)
         failed: set[str] = set()
-        charged: set[int] = set()
+        charged: set[tuple[int, str]] = set()
         for _ in range(FALLBACK_ROUNDS):
             bad = await self._blamed(producer, report)
             moved = self._move_failed(p, bad, failed, charged, now)
@@ -378,7 +378,7 @@ class FaultGate:
         return bad
 
     def _move_failed(
-        self, p: Plan, bad: set[int], failed: set[str], charged: set[int], now: int
+        self, p: Plan, bad: set[int], failed: set[str], charged: set[tuple[int, str]], now: int
     ) -> list[Send]:
         if not bad:
             return []
@@ -391,8 +391,10 @@ class FaultGate:
             if isinstance(o.send.error, RECORD_ERRORS):
                 continue
             head_id = o.head_id
-            if id(o.send) not in charged:  # a job no head could take stays here: its head is charged once
-                charged.add(id(o.send))
+            # Once per job and head: a job no head could take stays failed at the same head (a job moved is the
+            # same send, failing next at another head, which is charged for it in turn).
+            if (id(o.send), head_id) not in charged:
+                charged.add((id(o.send), head_id))
                 failures[head_id] += 1
             failed.add(head_id)
             why = f"publish to head {head_id} failed: {describe(o.send.error or Exception())}"

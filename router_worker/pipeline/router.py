@@ -17,10 +17,10 @@ import asyncio
 import contextlib
 import logging
 import random
-import sys
 import time
 import uuid
 from collections import Counter as Tally
+from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -85,9 +85,9 @@ class RouterStats:
     dead_by_reason: Tally[str] = field(default_factory=Tally)
 
 
-_NEVER_MARKED = sys.maxsize
 _SETTLED_MAX = 200_000
-"""The most claim keys :attr:`Router._settled` holds (about 20 MiB at most; in practice a few batches' worth)."""
+"""The most claim keys :attr:`Router._settled` and :attr:`Router._unmarked` hold each (about 20 MiB at most; in
+practice a few batches' worth)."""
 
 
 @dataclass(slots=True)
@@ -113,6 +113,12 @@ class _Prepared:
             p.next_offset.pop(tp, None)
         self.parts = [(tp, items) for tp, items in self.parts if tp not in tps]
         return dropped
+
+
+def _acknowledged_keys(b: _Prepared, tps: set[TopicPartition]) -> list[str]:
+    """Claim keys of the batch's records on ``tps`` that were published and acknowledged. Not a duplicate within
+    the batch: it is "final" with nothing sent, and its key is its first copy's, maybe the very record unsent."""
+    return [o.src.claim_key for o in b.plan.outcomes if o.final and o.send is not None and o.src.tp in tps]
 
 
 @dataclass(slots=True)
@@ -216,6 +222,9 @@ class Router:
         """Claim keys of records settled (acknowledged) in a batch whose partitions were rewound (claim key ->
         the batch's seq), until their done marks are in Redis: read again meanwhile, they are duplicates, though
         Redis (slow, or away) would still call them this router's to handle."""
+        self._unmarked: OrderedDict[str, None] = OrderedDict()
+        """Claim keys of records settled in a batch whose publishing raised (a bug): that batch is never closed,
+        so their done marks are never written; remembered until the size bound pushes them out."""
         self._last_inflight: dict[str, int] = {}
         self._outage_paused = False
         self._consumer: AIOKafkaConsumer | None = None
@@ -423,6 +432,7 @@ class Router:
             except BaseException:
                 # Never past what the previous batch left unsettled: it rewound its partitions to that.
                 if prepared is not None:
+                    self._give_back_probes(prepared.plan.outcomes)
                     self._rewind(consumer, prepared.parts, prepared.plan.holds,
                                  not_after=commit_offsets(previous.batch.plan))  # fmt: skip
                 raise
@@ -431,12 +441,14 @@ class Router:
                 try:
                     self._give_back_probes(prepared.drop(rewound))
                 except BaseException:  # a bug: nothing of this batch went, so all of it is read again
+                    self._give_back_probes(prepared.plan.outcomes)
                     self._rewind(consumer, prepared.parts, prepared.plan.holds)
                     raise
         if prepared is not None:
             try:
                 self._inflight = self.start(prepared, consumer, producer)
             except BaseException:
+                self._give_back_probes(prepared.plan.outcomes)
                 self._rewind(consumer, prepared.parts, prepared.plan.holds)
                 raise
 
@@ -489,8 +501,8 @@ class Router:
         try:
             settled = self._settled  # as before the round trip (a close that lands meanwhile replaces it)
             claims = await self._claim(parts, now)
-            if settled:
-                self._known_settled(parts, claims, settled)
+            if settled or self._unmarked:
+                self._known_settled(parts, claims, settled, self._unmarked)
             p = self._plan(parts, claims, now)
         except BaseException:
             self._rewind(consumer, parts, holds)  # nothing of it is committed: read it all again
@@ -519,8 +531,9 @@ class Router:
             await f.publishing
         except BaseException:
             # Nothing of this batch is committed: read it all again from its first records. What went is settled
-            # and never marked (this batch is not closed): remembered until the size bound pushes it out.
-            self._remember_settled(b, {tp for tp, _ in b.parts}, _NEVER_MARKED)
+            # and never marked (this batch is not closed); what did not go gives its probes back.
+            self._remember_unmarked(b)
+            self._give_back_probes(o for o in p.outcomes if not o.final)
             self._rewind(consumer, b.parts, p.holds)
             raise
         rewound: set[TopicPartition] = set()
@@ -549,25 +562,30 @@ class Router:
         await self._commit(consumer, offsets)
 
     @staticmethod
-    def _known_settled(parts: Parts, claims: dict[str, Claim], settled: dict[str, int]) -> None:
+    def _known_settled(parts: Parts, claims: dict[str, Claim], settled: dict[str, int],
+                       unmarked: OrderedDict[str, None]) -> None:  # fmt: skip
         """Records this router settled in a batch whose partitions were rewound, read again before Redis has
         their done marks: duplicates, whatever Redis (slow, or away) said. ``settled`` as it was before the
         claims were asked for: a done mark written meanwhile may have come after the claim was judged."""
         for _, items in parts:
             for inc in items:
-                if inc.claim_key in settled:
-                    claims[inc.claim_key] = Claim.DONE
+                key = inc.claim_key
+                if key in settled or key in unmarked:
+                    claims[key] = Claim.DONE
 
-    def _remember_settled(self, b: _Prepared, tps: set[TopicPartition], seq: int | None = None) -> None:
+    def _remember_settled(self, b: _Prepared, tps: set[TopicPartition]) -> None:
         settled = self._settled
-        seq = b.seq if seq is None else seq
-        for o in b.plan.outcomes:
-            # Published and acknowledged only: a duplicate within the batch is "final" with nothing sent, and
-            # its key is its first copy's, which may be the very record left unsent.
-            if o.final and o.send is not None and o.src.tp in tps:
-                settled[o.src.claim_key] = seq
-        while len(settled) > _SETTLED_MAX:  # the oldest first (a long Redis outage with many rewinds)
-            del settled[next(iter(settled))]
+        for key in _acknowledged_keys(b, tps):
+            settled[key] = b.seq
+        if len(settled) > _SETTLED_MAX:  # the newest kept (a long Redis outage with many rewinds)
+            self._settled = dict(list(settled.items())[-_SETTLED_MAX:])
+
+    def _remember_unmarked(self, b: _Prepared) -> None:
+        unmarked = self._unmarked
+        for key in _acknowledged_keys(b, {tp for tp, _ in b.parts}):
+            unmarked[key] = None
+        while len(unmarked) > _SETTLED_MAX:
+            unmarked.popitem(last=False)
 
     def _forget_settled(self) -> None:
         """Done marks up to the last closed batch are in Redis: its claims say "done" from now on."""

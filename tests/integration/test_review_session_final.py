@@ -31,11 +31,6 @@ from tests.helpers import Served, make_router, make_worker, running, wait_until
 pytestmark = pytest.mark.integration
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="FaultGate.publish charges a failed send once per Send object (`charged` holds id(send)); a job moved "
-    "to a fallback head that fails there too is the same Send, so the fallback head is never charged",
-)
 async def test_a_fallback_head_that_fails_the_moved_job_too_is_charged_for_it(
     settings: Settings, redis: Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -82,11 +77,6 @@ async def test_a_fallback_head_that_fails_the_moved_job_too_is_charged_for_it(
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Router.step/_acked: a batch whose publish raised is rewound without giving its unsent probes back "
-    "(only _hold_unsent and the drop behind a rewind call _give_back_probes)",
-)
 async def test_a_half_open_probe_spent_by_a_batch_whose_publish_raised_is_not_lost(
     settings: Settings, redis: Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:

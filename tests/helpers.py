@@ -16,10 +16,14 @@ from redis.asyncio import Redis
 
 from consumers.worker import JobContext, ModelWorker, WorkerConfig
 from router_worker.audit import AuditSink
+from router_worker.clock import now_ms
+from router_worker.core.breaker import Breaker, BreakerState
 from router_worker.metrics import Metrics
 from router_worker.pipeline.kafka import make_consumer
 from router_worker.pipeline.router import Router
 from router_worker.settings import Settings
+from router_worker.state.breakers import BreakerStore, Write
+from router_worker.state.keys import Keys
 from schemas.envelope import Job
 
 
@@ -130,3 +134,12 @@ async def read_topic(s: Settings, topic: str, expect: int, timeout: float = 20.0
     finally:
         await consumer.stop()
     return out
+
+
+async def make_half_open(redis: Redis, s: Settings, head_id: str) -> None:
+    """Write ``head_id``'s breaker as half-open with its probes free, as a cool-down that just ended leaves it."""
+    keys = Keys(s.redis_prefix)
+    now = now_ms()
+    half_open = Breaker(state=BreakerState.HALF_OPEN, version=1, since_ms=now, open_until_ms=now)
+    won = await BreakerStore(redis, keys).write([Write(head_id, Breaker(), half_open)], keys.events)
+    assert won == [True], f"{head_id}'s breaker was not closed"

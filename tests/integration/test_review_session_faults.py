@@ -18,15 +18,11 @@ from redis.asyncio import Redis
 import router_worker.pipeline.faults as faults_module
 import router_worker.pipeline.router as router_module
 from producers.producer import JobProducer
-from router_worker.clock import now_ms
-from router_worker.core.breaker import Breaker, BreakerState
 from router_worker.pipeline.publish import PublishReport, RetryBudget, Send
 from router_worker.pipeline.publish import publish as real_publish
 from router_worker.settings import Settings
-from router_worker.state.breakers import BreakerStore, Write
-from router_worker.state.keys import Keys
 from router_worker.topics import Topics
-from tests.helpers import Served, make_router, make_worker, running, wait_until
+from tests.helpers import Served, make_half_open, make_router, make_worker, running, wait_until
 from tests.procs import read_audit
 
 pytestmark = pytest.mark.integration
@@ -148,19 +144,7 @@ async def test_a_half_open_probe_spent_by_a_batch_dropped_behind_an_unsent_one_i
 
     monkeypatch.setattr(faults_module, "publish", first_x_publish_lost)
     monkeypatch.setattr(router_module._Prepared, "drop", drop)
-    keys = Keys(s.redis_prefix)
-    now = now_ms()
-    won = await BreakerStore(redis, keys).write(
-        [
-            Write(
-                "h",
-                Breaker(),
-                Breaker(state=BreakerState.HALF_OPEN, version=1, since_ms=now, open_until_ms=now),
-            )
-        ],
-        keys.events,
-    )
-    assert won == [True]
+    await make_half_open(redis, s, "h")
     served = Served()
     hx = make_worker(s, redis, served, "x", head_id="hx", partition=0, capacity=500)
     h = make_worker(s, redis, served, "m", head_id="h", partition=0, capacity=500)

@@ -7,11 +7,12 @@ import contextlib
 import os
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer
+from aiokafka.errors import KafkaTimeoutError
 from redis.asyncio import Redis
 
 from consumers.worker import JobContext, ModelWorker, WorkerConfig
@@ -20,6 +21,8 @@ from router_worker.clock import now_ms
 from router_worker.core.breaker import Breaker, BreakerState
 from router_worker.metrics import Metrics
 from router_worker.pipeline.kafka import make_consumer
+from router_worker.pipeline.publish import PublishReport, RetryBudget, Send
+from router_worker.pipeline.publish import publish as real_publish
 from router_worker.pipeline.router import Router
 from router_worker.settings import Settings
 from router_worker.state.breakers import BreakerStore, Write
@@ -143,3 +146,37 @@ async def make_half_open(redis: Redis, s: Settings, head_id: str) -> None:
     half_open = Breaker(state=BreakerState.HALF_OPEN, version=1, since_ms=now, open_until_ms=now)
     won = await BreakerStore(redis, keys).write([Write(head_id, Breaker(), half_open)], keys.events)
     assert won == [True], f"{head_id}'s breaker was not closed"
+
+
+@dataclass
+class UnsentThenRedisAway:
+    """Stands in for ``faults.publish`` (with :meth:`broker_away` for ``faults.broker_answers``): the first
+    publish holding a send ``pick`` chooses leaves that one unsent (a timeout, no head blamed) and publishes the
+    rest on the real broker; then the router's claims and marks go to a Redis that does not answer, until
+    :meth:`back`. Set ``router`` before it runs; :meth:`aclose` at the end."""
+
+    pick: Callable[[Sequence[Send]], Send | None]
+    router: Any = None
+    struck: bool = False
+    dead: Redis = field(default_factory=lambda: Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.2))
+
+    async def publish(self, producer: Any, sends: Sequence[Send], budget: RetryBudget) -> PublishReport:
+        unsent = None if self.struck else self.pick(sends)
+        if unsent is None:
+            return await real_publish(producer, sends, budget)
+        self.struck = True
+        unsent.error = KafkaTimeoutError("this one timed out")
+        report = await real_publish(producer, [x for x in sends if x is not unsent], budget)
+        report.unsent.append(unsent)
+        self.router.marks.redis = self.dead  # Redis goes away for the router's claims and marks
+        return report
+
+    @staticmethod
+    async def broker_away(producer: Any, request_timeout_ms: int) -> bool:
+        return False  # the broker was away a moment too: the timeout blames no head
+
+    def back(self, redis: Redis) -> None:
+        self.router.marks.redis = redis
+
+    async def aclose(self) -> None:
+        await self.dead.aclose()

@@ -22,7 +22,15 @@ from router_worker.pipeline.publish import PublishReport, RetryBudget, Send
 from router_worker.pipeline.publish import publish as real_publish
 from router_worker.settings import Settings
 from router_worker.topics import Topics
-from tests.helpers import Served, make_half_open, make_router, make_worker, running, wait_until
+from tests.helpers import (
+    Served,
+    UnsentThenRedisAway,
+    make_half_open,
+    make_router,
+    make_worker,
+    running,
+    wait_until,
+)
 from tests.procs import read_audit
 
 pytestmark = pytest.mark.integration
@@ -211,29 +219,12 @@ async def test_jobs_acknowledged_behind_an_unsent_one_are_not_routed_again_while
     and marks fail: their done marks are buffered, the batch read again gets no claims and would route every
     record as its own). The router knows better: it settled them, so they are duplicates, not routed twice."""
     s = settings.model_copy(update={"batch_max_records": 5})
-    lost_once: list[str] = []
-    router: Any = None
-    dead = Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.2)
-
-    async def second_send_unsent(producer: Any, sends: Sequence[Send], budget: RetryBudget) -> PublishReport:
-        if lost_once or len(sends) < 3:
-            return await real_publish(producer, sends, budget)
-        unsent = sends[1]
-        lost_once.append("x")
-        unsent.error = KafkaTimeoutError("this one timed out")
-        report = await real_publish(producer, [x for x in sends if x is not unsent], budget)
-        report.unsent.append(unsent)
-        router.marks.redis = dead  # Redis goes away for the router's claims and marks
-        return report
-
-    async def broker_away(producer: Any, request_timeout_ms: int) -> bool:
-        return False  # the timeout blames no head: the broker was away a moment too
-
-    monkeypatch.setattr(faults_module, "publish", second_send_unsent)
-    monkeypatch.setattr(faults_module, "broker_answers", broker_away)
+    away = UnsentThenRedisAway(lambda sends: sends[1] if len(sends) >= 3 else None)
+    monkeypatch.setattr(faults_module, "publish", away.publish)
+    monkeypatch.setattr(faults_module, "broker_answers", away.broker_away)
     served = Served()
     worker = make_worker(s, redis, served, "m", head_id="h", capacity=1000)
-    router = make_router(s, redis)
+    router = away.router = make_router(s, redis)
     ids = [f"s{i:02d}" for i in range(20)]
     try:
         async with running(worker):
@@ -241,13 +232,13 @@ async def test_jobs_acknowledged_behind_an_unsent_one_are_not_routed_again_while
                 for job_id in ids:
                     await p.submit("m", job_id, job_id=job_id, session_id="one-partition")
             async with running(router):
-                await wait_until(lambda: bool(lost_once), timeout=30)
+                await wait_until(lambda: away.struck, timeout=30)
                 await asyncio.sleep(6.0)  # the partition is read again meanwhile (a hold is 200 ms)
-                router.marks.redis = redis  # back
+                away.back(redis)
                 await wait_until(lambda: set(served.job_ids()) >= set(ids), timeout=60)
                 await asyncio.sleep(2.0)  # a duplicate would arrive by now
     finally:
-        await dead.aclose()
+        await away.aclose()
     assert router.stats.unsent == 1
     assert router.stats.routed == len(ids), f"routed {router.stats.routed} times for {len(ids)} jobs"
     assert sorted(served.job_ids()) == sorted(ids)

@@ -16,7 +16,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import pytest
-from aiokafka.errors import KafkaTimeoutError
 from redis.asyncio import Redis
 
 import router_worker.pipeline.faults as faults_module
@@ -24,7 +23,7 @@ from producers.producer import JobProducer
 from router_worker.pipeline.publish import PublishReport, RetryBudget, Send
 from router_worker.pipeline.publish import publish as real_publish
 from router_worker.settings import Settings
-from tests.helpers import Served, make_router, make_worker, running, wait_until
+from tests.helpers import Served, UnsentThenRedisAway, make_router, make_worker, running, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -46,45 +45,31 @@ async def test_a_job_resent_by_its_producer_is_not_lost_when_its_first_copy_stay
     commits past them, and r01 never reaches a head."""
     s = settings.model_copy(update={"batch_max_records": 10})
     ids, order = _one_batch_ids()
-    lost_once: list[str] = []
-    router: Any = None
-    dead = Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.2)
 
-    async def second_send_unsent(producer: Any, sends: Sequence[Send], budget: RetryBudget) -> PublishReport:
-        first_copy = [x for x in sends if x.value is not None and b"r01" in x.value]
-        if lost_once or not first_copy:
-            return await real_publish(producer, sends, budget)
-        unsent = first_copy[0]  # r01's first copy (its second copy is a duplicate: nothing to send)
-        lost_once.append("x")
-        unsent.error = KafkaTimeoutError("this one timed out")
-        report = await real_publish(producer, [x for x in sends if x is not unsent], budget)
-        report.unsent.append(unsent)
-        router.marks.redis = dead  # Redis goes away for the router's claims and marks
-        return report
+    def first_copy_of_r01(sends: Sequence[Send]) -> Send | None:  # its second copy is a duplicate: not sent
+        return next((x for x in sends if x.value is not None and b"r01" in x.value), None)
 
-    async def broker_away(producer: Any, request_timeout_ms: int) -> bool:
-        return False  # the timeout blames no head
-
-    monkeypatch.setattr(faults_module, "publish", second_send_unsent)
-    monkeypatch.setattr(faults_module, "broker_answers", broker_away)
+    away = UnsentThenRedisAway(first_copy_of_r01)
+    monkeypatch.setattr(faults_module, "publish", away.publish)
+    monkeypatch.setattr(faults_module, "broker_answers", away.broker_away)
     served = Served()
     worker = make_worker(s, redis, served, "m", head_id="h", capacity=1000)
-    router = make_router(s, redis)
+    router = away.router = make_router(s, redis)
     try:
         async with running(worker):
             async with JobProducer(s) as p:  # one session: one request partition, in this order
                 for job_id in order:
                     await p.submit("m", job_id, job_id=job_id, session_id="one-partition")
             async with running(router):
-                await wait_until(lambda: bool(lost_once), timeout=30)
+                await wait_until(lambda: away.struck, timeout=30)
                 await asyncio.sleep(4.0)  # the partition is read again meanwhile (a hold is 200 ms)
-                router.marks.redis = redis  # back
+                away.back(redis)
                 with contextlib.suppress(AssertionError):  # the assertions below say what is missing
                     await wait_until(lambda: set(served.job_ids()) >= set(ids), timeout=20)
                 await asyncio.sleep(1.0)  # a duplicate would arrive by now
     finally:
-        await dead.aclose()
-    assert lost_once == ["x"]
+        await away.aclose()
+    assert away.struck
     assert sorted(served.job_ids()) == sorted(ids), (
         f"every job once (missing: {sorted(set(ids) - set(served.job_ids()))}; "
         f"router counted {router.stats.duplicates} duplicates)"

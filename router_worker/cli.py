@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 from rich.logging import RichHandler
 
-from router_worker.loop import LoopChoice
+from router_worker.loop import LoopChoice, tune_gc
 from router_worker.settings import Settings, SettingsError, load_settings, settings_help
 
 T = TypeVar("T")
@@ -127,8 +127,6 @@ def worker(
                 if problem:
                     err.print(f"[red]error:[/] {escape(problem)}", soft_wrap=True)
                     raise typer.Exit(2)
-            from router_worker.loop import tune_gc
-
             w = build_worker(rt, cfg, service_ms, jitter_ms, fail_rate)
             await until_signalled(w.stop)
             err.print(f"head {w.head_id} of {model} in {region} starting")

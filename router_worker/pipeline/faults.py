@@ -78,6 +78,7 @@ from router_worker.state.breakers import BreakerStore, Write
 from router_worker.state.breakers import describe as describe_breaker
 from router_worker.state.cache import StateCache
 from router_worker.state.keys import Keys
+from router_worker.state.scripts import LoadedScript
 
 log = logging.getLogger(__name__)
 
@@ -189,6 +190,10 @@ class FaultGate:
         self._shown: set[str] = set()
         self.verdicts: dict[str, Admission] = {}
         """The batch's admission verdicts (claim key -> verdict), for the plan."""
+
+    def scripts(self) -> tuple[LoadedScript, ...]:
+        """The scripts a batch's fault state runs (breaker reads and writes, admission)."""
+        return (*self.breakers.scripts(), *self.buckets.scripts())
 
     # --- before the plan ----------------------------------------------------------------------------------
 

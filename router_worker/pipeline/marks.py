@@ -121,6 +121,10 @@ class Marks:
     def dedupe(self) -> bool:
         return self.dedupe_ttl_ms > 0
 
+    def scripts(self) -> tuple[LoadedScript, ...]:
+        """The scripts a batch's claims and marks run (loaded at start-up by ``scripts.preload``)."""
+        return (self._claim, self._inflight.loaded)
+
     async def claim(self, parts: Iterable[tuple[Any, Sequence[Incoming]]], sessions: Sequence[str],
                     rider: Rider | None = None) -> tuple[dict[str, Claim], list[str | None]]:  # fmt: skip
         """Claim each key's first record of the batch; read the sessions' pins; queue what ``rider`` needs on

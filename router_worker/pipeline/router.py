@@ -52,6 +52,7 @@ from router_worker.state.heads import HeadRegistry
 from router_worker.state.health import RedisHealth
 from router_worker.state.keys import Keys
 from router_worker.state.policy_store import PolicyStore
+from router_worker.state.scripts import preload
 from router_worker.tasks import cancel_and_wait
 from router_worker.topics import Topics
 from schemas.envelope import DeadLetterReason
@@ -63,6 +64,8 @@ _PIN_WRITE_GRACE_MS = 5_000
 """A pin this router made this recently is kept though Redis does not have it yet (its marks are on the way)."""
 _OUTAGE_PROBE_S = 0.5
 _LOG_BAD_PER_BATCH = 10
+_WARM_CONNECTIONS = 3
+"""Connections opened before the first batch: a claim, the previous batch's marks, and a resync or reaper call."""
 
 
 @dataclass(slots=True)
@@ -255,6 +258,7 @@ class Router:
         try:
             await producer.start()
             await self.state.start()
+            await self._warm_redis()
             reaping = asyncio.create_task(self._reap_loop(), name="reaper")
             consumer.subscribe([self.topics.requests, *self._retry_topics], listener=_Rebalance(self))
             await consumer.start()
@@ -330,6 +334,16 @@ class Router:
                 await self.settle(consumer)
             except Exception as exc:  # what was acknowledged is marked: whoever reads it next dedupes it
                 log.warning("settling the last batch failed: %s", exc)
+
+    async def _warm_redis(self) -> None:
+        """Before the first batch: load the batch's scripts and open the connections batches use at once (a
+        claim overlaps the previous batch's marks), so no batch pays a script load or a connection's set-up.
+        Best effort: what fails here is done by the first batch that needs it."""
+        try:
+            await preload(self.redis, (*self.marks.scripts(), *self.faults.scripts()))
+            await asyncio.gather(*(self.redis.ping() for _ in range(_WARM_CONNECTIONS)))
+        except (RedisError, OSError) as exc:
+            log.warning("could not warm the Redis connections at start-up (the first batch will): %s", exc)
 
     async def _outage_hold(self, consumer: AIOKafkaConsumer) -> bool:
         """Past the staleness window of a Redis outage: pause every partition until Redis answers."""

@@ -64,6 +64,9 @@ class Buckets:
         self.keys = keys
         self._script = LoadedScript(redis, _SCHEDULE)
 
+    def scripts(self) -> tuple[LoadedScript, ...]:
+        return (self._script,)
+
     async def ensure_script(self) -> None:
         await self._script.ensure()
 

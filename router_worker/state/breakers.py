@@ -201,6 +201,9 @@ class BreakerStore:
 
     # --- reading and writing (routers) ---------------------------------------------------------------------
 
+    def scripts(self) -> tuple[LoadedScript, ...]:
+        return (self._read, self._cas)
+
     async def ensure_scripts(self) -> None:
         await self._read.ensure()
         await self._cas.ensure()

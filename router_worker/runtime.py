@@ -16,7 +16,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from router_worker.audit import AuditSink
-from router_worker.localstack import LocalStack, local_stack, wait_kafka_ready
+from router_worker.localstack import EMBEDDED_FETCH_MAX_WAIT_MS, LocalStack, local_stack, wait_kafka_ready
 from router_worker.security import redact_text, redact_url
 from router_worker.settings import Settings
 
@@ -120,12 +120,13 @@ async def runtime(settings: Settings, *, allow_embedded: bool = True) -> AsyncIt
             )
         stack_cm = local_stack()
         stack = stack_cm.__enter__()
-        settings = settings.model_copy(
-            update={
-                "kafka_bootstrap_servers": settings.kafka_bootstrap_servers or stack.bootstrap_servers,
-                "redis_url": settings.redis_url or stack.redis_url,
-            }
-        )
+        update: dict[str, Any] = {
+            "kafka_bootstrap_servers": settings.kafka_bootstrap_servers or stack.bootstrap_servers,
+            "redis_url": settings.redis_url or stack.redis_url,
+        }
+        if "kafka_fetch_max_wait_ms" not in settings.model_fields_set:
+            update["kafka_fetch_max_wait_ms"] = EMBEDDED_FETCH_MAX_WAIT_MS
+        settings = settings.model_copy(update=update)
         log.info("embedded stack: kafka %s, redis %s", stack.bootstrap_servers, redact_url(stack.redis_url))
     try:
         assert settings.kafka_bootstrap_servers

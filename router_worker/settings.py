@@ -77,7 +77,12 @@ class Settings(BaseSettings):
     kafka_session_timeout_ms: int = Field(10_000, ge=1000)
     kafka_heartbeat_interval_ms: int = Field(2_000, ge=100)
     kafka_max_poll_interval_ms: int = Field(300_000, ge=1000)
-    kafka_fetch_max_wait_ms: int = Field(50, ge=0, le=10_000)
+    kafka_fetch_max_wait_ms: int = Field(
+        50,
+        ge=0,
+        le=10_000,
+        description="Longest a fetch waits for records at the broker (5 on the embedded broker unless set).",
+    )
     kafka_max_message_bytes: int = Field(1_048_576, ge=1024, description="Jobs larger than this are refused.")
     kafka_replication_factor: int = Field(1, ge=1)
 

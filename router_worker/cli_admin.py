@@ -406,7 +406,8 @@ def explain(
 def bench(
     what: Annotated[
         str, typer.Argument(help="decisions (routing decision time per strategy), e2e (the whole router "
-                            "against a bare Kafka pipe) or soak (a steady load with faults, every job checked)")
+                            "against a bare Kafka pipe), soak (a steady load with faults, every job checked) "
+                            "or broker (one hop's latency through the broker, by partitions and fetch wait)")
     ] = "decisions",
     heads: Annotated[
         str | None, typer.Option(help="decisions: head counts, comma-separated (default 10,100,1000). "
@@ -475,8 +476,11 @@ def bench(
     if what == "soak":
         _bench_soak(config, minutes, rate, fault_every, json_)
         return
+    if what == "broker":
+        _bench_broker(config, json_)
+        return
     if what != "decisions":
-        err.print(f"[red]error:[/] unknown benchmark {what!r} (known: decisions, e2e, soak)")
+        err.print(f"[red]error:[/] unknown benchmark {what!r} (known: decisions, e2e, soak, broker)")
         raise typer.Exit(2)
     sizes = [int(x) for x in (heads or "10,100,1000").split(",") if x.strip()]
     t0 = time.perf_counter()
@@ -486,6 +490,29 @@ def bench(
         return
     print_table(console, render(rows))
     console.print(f"measured in {time.perf_counter() - t0:.1f}s; ratios are median / baseline median")
+
+
+def _bench_broker(config: Path | None, json_: bool) -> None:
+    """``bench broker``: one hop's produce-to-arrival latency by partitions and fetch wait (bench_broker.py)."""
+    import asyncio
+    import sys
+
+    from router_worker.bench_broker import run_broker_bench
+
+    t0 = time.perf_counter()
+    rows = asyncio.run(run_broker_bench(_settings(config, log_level="WARNING")))
+    if json_:
+        for r in rows:
+            sys.stdout.write(json.dumps(r.to_json()) + "\n")
+        return
+    table = Table(title="one hop through the broker: produce to arrival (ms)")
+    for col in ("partitions", "fetch wait ms", "records/s", "received", "p50 ms", "p99 ms", "max ms"):
+        table.add_column(col, justify="right", no_wrap=True)
+    for r in rows:
+        table.add_row(str(r.partitions), str(r.fetch_wait_ms), f"{r.rate:,.0f}", f"{r.received}/{r.records}",
+                      f"{r.p50_ms:.1f}", f"{r.p99_ms:.1f}", f"{r.max_ms:.1f}")  # fmt: skip
+    console.print(table)
+    console.print(f"measured in {time.perf_counter() - t0:.1f}s")
 
 
 def _bench_soak(

@@ -12,6 +12,7 @@ import typer
 from rich.console import Console
 from rich.logging import RichHandler
 
+from router_worker.localstack import EMBEDDED_FETCH_MAX_WAIT_MS
 from router_worker.loop import LoopChoice, tune_gc
 from router_worker.settings import Settings, SettingsError, load_settings, settings_help
 
@@ -83,7 +84,8 @@ def run(config: ConfigOpt = None) -> None:
         async with runtime(s) as rt:
             if rt.stack:
                 err.print(f"embedded stack: export ROUTER_KAFKA_BOOTSTRAP_SERVERS={rt.stack.bootstrap_servers} "
-                          f"ROUTER_REDIS_URL={rt.stack.redis_url}")  # fmt: skip
+                          f"ROUTER_REDIS_URL={rt.stack.redis_url} "
+                          f"ROUTER_KAFKA_FETCH_MAX_WAIT_MS={EMBEDDED_FETCH_MAX_WAIT_MS}")  # fmt: skip
             router = build_router(rt)
             await until_signalled(router.stop)
             await run_router(rt, router)

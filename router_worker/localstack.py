@@ -25,10 +25,11 @@ _PR_SET_PDEATHSIG = 1
 
 
 EMBEDDED_FETCH_MAX_WAIT_MS = 5
-"""The consumers' fetch wait against the embedded broker, unless set (``ROUTER_KAFKA_FETCH_MAX_WAIT_MS``). Tansu
-does not answer a waiting fetch when records arrive: the fetch returns at the end of its wait. Measured one hop
-at 20 records/s on this broker: p50 129 / p99 252 ms with a 500 ms wait, 26 / 54 ms with 100 ms, 3 / 8 ms with
-5 ms. Apache Kafka answers as soon as a record is there, so the setting's default (50 ms) costs it nothing."""
+"""The consumers' fetch wait where the broker is the embedded one, unless set (``ROUTER_KAFKA_FETCH_MAX_WAIT_MS``).
+Tansu does not answer a waiting fetch when records arrive: the fetch returns at the end of its wait. Measured one
+hop at 20 records/s on this broker (``bench broker``): p50 129 / p99 252 ms with a 500 ms wait, 26 / 54 ms with
+100 ms, 3 / 8 ms with 5 ms. Apache Kafka answers as soon as a record is there, so the setting's default (50 ms)
+costs it nothing."""
 
 
 class LocalStackError(RuntimeError):

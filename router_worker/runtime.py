@@ -124,7 +124,10 @@ async def runtime(settings: Settings, *, allow_embedded: bool = True) -> AsyncIt
             "kafka_bootstrap_servers": settings.kafka_bootstrap_servers or stack.bootstrap_servers,
             "redis_url": settings.redis_url or stack.redis_url,
         }
-        if "kafka_fetch_max_wait_ms" not in settings.model_fields_set:
+        if (
+            not settings.kafka_bootstrap_servers
+            and "kafka_fetch_max_wait_ms" not in settings.model_fields_set
+        ):
             update["kafka_fetch_max_wait_ms"] = EMBEDDED_FETCH_MAX_WAIT_MS
         settings = settings.model_copy(update=update)
         log.info("embedded stack: kafka %s, redis %s", stack.bootstrap_servers, redact_url(stack.redis_url))

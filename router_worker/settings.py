@@ -407,8 +407,8 @@ def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Se
         if path:
             file_values = secrets_from_config(file_values, Path(path).parent)
         settings = Settings(**(file_values | overrides))  # overrides here too: checks that span settings
-        if overrides:
-            settings = Settings.model_validate({**settings.model_dump(), **overrides})
+        if overrides:  # only what was given counts as set (a default the runtime may adapt stays a default)
+            settings = Settings.model_validate({**settings.model_dump(exclude_unset=True), **overrides})
     except SecretFileError as exc:
         raise SettingsError(f"invalid settings: {exc}") from None
     except ValidationError as exc:

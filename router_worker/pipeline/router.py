@@ -259,6 +259,8 @@ class Router:
             await producer.start()
             await self.state.start()
             await self._warm_redis()
+            if self._stop.is_set():  # stopped while starting: leave before joining the group
+                return
             reaping = asyncio.create_task(self._reap_loop(), name="reaper")
             consumer.subscribe([self.topics.requests, *self._retry_topics], listener=_Rebalance(self))
             await consumer.start()

@@ -19,10 +19,6 @@ from router_worker.settings import Settings, load_settings
 pytestmark = pytest.mark.integration
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="runtime() sets the embedded broker's fetch wait on the operator's Kafka when only Redis is embedded",
-)
 async def test_an_operators_kafka_keeps_the_default_fetch_wait_when_only_redis_is_embedded(
     settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -51,11 +47,6 @@ async def test_an_operators_kafka_keeps_the_default_fetch_wait_when_only_redis_i
         )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="load_settings(**overrides) marks every field as set, so `router-worker demo` and `bench` (which pass "
-    "log_level='WARNING') never get the embedded broker's fetch wait",
-)
 async def test_the_demo_settings_get_the_embedded_fetch_wait(
     settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -1369,37 +1369,16 @@ def counted_router(counters: Path) -> None:
     (``send_packed_command``: a command, a whole pipeline, a script call, a health-check PING) is one round
     trip, counted apart when a batch (``Router.step``) made it. SIGUSR1 writes the counts to ``counters``
     (JSON)."""
-    import contextvars
+    from router_worker.harness.round_trips import RoundTrips
 
-    from redis.asyncio.connection import AbstractConnection
-
-    from router_worker.pipeline.router import Router
-
-    sent = [0, 0]  # in a batch, outside
-    in_batch = contextvars.ContextVar("in_batch", default=False)
-    original = AbstractConnection.send_packed_command
-    step = Router.step
-
-    async def send_packed_command(self: AbstractConnection, command: Any, check_health: bool = True) -> None:
-        sent[0 if in_batch.get() else 1] += 1
-        await original(self, command, check_health)
-
-    async def counted_step(self: Router, *args: Any, **kwargs: Any) -> None:
-        # The batch's own awaits and the publish task it starts (which copies this context); the resync and
-        # reaper tasks are others.
-        in_batch.set(True)
-        try:
-            await step(self, *args, **kwargs)
-        finally:
-            in_batch.set(False)
+    counted = RoundTrips()
+    counted.install()
 
     def dump(_signum: int, _frame: object) -> None:
         tmp = counters.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"round_trips": sent[0], "background": sent[1]}))
+        tmp.write_text(json.dumps({"round_trips": counted.in_batches, "background": counted.outside}))
         os.replace(tmp, counters)
 
-    AbstractConnection.send_packed_command = send_packed_command  # type: ignore[method-assign]
-    Router.step = counted_step  # type: ignore[method-assign]
     signal.signal(signal.SIGUSR1, dump)
     from router_worker import cli
 

@@ -74,6 +74,7 @@ from router_worker.core.policy import STRATEGIES, Policy
 from router_worker.localstack import _die_with_parent, free_port
 from router_worker.loop import run as run_loop
 from router_worker.pipeline.kafka import ensure_topics, make_consumer, make_producer
+from router_worker.pipeline.messages import H_DECIDED_AT
 from router_worker.security import reveal
 from router_worker.settings import Settings
 from router_worker.state.heads import HeadRecord, HeadRegistry
@@ -83,6 +84,7 @@ from router_worker.topics import Topics
 
 SENT_HEADER = "x-bench-sent"
 """Send time of a latency job (``time.time_ns()``, decimal): producers' headers pass through router and pipe."""
+DECIDED_HEADER = H_DECIDED_AT
 REGIONS = ("us-east", "eu-west", "us-west", "ap-south")
 HEAD_TTL_MS = 3_600_000
 """Heads' heartbeat deadline: longer than any run, so no heartbeat traffic runs during a measurement."""
@@ -417,6 +419,9 @@ class Arrivals:
     min_ts: int = 2**62
     max_ts: int = 0
     latencies_ns: list[int] = field(default_factory=list)
+    splits_ms: list[tuple[float, float]] = field(default_factory=list)
+    """Routed stamped jobs: (sent to planned, planned to arrived), split at the router's ``x-route-decided-at``
+    (stamped when it starts planning the job's batch; milliseconds, so each half is ±1 ms)."""
     early: dict[tuple[TopicPartition, int], int] = field(default_factory=dict)
     """Records seen past a gap (offset not yet visible before them): when they were first seen."""
     gaps_accepted: int = 0
@@ -449,10 +454,17 @@ class Arrivals:
                 self.max_ts = max(self.max_ts, max(r.timestamp for r in ok))
                 for r in ok:
                     seen = self.early.pop((tp, r.offset), now_ns) if self.early else now_ns
+                    sent = decided = None
                     for k, v in r.headers:
-                        if k == SENT_HEADER and v:
-                            self.latencies_ns.append(seen - int(v))
-                            break
+                        if k == SENT_HEADER:
+                            sent = v
+                        elif k == DECIDED_HEADER:
+                            decided = v
+                    if sent:
+                        self.latencies_ns.append(seen - int(sent))
+                        if decided:
+                            at_ns = int(decided) * 1_000_000
+                            self.splits_ms.append(((at_ns - int(sent)) / 1e6, (seen - at_ns) / 1e6))
             for tp, recs in batch.items():  # records read past a gap: they arrived now, are counted later
                 exp = self.expected.get(tp, 0)
                 for r in recs:
@@ -689,6 +701,12 @@ class Latency:
     p999_ms: float
     max_ms: float
     samples_ms: list[float] = field(default_factory=list, repr=False)
+    to_router_p50_ms: float = float("nan")
+    """Sent to planned (routers only: split at ``x-route-decided-at``): the request topic and the router's wait."""
+    to_router_p99_ms: float = float("nan")
+    from_router_p50_ms: float = float("nan")
+    """Planned to arrived: the batch ahead's acknowledgements, the job's own publish, the model topic."""
+    from_router_p99_ms: float = float("nan")
 
 
 @dataclass(slots=True)
@@ -1017,8 +1035,11 @@ async def _latency(kind: str, procs: int, base: Settings, redis: Redis, cfg: E2E
     finally:
         await _clean(lay, redis, kind)
     ms = sorted(x / 1e6 for x in arr.latencies_ns)
+    to_router = sorted(a for a, _ in arr.splits_ms)
+    from_router = sorted(b for _, b in arr.splits_ms)
     lat = Latency(rate, achieved, cfg.latency_jobs, len(ms), _pct(ms, 0.5), _pct(ms, 0.99), _pct(ms, 0.999),
-                  ms[-1] if ms else float("nan"), ms)  # fmt: skip
+                  ms[-1] if ms else float("nan"), ms, _pct(to_router, 0.5), _pct(to_router, 0.99),
+                  _pct(from_router, 0.5), _pct(from_router, 0.99))  # fmt: skip
     say(f"[dim]{name}: latency at {rate:,.0f} jobs/s (new processes, fresh topics): p50 {lat.p50_ms:.1f} ms, "
         f"p99 {lat.p99_ms:.1f} ms[/]")  # fmt: skip
     return lat
@@ -1127,6 +1148,10 @@ class Report:
         }))  # fmt: skip
 
 
+def _pair(a: float, b: float) -> str | None:
+    return None if math.isnan(a) else f"{a:.1f} / {b:.1f}"
+
+
 def _div(a: float, b: float) -> float | None:
     if not (math.isfinite(a) and math.isfinite(b)) or b == 0:
         return None
@@ -1167,7 +1192,9 @@ async def run_e2e(settings: Settings, cfg: E2EConfig, log: Console | None = None
 # --- output -----------------------------------------------------------------------------------------------
 
 
-def _f(v: float | None, fmt: str = "{:,.0f}") -> str:
+def _f(v: float | str | None, fmt: str = "{:,.0f}") -> str:
+    if isinstance(v, str):
+        return v
     if v is None or not math.isfinite(v):
         return "-"
     return fmt.format(v)
@@ -1203,6 +1230,10 @@ def render(report: Report) -> Table:
         "latency_p99")  # fmt: skip
     row(f"produce-to-arrival p99.9 (ms) {lat}", lambda p: p.latency.p999_ms if p.latency else None, "{:.1f}",
         "latency_p999")  # fmt: skip
+    row("  sent to planned p50 / p99 (ms)", lambda p: _pair(p.latency.to_router_p50_ms, p.latency.to_router_p99_ms)
+        if p.latency and p.kind == "router" else None, "{}")  # fmt: skip
+    row("  planned to arrived p50 / p99 (ms)", lambda p: _pair(p.latency.from_router_p50_ms,
+        p.latency.from_router_p99_ms) if p.latency and p.kind == "router" else None, "{}")  # fmt: skip
     row("Redis commands per job", lambda p: p.commands_per_job if p.kind == "router" else None, "{:.2f}")
     row("Redis round trips per batch", lambda p: p.round_trips_per_batch if p.kind == "router" else None,
         "{:.2f}")  # fmt: skip

@@ -60,7 +60,13 @@ async def test_bench_e2e_reports_every_figure(settings: Settings, tmp_path: Path
         assert p["round_trips_per_batch"] >= 2, f"{name}: each batch claims and marks, at least"
         assert p["background_round_trips_per_s"] >= 0, name
         assert p["top_commands"], name
+        lat = p["latency"]
+        assert lat["to_router_p50_ms"] is not None, f"{name}: the router's own stamp splits each job's time"
+        assert lat["from_router_p50_ms"] is not None, name
+        # Each half is ±1 ms (the router stamps milliseconds); together they are the whole.
+        assert lat["to_router_p50_ms"] + lat["from_router_p50_ms"] <= lat["max_ms"] + 2, name
     assert phases["pipe"]["commands_per_job"] == 0
+    assert phases["pipe"]["latency"]["to_router_p50_ms"] is None, "the pipe stamps nothing"
     for name in ("router_x1", "router_x2"):
         ratios = doc["ratios"][name]
         for key in (

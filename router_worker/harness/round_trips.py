@@ -3,7 +3,9 @@ the health checks): what ``bench e2e`` reports as round trips per batch, and wha
 
 Every request redis-py writes (``send_packed_command``: a command, a whole pipeline, a script call) is one round
 trip. One made while :meth:`Router.step` runs, or by a task it starts (the publish, the background close: they
-copy its context), is the batch's.
+copy its context), is the batch's. Not split: a batch's marks written by ``settle`` (a rebalance, an outage,
+the stop) count as outside; a pooled connection's health-check ``PING`` (after 30 s idle) counts as the
+batch's.
 """
 
 from __future__ import annotations
@@ -21,14 +23,23 @@ SET_UP_COMMANDS = frozenset({b"HELLO", b"CLIENT", b"AUTH", b"SELECT"})
 """What a new connection sends before its first command: the pool's work, not a batch's."""
 
 
-def command_name(command: Any) -> bytes:
-    """The first command's name in what redis-py writes (RESP: ``*N``, then ``$len`` and the name)."""
-    raw = (
-        command
-        if isinstance(command, bytes | bytearray | memoryview)
-        else b"".join(bytes(c) for c in command)
-    )
-    return bytes(raw).split(b"\r\n", 3)[2].upper()
+def as_chunks(command: Any) -> list[Any]:
+    """What ``send_packed_command`` takes (``bytes``, ``str`` or an iterable of chunks) as the list it would
+    write: read once, so a one-shot iterable is still written whole."""
+    if isinstance(command, str):
+        return [command.encode()]
+    if isinstance(command, bytes | bytearray | memoryview):
+        return [command]
+    return list(command)
+
+
+def command_name(chunks: list[Any]) -> bytes:
+    """The first command's name (RESP: ``*N``, then ``$len`` and the name), read from the first chunk alone;
+    ``b""`` when it can not be read there. Never raises: counting must not fail a batch."""
+    if not chunks:
+        return b""
+    parts = bytes(chunks[0][:64]).split(b"\r\n", 3)
+    return parts[2].upper() if len(parts) > 2 else b""
 
 
 @dataclass(slots=True)
@@ -46,9 +57,14 @@ class RoundTrips:
         send, step = AbstractConnection.send_packed_command, Router.step
         in_batch = self._in_batch
 
+        active = [True]
+
         async def counted_send(conn: AbstractConnection, command: Any, check_health: bool = True) -> None:
-            if in_batch.get():
+            if not active[0]:
+                pass
+            elif in_batch.get():
                 self.in_batches += 1
+                command = as_chunks(command)
                 if command_name(command) in SET_UP_COMMANDS:
                     self.set_up += 1
             else:
@@ -66,7 +82,12 @@ class RoundTrips:
         setattr(Router, "step", counted_step)  # noqa: B010
 
         def undo() -> None:
-            setattr(AbstractConnection, "send_packed_command", send)  # noqa: B010
-            setattr(Router, "step", step)  # noqa: B010
+            """Stop counting; put the originals back where ours are still on top (undone out of order, a
+            counter's wrappers stay under a later one's, passing every call through uncounted)."""
+            active[0] = False
+            if AbstractConnection.__dict__.get("send_packed_command") is counted_send:
+                setattr(AbstractConnection, "send_packed_command", send)  # noqa: B010
+            if Router.__dict__.get("step") is counted_step:
+                setattr(Router, "step", step)  # noqa: B010
 
         return undo

@@ -103,6 +103,11 @@ async def test_a_probe_lease_is_granted_once_and_closing_leaves_the_summary(sett
 # --- end to end: routers and heads in their own processes -------------------------------------------------------
 
 
+_NEWS_MS = 2_000
+"""How soon after a breaker opens every router has heard (an event, or a read every ``breaker_poll_ms``), even on
+a loaded two-core machine."""
+
+
 def _walk(events: list[dict[str, Any]]) -> list[str]:
     """The states a breaker went through, from its audit records in time order; fails on an impossible step (two
     records of one transition, e.g. one per router)."""
@@ -157,8 +162,10 @@ async def test_a_head_failing_every_job_is_cut_off_by_both_routers_and_every_job
         r for r in records if r.get("event", "").startswith("breaker_") and r.get("head_id") == "good"
     ]
 
-    # After it first opened, each router routed at most the one batch it had in hand to the failing head, and
-    # after that only half-open probes. A batch's decision records share its timestamp.
+    # After it first opened, each router routed to the failing head only the batches it had in hand before the news
+    # reached it (the opening router's pub/sub event, or its next breaker read): the batch in flight, the one being
+    # planned, and one whose claim round trip was already on its way. After that, only half-open probes. A batch's
+    # decision records share its timestamp. (Seen in CI: a router two batches 13 ms apart, both just after t_open.)
     t_open = min(r["ts"] for r in opened)
     routes = [
         r for r in records if r.get("event") in ("route", "route_fallback") and r.get("head_id") == "bad"
@@ -168,8 +175,11 @@ async def test_a_head_failing_every_job_is_cut_off_by_both_routers_and_every_job
     by_router: dict[str, set[int]] = {}
     for r in late:
         by_router.setdefault(r["router_id"], set()).add(r["ts"])
-    assert all(len(batches) <= 1 for batches in by_router.values()), (
+    assert all(len(batches) <= 3 for batches in by_router.values()), (
         f"routers kept sending to an open breaker's head: {by_router}"
+    )
+    assert all(ts - t_open <= _NEWS_MS for batches in by_router.values() for ts in batches), (
+        f"a router sent to an open breaker's head more than {_NEWS_MS} ms after it opened: {by_router}"
     )
     probes = [r for r in routes if "half-open breaker probe" in r["reason"]]
     print(f"\n[breakers] walk {walk}; {len(routes)} routes to the failing head, {len(late)} after it opened in "

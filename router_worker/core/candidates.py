@@ -5,7 +5,8 @@ Within one *load epoch* (between two reconciliations of in-flight counts with Re
 rises, by this router's own picks. So a heap of scores that fall as load rises can be kept lazily: when the
 top entry was scored at an older load, re-score it and push it back; the first fresh top is the true best.
 Heads found over the load threshold or past their heartbeat are dropped for the rest of the epoch (they can
-not recover within it). A new epoch rebuilds the heap in O(n), once per batch, not once per job.
+not recover within it). A new epoch (some head's count fell) rebuilds the heap in O(n), at most once per batch,
+never once per job.
 """
 
 from __future__ import annotations

@@ -128,7 +128,8 @@ class RouterMemory:
     affinity: dict[str, tuple[str, int]] = field(default_factory=dict)
     """session key -> (head id, expires at ms)."""
     epoch: int = 0
-    """Bumped whenever ``pending`` is replaced from Redis: loads may have fallen, derived heaps rebuild."""
+    """Bumped when ``pending`` is replaced from Redis with a lower count for some head: loads fell, derived heaps
+    rebuild. Counts that only rose keep them (a lazy heap re-scores a head whose load rose when it reaches it)."""
     blocked: dict[str, str] = field(default_factory=dict)
     """head id -> why it gets no jobs now: its circuit breaker is open (or half-open with no probe left)."""
     probes: dict[str, int] = field(default_factory=dict)
@@ -144,8 +145,13 @@ class RouterMemory:
             self.breaker_epoch += 1
 
     def reset_pending(self, counts: dict[str, int]) -> None:
+        """Take Redis's in-flight counts. The candidate heaps rebuild only if some head's count fell (a head
+        gone from ``counts`` counts as 0): no rebuild per batch while nothing finished."""
+        get = counts.get
+        fell = any(get(head_id, 0) < n for head_id, n in self.pending.items())
         self.pending = counts
-        self.epoch += 1
+        if fell:
+            self.epoch += 1
 
     def inflight(self, head: Head) -> int:
         return max(self.pending.get(head.head_id, 0), head.reported_inflight)

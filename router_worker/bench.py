@@ -99,7 +99,10 @@ def _time(fn: object, jobs: Sequence[Job], *args: object, memory: RouterMemory |
     base = dict(memory.pending) if memory is not None else {}
     for i, job in enumerate(jobs):
         if memory is not None and i % BATCH == 0:
-            memory.reset_pending(dict(base))  # the next decision pays the heap rebuild, as in real routing
+            memory.reset_pending(dict(base))
+            memory.epoch += (
+                1  # jobs finished (a count fell): the next decision pays the heap rebuild, as in a router
+            )
         t0 = time.perf_counter_ns()
         call(job, *args)  # type: ignore[operator]
         out.append(time.perf_counter_ns() - t0)

@@ -76,7 +76,9 @@ def predict(profile: Profile | None, head: Head, load: float, size: float) -> Pr
         power = profile.power_w if profile else head.power_w
     else:
         a, b, c = profile.coef
-        latency = max(0.01, a + b * size + c * load)
+        # Never faster for being busier: a negative fitted load slope is noise, and would send more jobs to a
+        # head the busier it got (and break the candidate heaps' rule that a score never rises with load).
+        latency = max(0.01, a + b * size + max(0.0, c) * load)
         conf = profile.confidence
         power = profile.power_w or head.power_w
     throughput = head.capacity * 1000.0 / latency if latency > 0 else 0.0

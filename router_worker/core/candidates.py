@@ -1,9 +1,10 @@
 """Candidate sets: the heads that pass the static filters for one (model, region, strategy, criteria,
 policy) key, with the derived structures that make a pick cost O(log n) instead of a scan.
 
-Within one *load epoch* (between two reconciliations of in-flight counts with Redis) a head's load only
-rises, by this router's own picks. So a heap of scores that fall as load rises can be kept lazily: when the
-top entry was scored at an older load, re-score it and push it back; the first fresh top is the true best.
+Within one *load epoch* (until a reconciliation with Redis lowers some head's in-flight count) a head's load
+only rises, by this router's own picks or by counts from Redis that rose. So a heap of scores that fall as load
+rises can be kept lazily: when the top entry was scored at an older load, re-score it and push it back; the
+first fresh top is the true best.
 Heads found over the load threshold or past their heartbeat are dropped for the rest of the epoch (they can
 not recover within it). A new epoch (some head's count fell) rebuilds the heap in O(n), at most once per batch,
 never once per job.

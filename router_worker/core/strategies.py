@@ -388,7 +388,7 @@ def _adaptive_table(
         for h in cs.heads:
             prof = ctx.profiles.get(h.head_id)
             base = predict(prof, h, 0.0, size)
-            slope = prof.coef[2] if prof is not None and prof.samples >= 3 else 0.0
+            slope = max(0.0, prof.coef[2]) if prof is not None and prof.samples >= 3 else 0.0  # as predict()
             weight = _backend_weight(h, ctx.policy) * backend_bonus(h, ctx.spec)
             rows[h.head_id] = _AdaptiveRow(
                 base.latency_ms, slope, base.confidence, base.power_w, h.capacity, weight

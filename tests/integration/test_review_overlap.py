@@ -98,6 +98,8 @@ async def test_a_held_partition_resumes_while_batches_keep_overlapping(
                 before = served.job_ids().index("late")
                 await stream.wait()
                 await wait_until(lambda: len(served.rows) >= 3001, timeout=90)
-    assert late_at - due < 3000, (
+    # Counted in jobs, not milliseconds (a loaded two-core machine once took 4.5 s, after 638 jobs): the held
+    # partition resumed while the stream was still being routed, not once it ran dry (3,000 jobs, 6 s and more).
+    assert before < 2000, (
         f"the retry due at {due} was routed {late_at - due} ms late, after {before} of the stream's 3000 jobs"
     )

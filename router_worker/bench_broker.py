@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 
 from aiokafka import TopicPartition
 
-from router_worker.pipeline.kafka import ensure_topics, make_consumer, make_producer
+from router_worker.pipeline.kafka import ensure_topics, make_admin, make_consumer, make_producer
 from router_worker.settings import Settings
 
 DEFAULT_CASES: tuple[tuple[int, int, float, int], ...] = (
@@ -99,8 +99,6 @@ async def one_hop(s: Settings, partitions: int, fetch_wait_ms: int, rate: float,
 
 
 async def _delete(s: Settings, topic: str) -> None:
-    from router_worker.pipeline.kafka import make_admin
-
     admin = make_admin(s)
     try:
         await admin.start()

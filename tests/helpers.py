@@ -16,6 +16,7 @@ from aiokafka.errors import KafkaTimeoutError
 from redis.asyncio import Redis
 
 from consumers.worker import JobContext, ModelWorker, WorkerConfig
+from producers.producer import JobProducer
 from router_worker.audit import AuditSink
 from router_worker.clock import now_ms
 from router_worker.core.breaker import Breaker, BreakerState
@@ -177,6 +178,35 @@ class UnsentThenRedisAway:
 
     def back(self, redis: Redis) -> None:
         self.router.marks.redis = redis
+
+    async def drive(self, s: Settings, redis: Redis, monkeypatch: Any, order: Sequence[str], expect: Sequence[str],
+                    *, away_s: float, within_s: float, settle_s: float) -> tuple[Served, Router]:  # fmt: skip
+        """Stand in for the broker's publish, send ``order`` on one request partition (one session), run a head
+        and a router on the real stack; once a send was left unsent, keep Redis away for ``away_s`` (the
+        partition is read again meanwhile), then wait up to ``within_s`` for every job of ``expect`` and
+        ``settle_s`` more (a duplicate would arrive by then). Returns what the head served, and the router."""
+        import router_worker.pipeline.faults as faults_module
+
+        monkeypatch.setattr(faults_module, "publish", self.publish)
+        monkeypatch.setattr(faults_module, "broker_answers", self.broker_away)
+        served = Served()
+        worker = make_worker(s, redis, served, "m", head_id="h", capacity=1000)
+        router = self.router = make_router(s, redis)
+        try:
+            async with running(worker):
+                async with JobProducer(s) as p:
+                    for job_id in order:
+                        await p.submit("m", job_id, job_id=job_id, session_id="one-partition")
+                async with running(router):
+                    await wait_until(lambda: self.struck, timeout=30)
+                    await asyncio.sleep(away_s)
+                    self.back(redis)
+                    with contextlib.suppress(AssertionError):  # the caller's assertions say what is missing
+                        await wait_until(lambda: set(served.job_ids()) >= set(expect), timeout=within_s)
+                    await asyncio.sleep(settle_s)
+        finally:
+            await self.aclose()
+        return served, router
 
     async def aclose(self) -> None:
         await self.dead.aclose()

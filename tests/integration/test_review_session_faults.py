@@ -220,25 +220,8 @@ async def test_jobs_acknowledged_behind_an_unsent_one_are_not_routed_again_while
     record as its own). The router knows better: it settled them, so they are duplicates, not routed twice."""
     s = settings.model_copy(update={"batch_max_records": 5})
     away = UnsentThenRedisAway(lambda sends: sends[1] if len(sends) >= 3 else None)
-    monkeypatch.setattr(faults_module, "publish", away.publish)
-    monkeypatch.setattr(faults_module, "broker_answers", away.broker_away)
-    served = Served()
-    worker = make_worker(s, redis, served, "m", head_id="h", capacity=1000)
-    router = away.router = make_router(s, redis)
     ids = [f"s{i:02d}" for i in range(20)]
-    try:
-        async with running(worker):
-            async with JobProducer(s) as p:  # one session: one request partition, in order
-                for job_id in ids:
-                    await p.submit("m", job_id, job_id=job_id, session_id="one-partition")
-            async with running(router):
-                await wait_until(lambda: away.struck, timeout=30)
-                await asyncio.sleep(6.0)  # the partition is read again meanwhile (a hold is 200 ms)
-                away.back(redis)
-                await wait_until(lambda: set(served.job_ids()) >= set(ids), timeout=60)
-                await asyncio.sleep(2.0)  # a duplicate would arrive by now
-    finally:
-        await away.aclose()
+    served, router = await away.drive(s, redis, monkeypatch, ids, ids, away_s=6.0, within_s=60, settle_s=2.0)
     assert router.stats.unsent == 1
     assert router.stats.routed == len(ids), f"routed {router.stats.routed} times for {len(ids)} jobs"
     assert sorted(served.job_ids()) == sorted(ids)

@@ -50,25 +50,9 @@ async def test_a_job_resent_by_its_producer_is_not_lost_when_its_first_copy_stay
         return next((x for x in sends if x.value is not None and b"r01" in x.value), None)
 
     away = UnsentThenRedisAway(first_copy_of_r01)
-    monkeypatch.setattr(faults_module, "publish", away.publish)
-    monkeypatch.setattr(faults_module, "broker_answers", away.broker_away)
-    served = Served()
-    worker = make_worker(s, redis, served, "m", head_id="h", capacity=1000)
-    router = away.router = make_router(s, redis)
-    try:
-        async with running(worker):
-            async with JobProducer(s) as p:  # one session: one request partition, in this order
-                for job_id in order:
-                    await p.submit("m", job_id, job_id=job_id, session_id="one-partition")
-            async with running(router):
-                await wait_until(lambda: away.struck, timeout=30)
-                await asyncio.sleep(4.0)  # the partition is read again meanwhile (a hold is 200 ms)
-                away.back(redis)
-                with contextlib.suppress(AssertionError):  # the assertions below say what is missing
-                    await wait_until(lambda: set(served.job_ids()) >= set(ids), timeout=20)
-                await asyncio.sleep(1.0)  # a duplicate would arrive by now
-    finally:
-        await away.aclose()
+    served, router = await away.drive(
+        s, redis, monkeypatch, order, ids, away_s=4.0, within_s=20, settle_s=1.0
+    )
     assert away.struck
     assert sorted(served.job_ids()) == sorted(ids), (
         f"every job once (missing: {sorted(set(ids) - set(served.job_ids()))}; "

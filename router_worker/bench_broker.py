@@ -6,8 +6,8 @@ router's latency can be read against the floor its broker sets: a router's job m
 topic, then model topic), and the bare pipe of ``bench e2e`` makes the same two.
 
 What it shows on the embedded broker (Tansu) and not on Apache Kafka: a fetch that waits for records at the
-broker is answered at the end of its wait even when records arrive meanwhile (a sparse stream's latency grows
-with the fetch wait), and a produce request costs more the more partitions it holds.
+broker is often answered well after records arrive (a sparse stream's latency grows with the fetch wait: about
+a quarter of it at the median, half at p99), and a produce request costs more the more partitions it holds.
 """
 
 from __future__ import annotations

@@ -26,10 +26,11 @@ _PR_SET_PDEATHSIG = 1
 
 EMBEDDED_FETCH_MAX_WAIT_MS = 5
 """The consumers' fetch wait where the broker is the embedded one, unless set (``ROUTER_KAFKA_FETCH_MAX_WAIT_MS``).
-Tansu does not answer a waiting fetch when records arrive: the fetch returns at the end of its wait. Measured one
-hop at 20 records/s on this broker (``bench broker``): p50 129 / p99 252 ms with a 500 ms wait, 26 / 54 ms with
-100 ms, 3 / 8 ms with 5 ms. Apache Kafka answers as soon as a record is there, so the setting's default (50 ms)
-costs it nothing."""
+Tansu often answers a waiting fetch well after records arrive, so a sparse stream's latency grows with the wait
+(though not always: one run of ten records answered every fetch within 5 ms of a 1 s wait). Measured one hop at
+20 records/s on this broker (``bench broker``): p50 129 / p99 252 ms with a 500 ms wait, 26 / 54 ms with 100 ms,
+3 / 8 ms with 5 ms. Apache Kafka answers as soon as a record is there, so the setting's default (50 ms) costs it
+nothing."""
 
 
 class LocalStackError(RuntimeError):

@@ -1140,7 +1140,7 @@ class Report:
     def to_json(self) -> dict[str, Any]:
         return cast(dict[str, Any], _finite({
             "benchmark": "e2e",
-            "config": asdict(self.config),
+            "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self.config).items()},
             "machine": self.machine,
             "broker": self.broker,
             "offered_rate": self.offered_rate,
@@ -1330,7 +1330,10 @@ def command(settings: Settings, cfg: E2EConfig, *, json_out: bool, plot_to: Path
         run_e2e(settings, cfg, err), settings.event_loop
     )  # progress on stderr; the result on stdout
     if json_out:
-        sys.stdout.write(json.dumps(report.to_json()) + "\n")
+        doc = report.to_json()
+        if cfg.profile_dir is not None:
+            doc["profiles"] = profiles_json(cfg.profile_dir)
+        sys.stdout.write(json.dumps(doc) + "\n")
         sys.stdout.flush()
     else:
         print_table(console, render(report))
@@ -1347,6 +1350,15 @@ def command(settings: Settings, cfg: E2EConfig, *, json_out: bool, plot_to: Path
     if cfg.profile_dir is not None and not json_out:
         print_profiles(console, cfg.profile_dir)
     return report
+
+
+def profiles_json(folder: Path) -> dict[str, dict[str, list[tuple[str, float]]]]:
+    """Each router's profile top, for ``--json``: its file name -> self and inclusive shares."""
+    out = {}
+    for path in sorted(folder.glob("*.folded")):
+        own, inclusive = profile_top(path.read_text())
+        out[path.name] = {"self": own, "inclusive": inclusive}
+    return out
 
 
 def print_profiles(console: Console, folder: Path) -> None:

@@ -9,6 +9,7 @@ import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -248,3 +249,11 @@ def test_costs_are_counted_from_the_last_sample_before_the_first_routed_record()
     assert start.cpu == {1: 1.6}
     assert start.counters == (7, 0), "the latest counters before it"
     assert _sample_before(samples, 5.0) is samples[0]
+
+
+def test_e2e_json_with_a_profile_folder_is_json() -> None:
+    """--profile names a folder (a Path): --json with it once crashed with 'PosixPath is not JSON serializable'."""
+    r = _report()
+    r.config = E2EConfig(jobs=1000, heads=8, profile_dir=Path("/tmp/profiles"))
+    back = json.loads(json.dumps(r.to_json(), allow_nan=False))
+    assert back["config"]["profile_dir"] == "/tmp/profiles"

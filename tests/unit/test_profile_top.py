@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from router_worker.bench_e2e import profile_top
+from pathlib import Path
+
+from router_worker.bench_e2e import profile_top, profiles_json
 
 FOLDED = """\
 main (/x/bench_e2e.py:10);process (/x/router_worker/pipeline/router.py:300);plan (/x/plan.py:5) 6
@@ -28,3 +30,11 @@ def test_relative_paths_of_a_checkout_count_as_ours_and_site_packages_do_not() -
     own, inclusive = profile_top(folded)
     assert own == [("send (producer.py)", 1.0)]
     assert dict(inclusive) == {"main (bench_e2e.py)": 1.0, "step (router.py)": 1.0}
+
+
+def test_profiles_as_json_name_each_router(tmp_path: Path) -> None:
+    (tmp_path / "router1-0.folded").write_text(FOLDED)
+    (tmp_path / "router1-0.py-spy.log").write_text("not a profile")
+    doc = profiles_json(tmp_path)
+    assert list(doc) == ["router1-0.folded"]
+    assert doc["router1-0.folded"]["self"][0] == ("plan (plan.py)", 0.6)

@@ -51,6 +51,7 @@ import os
 import platform
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -58,9 +59,9 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Final, cast
 
 import msgpack
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -113,12 +114,20 @@ class E2EConfig:
     """Longest drain; None: 30 s + 1 ms per job."""
     profile_dir: Path | None = None
     """Where py-spy writes a flame graph of each router process's drain (None: no profiling)."""
+    repeat: int = 1
+    """Rounds of every phase, on one stack: the ratios' spread across rounds says how far one round is to be
+    trusted (on a shared machine, a few tens of per cent)."""
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
             raise ValueError(f"unknown strategy {self.strategy!r} (known: {', '.join(STRATEGIES)})")
-        if min(self.jobs, self.heads, self.models, self.regions, self.latency_jobs) < 1 or not self.routers:
-            raise ValueError("jobs, heads, models, regions, latency-jobs and routers must be at least 1")
+        if (
+            min(self.jobs, self.heads, self.models, self.regions, self.latency_jobs, self.repeat) < 1
+            or not self.routers
+        ):
+            raise ValueError(
+                "jobs, heads, models, regions, latency-jobs, repeat and routers must be at least 1"
+            )
         if self.regions > len(REGIONS):
             raise ValueError(f"at most {len(REGIONS)} regions")
         if self.heads < self.models:
@@ -1162,34 +1171,99 @@ def _div(a: float, b: float) -> float | None:
 
 
 async def run_e2e(settings: Settings, cfg: E2EConfig, log: Console | None = None) -> Report:
-    """The whole benchmark against the configured deployment, or an embedded stack started for it."""
+    """One round of the benchmark (``cfg.repeat`` is ignored): see :func:`run_rounds`."""
+    return (await run_rounds(settings, replace(cfg, repeat=1), log))[0]
+
+
+async def run_rounds(settings: Settings, cfg: E2EConfig, log: Console | None = None) -> list[Report]:
+    """``cfg.repeat`` rounds of the benchmark against the configured deployment, or one embedded stack started
+    for them all. The first round measures the routers first (the latency phases' offered load is half its
+    one-router drain rate, kept for every round); later rounds measure the pipe first, so a drift of the
+    machine over the run does not favour one side."""
     from router_worker.runtime import runtime
 
-    t0 = time.perf_counter()
+    reports: list[Report] = []
     workdir = Path(tempfile.mkdtemp(prefix="router-worker-bench-"))
     try:
         async with runtime(settings) as rt:
             s = rt.settings
-            phases: list[Phase] = []
-            rate = cfg.rate
-            for n in cfg.routers:
-                if log is not None:
-                    log.print(f"[bold]router x{n}[/]")
-                p = await run_phase("router", n, s, rt.redis, cfg, rate, workdir, log)
-                if rate is None and p.latency is not None:
-                    rate = p.latency.offered_rate  # half the first phase's drain rate, then for every phase
-                phases.append(p)
-            if cfg.baseline:
-                if log is not None:
-                    log.print("[bold]bare pipe[/]")
-                phases.append(await run_phase("pipe", 1, s, rt.redis, cfg, rate, workdir, log))
             broker = "embedded" if rt.stack is not None else "configured"
+            rate = cfg.rate
+            for k in range(cfg.repeat):
+                t0 = time.perf_counter()
+                if log is not None and cfg.repeat > 1:
+                    log.print(f"[bold]round {k + 1} of {cfg.repeat}[/]")
+                order: list[tuple[str, int]] = [("router", n) for n in cfg.routers]
+                if cfg.baseline:
+                    order = [*order, ("pipe", 1)] if k == 0 else [("pipe", 1), *order]
+                phases: list[Phase] = []
+                for kind, n in order:
+                    if log is not None:
+                        log.print(f"[bold]{'bare pipe' if kind == 'pipe' else f'router x{n}'}[/]")
+                    p = await run_phase(kind, n, s, rt.redis, cfg, rate, workdir, log)
+                    if rate is None and p.latency is not None:
+                        rate = (
+                            p.latency.offered_rate
+                        )  # half the first phase's drain rate, then for every phase
+                    phases.append(p)
+                phases.sort(key=lambda p: (p.kind == "pipe", p.processes))
+                reports.append(Report(cfg, _machine(), broker, rate, phases, time.perf_counter() - t0))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    machine = {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
-               "machine": platform.machine(),
-               "event_loop": type(asyncio.get_running_loop()).__module__.split(".")[0]}  # fmt: skip
-    return Report(cfg, machine, broker, rate, phases, time.perf_counter() - t0)
+    return reports
+
+
+def _machine() -> dict[str, Any]:
+    return {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
+            "machine": platform.machine(),
+            "event_loop": type(asyncio.get_running_loop()).__module__.split(".")[0]}  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class Spread:
+    """One figure across rounds."""
+
+    median: float
+    low: float
+    high: float
+    values: tuple[float, ...]
+
+    @classmethod
+    def of(cls, values: Sequence[float | None]) -> Spread | None:
+        vals = tuple(v for v in values if v is not None and math.isfinite(v))
+        if not vals:
+            return None
+        return cls(statistics.median(vals), min(vals), max(vals), vals)
+
+
+SPREAD_FIGURES: Final = ("drain_rate", "steady_rate", "cpu_s_per_1000", "latency_p99")
+"""The ratios to the pipe whose spread across rounds is reported."""
+
+
+def spread(reports: Sequence[Report]) -> dict[str, dict[str, Spread]]:
+    """Per router phase, each ratio to the pipe (:data:`SPREAD_FIGURES`) across the rounds, and under
+    ``"scaling"`` the most routers' drain rate over one router's."""
+    out: dict[str, dict[str, Spread]] = {}
+    names = [p.name for p in reports[0].phases if p.kind == "router"] if reports else []
+    for name in names:
+        figures = {f: Spread.of([r.ratios().get(name, {}).get(f) for r in reports]) for f in SPREAD_FIGURES}
+        kept = {f: sp for f, sp in figures.items() if sp is not None}
+        if kept:
+            out[name] = kept
+    scaling = Spread.of([r.scaling() for r in reports])
+    if scaling is not None:
+        out["scaling"] = {"drain_rate": scaling}
+    return out
+
+
+def rounds_json(reports: Sequence[Report]) -> dict[str, Any]:
+    """``--json`` of several rounds: each round as one run prints it, and the spread of the ratios."""
+    return cast(dict[str, Any], _finite({
+        "benchmark": "e2e",
+        "rounds": [r.to_json() for r in reports],
+        "spread": {name.replace(" ", "_"): {f: asdict(sp) for f, sp in figs.items()}
+                   for name, figs in spread(reports).items()},
+    }))  # fmt: skip
 
 
 # --- output -----------------------------------------------------------------------------------------------
@@ -1254,6 +1328,24 @@ def render(report: Report) -> Table:
         if any(role in p.stack_cpu_s_per_1000 for p in phases):
             row(f"{label} CPU s per 1,000 jobs", lambda p, r=role: p.stack_cpu_s_per_1000.get(r), "{:.3f}")
     row("peak RSS per process (MiB)", lambda p: p.peak_rss_mb, "{:.0f}", "peak_rss_mb")
+    return table
+
+
+_SPREAD_LABELS: Final = {"drain_rate": "drain rate / pipe", "steady_rate": "drain rate 10-90% / pipe",
+                         "cpu_s_per_1000": "CPU per job / pipe", "latency_p99": "p99 latency / pipe"}  # fmt: skip
+
+
+def render_spread(reports: Sequence[Report]) -> Table:
+    """The ratios to the pipe across rounds: median, lowest, highest, and each round's."""
+    table = Table(title=f"across {len(reports)} rounds: ratios to the bare pipe measured in the same round")
+    for col in ("figure", "median", "low", "high", "rounds"):
+        table.add_column(col, justify="left" if col in ("figure", "rounds") else "right", no_wrap=True)
+    for name, figs in spread(reports).items():
+        for f, sp in figs.items():
+            label = f"{max(reports[0].config.routers)} routers / 1 router" if name == "scaling" else (
+                f"{name}: {_SPREAD_LABELS[f]}")  # fmt: skip
+            table.add_row(label, f"{sp.median:.2f}x", f"{sp.low:.2f}x", f"{sp.high:.2f}x",
+                          " ".join(f"{v:.2f}" for v in sp.values))  # fmt: skip
     return table
 
 
@@ -1322,26 +1414,33 @@ def check_plot_available() -> None:
 
 
 def command(settings: Settings, cfg: E2EConfig, *, json_out: bool, plot_to: Path | None,
-            console: Console, err: Console) -> Report:  # fmt: skip
-    """``router-worker bench e2e``: run, then print the table (or one JSON object) and draw the plot."""
+            console: Console, err: Console) -> list[Report]:  # fmt: skip
+    """``router-worker bench e2e``: run, then print the table (or one JSON object) and draw the plot. With
+    ``--repeat``, the last round's table and the ratios' spread across rounds (``--json``: every round)."""
     if plot_to is not None:
         check_plot_available()
-    report = run_loop(
-        run_e2e(settings, cfg, err), settings.event_loop
+    reports = run_loop(
+        run_rounds(settings, cfg, err), settings.event_loop
     )  # progress on stderr; the result on stdout
+    report = reports[-1]
     if json_out:
-        doc = report.to_json()
+        doc = report.to_json() if len(reports) == 1 else rounds_json(reports)
         if cfg.profile_dir is not None:
             doc["profiles"] = profiles_json(cfg.profile_dir)
         sys.stdout.write(json.dumps(doc) + "\n")
         sys.stdout.flush()
     else:
         print_table(console, render(report))
+        if len(reports) > 1:
+            print_table(console, render_spread(reports))
         sc = report.scaling()
         loop = report.machine.get("event_loop", "asyncio")
-        notes = [f"measured in {report.seconds:.0f}s on {report.machine['cpus']} CPUs, {loop} event loop"]
-        if sc is not None:
+        took = sum(r.seconds for r in reports)
+        notes = [f"measured in {took:.0f}s on {report.machine['cpus']} CPUs, {loop} event loop"]
+        if sc is not None and len(reports) == 1:
             notes.append(f"{max(cfg.routers)} routers drain {sc:.2f}x one router")
+        if len(reports) > 1:
+            notes.append(f"the table above is round {len(reports)} of {len(reports)}")
         console.print("; ".join(notes))
     if plot_to is not None:
         plot(report, plot_to)
@@ -1349,7 +1448,7 @@ def command(settings: Settings, cfg: E2EConfig, *, json_out: bool, plot_to: Path
             console.print(f"plot written to {plot_to}")
     if cfg.profile_dir is not None and not json_out:
         print_profiles(console, cfg.profile_dir)
-    return report
+    return reports
 
 
 def profiles_json(folder: Path) -> dict[str, dict[str, list[tuple[str, float]]]]:

@@ -442,8 +442,12 @@ def bench(
     ] = None,
     profile: Annotated[
         Path | None, typer.Option(help="e2e: write a py-spy flame graph of each router's drain to this folder "
-                                  "(needs py-spy).")
+                                  "(needs py-spy; with --repeat, the last round's).")
     ] = None,
+    repeat: Annotated[
+        int, typer.Option(help="e2e: rounds of every phase on one stack; prints the ratios' median and "
+                          "spread across rounds (a shared machine's noise is a few tens of per cent).")
+    ] = 1,
     config: ConfigOpt = None,
 ) -> None:  # fmt: skip
     """Benchmarks. decisions: routing decision time per strategy against a first-candidate baseline.
@@ -462,7 +466,7 @@ def bench(
                             payload_bytes=payload_bytes, latency_jobs=latency_jobs, rate=rate,
                             routers=tuple(int(x) for x in routers.split(",") if x.strip()),
                             strategy=(strategy or ["least_loaded"])[0], baseline=baseline,
-                            profile_dir=profile)  # fmt: skip
+                            profile_dir=profile, repeat=repeat)  # fmt: skip
         except ValueError as exc:
             err.print(f"[red]error:[/] {escape(str(exc))}")
             raise typer.Exit(2) from exc

@@ -33,6 +33,9 @@ from router_worker.bench_e2e import (
     child_env,
     proc_cpu_s,
     proc_peak_rss_mb,
+    render_spread,
+    rounds_json,
+    spread,
 )
 from router_worker.bench_e2e import render as render_e2e
 from router_worker.core.policy import STRATEGIES
@@ -257,3 +260,40 @@ def test_e2e_json_with_a_profile_folder_is_json() -> None:
     r.config = E2EConfig(jobs=1000, heads=8, profile_dir=Path("/tmp/profiles"))
     back = json.loads(json.dumps(r.to_json(), allow_nan=False))
     assert back["config"]["profile_dir"] == "/tmp/profiles"
+
+
+def _round(x1_rate: float, pipe_rate: float, x2_rate: float | None = None) -> Report:
+    phases = [_phase("router x1", "router", 1, x1_rate, 30.0, cpu_s_per_1000=2.0)]
+    if x2_rate is not None:
+        phases.append(_phase("router x2", "router", 2, x2_rate, 30.0))
+    phases.append(_phase("pipe", "pipe", 1, pipe_rate, 10.0, cpu_s_per_1000=1.0))
+    return Report(E2EConfig(jobs=1000, heads=8, repeat=3), {"cpus": 2}, "embedded", 1000.0, phases, 12.0)
+
+
+def test_spread_across_rounds_is_the_median_and_range_of_each_rounds_own_ratio() -> None:
+    """Each round's router is judged against the pipe of the same round, never another round's."""
+    rounds = [_round(5000.0, 10000.0, 8000.0), _round(9000.0, 10000.0, 9000.0), _round(6000.0, 20000.0)]
+    sp = spread(rounds)
+    x1 = sp["router x1"]["drain_rate"]
+    assert x1.values == pytest.approx((0.5, 0.9, 0.3))
+    assert (x1.median, x1.low, x1.high) == pytest.approx((0.5, 0.3, 0.9))
+    assert sp["router x1"]["cpu_s_per_1000"].median == pytest.approx(2.0)
+    assert sp["router x2"]["drain_rate"].values == pytest.approx((0.8, 0.9)), "a round without x2 is left out"
+    assert sp["scaling"]["drain_rate"].values == pytest.approx((1.6, 1.0))
+
+
+def test_rounds_json_and_table() -> None:
+    rounds = [_round(5000.0, 10000.0, 8000.0), _round(9000.0, 10000.0, 9000.0)]
+    back = json.loads(json.dumps(rounds_json(rounds), allow_nan=False))
+    assert len(back["rounds"]) == 2
+    assert back["rounds"][1]["phases"]["router_x1"]["drain_rate"] == 9000.0
+    assert back["spread"]["router_x1"]["drain_rate"]["median"] == pytest.approx(0.7)
+    out = _printed(render_spread(rounds), 60)
+    assert "…" not in out
+    for text in ("router x1: drain rate / pipe", "0.70x", "0.50 0.90", "2 routers / 1 router"):
+        assert text in out, text
+
+
+def test_e2e_config_refuses_no_rounds() -> None:
+    with pytest.raises(ValueError, match="repeat"):
+        E2EConfig(repeat=0)

@@ -806,8 +806,20 @@ def _profile(child: Child, out_dir: Path, spies: list[subprocess.Popen[bytes]]) 
     if not Path(spy).exists():
         raise BenchError("--profile needs py-spy: pip install py-spy")
     out_dir.mkdir(parents=True, exist_ok=True)
-    args = [spy, "record", "--pid", str(child.pid), "--rate", "200", "--format", "raw",
-            "--output", str(out_dir / f"{child.name}.folded")]  # fmt: skip
+    folded = out_dir / f"{child.name}.folded"
+    folded.unlink(missing_ok=True)  # an earlier run's graph must not pass for this one's if py-spy fails
+    args = [
+        spy,
+        "record",
+        "--pid",
+        str(child.pid),
+        "--rate",
+        "200",
+        "--format",
+        "raw",
+        "--output",
+        str(folded),
+    ]
     with open(out_dir / f"{child.name}.py-spy.log", "wb") as out:
         proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
     spies.append(proc)
@@ -1177,12 +1189,16 @@ async def run_e2e(settings: Settings, cfg: E2EConfig, log: Console | None = None
 
 async def run_rounds(settings: Settings, cfg: E2EConfig, log: Console | None = None) -> list[Report]:
     """``cfg.repeat`` rounds of the benchmark against the configured deployment, or one embedded stack started
-    for them all. The first round measures the routers first (the latency phases' offered load is half its
-    one-router drain rate, kept for every round); later rounds measure the pipe first, so a drift of the
-    machine over the run does not favour one side."""
+    for them all. Rounds alternate which side goes first, routers first in the first (the latency phases'
+    offered load is half the first phase's drain rate, kept for every round), so a machine that drifts over
+    the run favours neither side. Only the last round is profiled. A round that fails raises
+    :class:`RoundsFailed`, which carries the rounds completed before it."""
     from router_worker.runtime import runtime
 
-    reports: list[Report] = []
+    t_run = time.perf_counter()
+    done: list[tuple[list[Phase], float | None, float]] = []
+    """Each finished round: its phases, its offered load, when it started."""
+    broker = "configured"
     workdir = Path(tempfile.mkdtemp(prefix="router-worker-bench-"))
     try:
         async with runtime(settings) as rt:
@@ -1190,27 +1206,57 @@ async def run_rounds(settings: Settings, cfg: E2EConfig, log: Console | None = N
             broker = "embedded" if rt.stack is not None else "configured"
             rate = cfg.rate
             for k in range(cfg.repeat):
-                t0 = time.perf_counter()
+                t0 = t_run if k == 0 else time.perf_counter()  # the first round counts the stack's start-up
                 if log is not None and cfg.repeat > 1:
                     log.print(f"[bold]round {k + 1} of {cfg.repeat}[/]")
-                order: list[tuple[str, int]] = [("router", n) for n in cfg.routers]
+                routers: list[tuple[str, int]] = [("router", n) for n in cfg.routers]
+                order = routers
                 if cfg.baseline:
-                    order = [*order, ("pipe", 1)] if k == 0 else [("pipe", 1), *order]
-                phases: list[Phase] = []
-                for kind, n in order:
-                    if log is not None:
-                        log.print(f"[bold]{'bare pipe' if kind == 'pipe' else f'router x{n}'}[/]")
-                    p = await run_phase(kind, n, s, rt.redis, cfg, rate, workdir, log)
-                    if rate is None and p.latency is not None:
-                        rate = (
-                            p.latency.offered_rate
-                        )  # half the first phase's drain rate, then for every phase
-                    phases.append(p)
-                phases.sort(key=lambda p: (p.kind == "pipe", p.processes))
-                reports.append(Report(cfg, _machine(), broker, rate, phases, time.perf_counter() - t0))
+                    order = [*routers, ("pipe", 1)] if k % 2 == 0 else [("pipe", 1), *routers]
+                round_cfg = cfg if k == cfg.repeat - 1 else replace(cfg, profile_dir=None)
+                measured: dict[tuple[str, int], Phase] = {}
+                try:
+                    for kind, n in order:
+                        if log is not None:
+                            log.print(f"[bold]{'bare pipe' if kind == 'pipe' else f'router x{n}'}[/]")
+                        p = await run_phase(kind, n, s, rt.redis, round_cfg, rate, workdir, log)
+                        if rate is None and p.latency is not None:
+                            rate = (
+                                p.latency.offered_rate
+                            )  # half the first phase's drain rate, for every phase
+                        measured[(kind, n)] = p
+                except BenchError as exc:
+                    if not done:
+                        raise
+                    raise RoundsFailed(f"round {k + 1} of {cfg.repeat} failed: {exc}",
+                                       _reports(cfg, broker, done, time.perf_counter())) from exc  # fmt: skip
+                phases = [
+                    measured[key] for key in routers if key in measured
+                ]  # the order asked for, then the pipe
+                if ("pipe", 1) in measured:
+                    phases.append(measured[("pipe", 1)])
+                done.append((phases, rate, t0))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    return reports
+    return _reports(cfg, broker, done, time.perf_counter())
+
+
+class RoundsFailed(BenchError):
+    """A round after the first failed; ``reports`` are the rounds completed before it."""
+
+    def __init__(self, message: str, reports: list[Report]) -> None:
+        super().__init__(message)
+        self.reports = reports
+
+
+def _reports(cfg: E2EConfig, broker: str, done: Sequence[tuple[list[Phase], float | None, float]],
+             t_end: float) -> list[Report]:  # fmt: skip
+    """One report per finished round; a round's seconds run to the next round's start (the last's to
+    ``t_end``), so they add up to the whole run."""
+    machine = _machine()
+    starts = [t for _, _, t in done[1:]] + [t_end]
+    return [Report(cfg, machine, broker, rate, phases, t_next - t0)
+            for (phases, rate, t0), t_next in zip(done, starts, strict=True)]  # fmt: skip
 
 
 def _machine() -> dict[str, Any]:
@@ -1241,19 +1287,33 @@ SPREAD_FIGURES: Final = ("drain_rate", "steady_rate", "cpu_s_per_1000", "latency
 
 
 def spread(reports: Sequence[Report]) -> dict[str, dict[str, Spread]]:
-    """Per router phase, each ratio to the pipe (:data:`SPREAD_FIGURES`) across the rounds, and under
-    ``"scaling"`` the most routers' drain rate over one router's."""
+    """Per router phase, each ratio to the same round's pipe (:data:`SPREAD_FIGURES`) across the rounds, and
+    under ``"scaling"`` the most routers' drain rate over the fewest's. A round whose router or pipe drain did
+    not complete is left out of that phase's figures (its rate is a partial one)."""
     out: dict[str, dict[str, Spread]] = {}
     names = [p.name for p in reports[0].phases if p.kind == "router"] if reports else []
     for name in names:
-        figures = {f: Spread.of([r.ratios().get(name, {}).get(f) for r in reports]) for f in SPREAD_FIGURES}
+        ratios = [r.ratios().get(name, {}) for r in reports if _complete(r, name) and _complete(r, "pipe")]
+        figures = {f: Spread.of([x.get(f) for x in ratios]) for f in SPREAD_FIGURES}
         kept = {f: sp for f, sp in figures.items() if sp is not None}
         if kept:
             out[name] = kept
-    scaling = Spread.of([r.scaling() for r in reports])
+    scaling = Spread.of([r.scaling() for r in reports
+                         if all(p.complete for p in r.phases if p.kind == "router")])  # fmt: skip
     if scaling is not None:
         out["scaling"] = {"drain_rate": scaling}
     return out
+
+
+def _complete(report: Report, name: str) -> bool:
+    p = report.phase(name)
+    return p is not None and p.complete
+
+
+def scaling_label(cfg: E2EConfig) -> str:
+    """What :meth:`Report.scaling` divides: the most routers' drain rate by the fewest's."""
+    most, fewest = max(cfg.routers), min(cfg.routers)
+    return f"{most} routers / {fewest} router{'' if fewest == 1 else 's'}"
 
 
 def rounds_json(reports: Sequence[Report]) -> dict[str, Any]:
@@ -1336,16 +1396,21 @@ _SPREAD_LABELS: Final = {"drain_rate": "drain rate / pipe", "steady_rate": "drai
 
 
 def render_spread(reports: Sequence[Report]) -> Table:
-    """The ratios to the pipe across rounds: median, lowest, highest, and each round's."""
-    table = Table(title=f"across {len(reports)} rounds: ratios to the bare pipe measured in the same round")
-    for col in ("figure", "median", "low", "high", "rounds"):
-        table.add_column(col, justify="left" if col in ("figure", "rounds") else "right", no_wrap=True)
+    """Each router's ratios to the pipe of the same round, across rounds: median, lowest, highest, and each
+    round's value (a row with fewer values than rounds left out an incomplete drain)."""
+    n = len(reports)
+    has_pipe = any(r.phase("pipe") is not None for r in reports)
+    what = "ratios to the bare pipe measured in the same round" if has_pipe else "scaling (no pipe measured)"
+    table = Table(title=f"across {n} rounds: {what}")
+    for col in ("figure", "median", "low", "high", "each round"):
+        table.add_column(col, justify="left" if col in ("figure", "each round") else "right", no_wrap=True)
     for name, figs in spread(reports).items():
         for f, sp in figs.items():
-            label = f"{max(reports[0].config.routers)} routers / 1 router" if name == "scaling" else (
-                f"{name}: {_SPREAD_LABELS[f]}")  # fmt: skip
-            table.add_row(label, f"{sp.median:.2f}x", f"{sp.low:.2f}x", f"{sp.high:.2f}x",
-                          " ".join(f"{v:.2f}" for v in sp.values))  # fmt: skip
+            label = scaling_label(reports[0].config) if name == "scaling" else f"{name}: {_SPREAD_LABELS[f]}"
+            values = " ".join(f"{v:.2f}" for v in sp.values)
+            if len(sp.values) < n:
+                values += f" ({len(sp.values)} of {n} rounds)"
+            table.add_row(label, f"{sp.median:.2f}x", f"{sp.low:.2f}x", f"{sp.high:.2f}x", values)
     return table
 
 
@@ -1416,38 +1481,49 @@ def check_plot_available() -> None:
 def command(settings: Settings, cfg: E2EConfig, *, json_out: bool, plot_to: Path | None,
             console: Console, err: Console) -> list[Report]:  # fmt: skip
     """``router-worker bench e2e``: run, then print the table (or one JSON object) and draw the plot. With
-    ``--repeat``, the last round's table and the ratios' spread across rounds (``--json``: every round)."""
+    ``--repeat``, the last round's table and plot, and the ratios' spread across rounds (``--json``: every
+    round). A round that fails after the first: what the rounds before it measured is printed, then the error
+    is raised."""
     if plot_to is not None:
         check_plot_available()
-    reports = run_loop(
-        run_rounds(settings, cfg, err), settings.event_loop
-    )  # progress on stderr; the result on stdout
+    failed: RoundsFailed | None = None
+    try:
+        reports = run_loop(
+            run_rounds(settings, cfg, err), settings.event_loop
+        )  # progress on stderr; the result on stdout
+    except RoundsFailed as exc:
+        failed, reports = exc, exc.reports
     report = reports[-1]
     if json_out:
-        doc = report.to_json() if len(reports) == 1 else rounds_json(reports)
-        if cfg.profile_dir is not None:
+        doc = report.to_json() if cfg.repeat == 1 else rounds_json(reports)
+        if failed is not None:
+            doc["failed"] = str(failed)
+        if cfg.profile_dir is not None and failed is None:
             doc["profiles"] = profiles_json(cfg.profile_dir)
         sys.stdout.write(json.dumps(doc) + "\n")
         sys.stdout.flush()
     else:
         print_table(console, render(report))
-        if len(reports) > 1:
+        if cfg.repeat > 1:
             print_table(console, render_spread(reports))
         sc = report.scaling()
         loop = report.machine.get("event_loop", "asyncio")
         took = sum(r.seconds for r in reports)
         notes = [f"measured in {took:.0f}s on {report.machine['cpus']} CPUs, {loop} event loop"]
-        if sc is not None and len(reports) == 1:
-            notes.append(f"{max(cfg.routers)} routers drain {sc:.2f}x one router")
-        if len(reports) > 1:
-            notes.append(f"the table above is round {len(reports)} of {len(reports)}")
+        if sc is not None and cfg.repeat == 1:
+            notes.append(f"{scaling_label(cfg)}: {sc:.2f}x")
+        if cfg.repeat > 1:
+            notes.append(f"the table above is round {len(reports)} of {cfg.repeat}")
         console.print("; ".join(notes))
     if plot_to is not None:
         plot(report, plot_to)
         if not json_out:
-            console.print(f"plot written to {plot_to}")
-    if cfg.profile_dir is not None and not json_out:
+            console.print(f"plot written to {plot_to} (round {len(reports)})" if cfg.repeat > 1
+                          else f"plot written to {plot_to}")  # fmt: skip
+    if cfg.profile_dir is not None and not json_out and failed is None:
         print_profiles(console, cfg.profile_dir)
+    if failed is not None:
+        raise failed
     return reports
 
 

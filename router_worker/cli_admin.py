@@ -420,7 +420,7 @@ def bench(
     ] = None,
     json_: Annotated[
         bool, typer.Option("--json", help="decisions: one JSON object per strategy and size, one per line. "
-                           "e2e: one JSON object.")
+                           "e2e: one JSON object (with --repeat: every round, and the spread).")
     ] = False,
     jobs: Annotated[int, typer.Option(help="e2e: backlog jobs preloaded to the request topic.")] = 100_000,
     models: Annotated[int, typer.Option(help="e2e: models the heads serve.")] = 4,

@@ -38,6 +38,7 @@ class Fake:
         self.startup_s = startup_s
         self.fail_in_round = fail_in_round
         self.rounds_done = 0
+        self.profiled: list[bool] = []
 
     def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
         fake = self
@@ -50,6 +51,7 @@ class Fake:
         async def run_phase(kind: str, procs: int, base: Any, redis: Any, cfg: E2EConfig, rate: float | None,
                             workdir: Path, log: Any = None) -> Phase:  # fmt: skip
             fake.calls.append((kind, procs, rate))
+            fake.profiled.append(cfg.profile_dir is not None)
             if fake.fail_in_round is not None and len(fake.calls) > fake.fail_in_round * 3:
                 raise be.BenchError("a child exited")
             p = _phase(kind, procs, 10000.0 if kind == "pipe" else 5000.0 * procs)
@@ -88,22 +90,6 @@ def test_rounds_json_is_strict_with_an_incomplete_phase(monkeypatch: pytest.Monk
     assert doc["spread"]["router_x1"]["drain_rate"]["values"] == [0.5]
 
 
-@pytest.mark.xfail(strict=True, reason="later rounds always measure the pipe first: for K >= 3 the pipe goes "
-                   "first in K-1 of K rounds, so a drift over the run is not balanced (docs/performance.md "
-                   "claims it 'favours neither side'); alternating by round would balance it")  # fmt: skip
-def test_three_rounds_alternate_which_side_goes_first(monkeypatch: pytest.MonkeyPatch) -> None:
-    fake = Fake()
-    fake.install(monkeypatch)
-    _run(E2EConfig(jobs=1000, heads=8, routers=(1,), repeat=4))
-    firsts = [fake.calls[i][0] for i in range(0, len(fake.calls), 2)]
-    assert firsts.count("pipe") == firsts.count("router") == 2, firsts
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="run_rounds sorts a round's phases by process count: --routers 2,1 "
-    "with repeat=1 now prints router x1 before router x2 (before the change: the order given)",
-)
 def test_one_round_keeps_the_order_of_routers_given(monkeypatch: pytest.MonkeyPatch) -> None:
     fake = Fake()
     fake.install(monkeypatch)
@@ -111,11 +97,6 @@ def test_one_round_keeps_the_order_of_routers_given(monkeypatch: pytest.MonkeyPa
     assert [p.name for p in report.phases] == ["router x2", "router x1", "pipe"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a round's seconds no longer include the stack's start-up and stop: "
-    "with repeat=1 the JSON's 'seconds' and 'measured in Ns' are shorter than before the change",
-)
 def test_one_round_s_seconds_count_the_stack_start_up(monkeypatch: pytest.MonkeyPatch) -> None:
     fake = Fake(startup_s=0.3)
     fake.install(monkeypatch)
@@ -123,11 +104,6 @@ def test_one_round_s_seconds_count_the_stack_start_up(monkeypatch: pytest.Monkey
     assert report.seconds >= 0.3
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="render_spread labels the scaling row '{max} routers / 1 router' but "
-    "Report.scaling() divides by the fewest routers measured (--routers 2,4: 4 over 2)",
-)
 def test_spread_scaling_label_names_the_fewest_routers(monkeypatch: pytest.MonkeyPatch) -> None:
     fake = Fake()
     fake.install(monkeypatch)
@@ -136,3 +112,65 @@ def test_spread_scaling_label_names_the_fewest_routers(monkeypatch: pytest.Monke
     buf = io.StringIO()
     Console(file=buf, width=200, color_system=None).print(render_spread(reports))
     assert "4 routers / 2 routers" in buf.getvalue()
+
+
+def test_a_later_round_that_fails_keeps_the_rounds_before_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = Fake(fail_in_round=2)
+    fake.install(monkeypatch)
+    with pytest.raises(be.RoundsFailed, match="round 3 of 4 failed: a child exited") as caught:
+        _run(E2EConfig(jobs=1000, heads=8, routers=(1, 2), repeat=4))
+    assert len(caught.value.reports) == 2
+    assert all(len(r.phases) == 3 for r in caught.value.reports)
+
+
+def test_a_first_round_that_fails_raises_its_own_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = Fake(fail_in_round=0)
+    fake.install(monkeypatch)
+    with pytest.raises(be.BenchError, match="a child exited") as caught:
+        _run(E2EConfig(jobs=1000, heads=8, routers=(1, 2), repeat=3))
+    assert not isinstance(caught.value, be.RoundsFailed)
+
+
+def test_only_the_last_round_is_profiled(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = Fake()
+    fake.install(monkeypatch)
+    reports = _run(E2EConfig(jobs=1000, heads=8, routers=(1,), repeat=3, profile_dir=Path("/tmp/x")))
+    assert fake.profiled == [False, False, False, False, True, True]
+    assert all(r.config.profile_dir == Path("/tmp/x") for r in reports), (
+        "the report keeps the config asked for"
+    )
+
+
+def test_rounds_seconds_add_up_to_the_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = Fake(startup_s=0.2)
+    fake.install(monkeypatch)
+    reports = _run(E2EConfig(jobs=1000, heads=8, routers=(1,), repeat=3))
+    assert reports[0].seconds >= 0.2, "the first round counts the stack's start-up"
+    assert all(r.seconds >= 0 for r in reports)
+
+
+def test_an_incomplete_drain_is_left_out_of_the_spread_and_the_row_says_so() -> None:
+    cfg = E2EConfig(jobs=1000, heads=8, routers=(1,), repeat=2)
+    r1 = Report(
+        cfg, {"cpus": 2}, "embedded", 1.0, [_phase("router", 1, 5000.0), _phase("pipe", 1, 10000.0)], 1.0
+    )
+    r2 = Report(cfg, {"cpus": 2}, "embedded", 1.0,
+                [_phase("router", 1, 9000.0, complete=False), _phase("pipe", 1, 10000.0)], 1.0)  # fmt: skip
+    sp = be.spread([r1, r2])
+    assert sp["router x1"]["drain_rate"].values == pytest.approx((0.5,)), (
+        "a partial drain's rate is not a figure"
+    )
+    buf = io.StringIO()
+    Console(file=buf, width=200, color_system=None).print(render_spread([r1, r2]))
+    assert "(1 of 2 rounds)" in buf.getvalue()
+
+
+def test_without_a_pipe_the_spread_says_it_is_scaling_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = Fake()
+    fake.install(monkeypatch)
+    reports = _run(E2EConfig(jobs=1000, heads=8, routers=(1, 2), repeat=2, baseline=False))
+    buf = io.StringIO()
+    Console(file=buf, width=200, color_system=None).print(render_spread(reports))
+    out = buf.getvalue()
+    assert "scaling (no pipe measured)" in out
+    assert "2 routers / 1 router" in out

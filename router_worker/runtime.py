@@ -11,6 +11,8 @@ from typing import Any
 
 from aiokafka.errors import KafkaConnectionError
 from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.exceptions import AuthenticationError, NoPermissionError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -62,7 +64,15 @@ def redis_options(s: Settings) -> dict[str, Any]:
 def make_redis(url: str, timeout_s: float | None = 5.0, **options: Any) -> Redis:
     """A client whose calls fail after ``timeout_s`` instead of hanging on a Redis that stopped answering
     (a paused or partitioned server): the router's outage handling needs an answer, even a failure.
-    ``options``: login and TLS (see :func:`redis_options`)."""
+
+    A call that finds its pooled connection closed (Redis restarted, or a proxy dropped it) is made once more
+    on a new one: else the first call on each pooled connection after a restart failed, and the batch whose
+    claims failed was routed without them. A timeout is never made again (a paused Redis fails at once, as
+    the outage handling wants). A command the old server ran before the connection closed can so run twice:
+    the writes allow it (claims by the same record, numbered in-flight changes and releases, done marks, pins
+    and heartbeats are idempotent; an audit record may be published twice, an admission token taken twice).
+    ``options``: login and TLS (see :func:`redis_options`), or another ``retry``."""
+    options.setdefault("retry", Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)))
     return Redis.from_url(url, decode_responses=True, health_check_interval=30, socket_keepalive=True,
                           socket_timeout=timeout_s, socket_connect_timeout=timeout_s, **options)  # fmt: skip
 

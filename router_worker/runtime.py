@@ -11,11 +11,10 @@ from typing import Any
 
 from aiokafka.errors import KafkaConnectionError
 from redis.asyncio import Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.exceptions import AuthenticationError, NoPermissionError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.maint_notifications import MaintNotificationsConfig
 
 from router_worker.audit import AuditSink
 from router_worker.localstack import EMBEDDED_FETCH_MAX_WAIT_MS, LocalStack, local_stack, wait_kafka_ready
@@ -65,14 +64,13 @@ def make_redis(url: str, timeout_s: float | None = 5.0, **options: Any) -> Redis
     """A client whose calls fail after ``timeout_s`` instead of hanging on a Redis that stopped answering
     (a paused or partitioned server): the router's outage handling needs an answer, even a failure.
 
-    A call that finds its pooled connection closed (Redis restarted, or a proxy dropped it) is made once more
-    on a new one: else the first call on each pooled connection after a restart failed, and the batch whose
-    claims failed was routed without them. A timeout is never made again (a paused Redis fails at once, as
-    the outage handling wants). A command the old server ran before the connection closed can so run twice:
-    the writes allow it (claims by the same record, numbered in-flight changes and releases, done marks, pins
-    and heartbeats are idempotent; an audit record may be published twice, an admission token taken twice).
-    ``options``: login and TLS (see :func:`redis_options`), or another ``retry``."""
-    options.setdefault("retry", Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)))
+    A pooled connection that Redis closed (a restart, a proxy, ``CLIENT KILL``) is replaced before a command is
+    sent on it: redis-py checks each connection it takes from the pool, but skips that check while its
+    maintenance notifications (a Redis Cloud feature, RESP3 only) are on, and their default, "auto", counts
+    as on. They are off here: else the first call on each pooled connection after a restart failed ("Connection
+    closed by server"), and a batch whose claims failed was routed without them. Nothing is sent twice: a
+    call that fails is not made again. ``options``: login and TLS (see :func:`redis_options`)."""
+    options.setdefault("maint_notifications_config", MaintNotificationsConfig(enabled=False))
     return Redis.from_url(url, decode_responses=True, health_check_interval=30, socket_keepalive=True,
                           socket_timeout=timeout_s, socket_connect_timeout=timeout_s, **options)  # fmt: skip
 

@@ -1,6 +1,7 @@
-"""A restarted Redis: every pooled connection of the client finds its old socket closed. The first call on each is
-made again once on a new connection, so a restart costs the router no failed batch (a batch whose claims fail is
-routed without them); a Redis that stops answering (paused) still fails within the timeout, never retried."""
+"""A restarted Redis: every pooled connection of the client had its socket closed. Each is replaced before a command
+is sent on it (redis-py's check of pooled connections, which its maintenance notifications, on by default, turn
+off), so a restart costs the router no failed batch (a batch whose claims fail is routed without them), and no
+command is ever sent twice. A Redis that stops answering (paused) still fails within the timeout."""
 
 from __future__ import annotations
 

@@ -1,9 +1,8 @@
-"""Review of 39970bf (make_redis retries a ConnectionError once): the retry also covers the pub/sub connection of
-the router's state cache. redis-py's PubSub reconnects and resubscribes inside that retry, so a subscriber
-connection that is cut while Redis stays up (Redis dropping a subscriber past its output buffer limit, a proxy or
-LB restart, CLIENT KILL, a failover behind one address) no longer raises from ``get_message``: the cache's
-``_listen`` never learns that events may have been lost, never marks policy and models dirty, and its periodic
-resync re-reads them only when dirty. A policy change whose event was lost is then never picked up."""
+"""A subscriber connection cut while Redis stays up (Redis dropping a subscriber past its output buffer limit, a
+proxy or LB restart, CLIENT KILL, a failover behind one address): the state cache's ``_listen`` must learn of it,
+so it marks policy and models dirty and its resync re-reads them; a policy change whose event was lost with the
+connection is then still picked up. (A review found that a client-wide retry on ConnectionError, once tried for
+stale pooled connections, made redis-py resubscribe silently and hid the cut: ``make_redis`` retries nothing.)"""
 
 from __future__ import annotations
 
@@ -74,8 +73,6 @@ class _SubscriberCut:
             self.server.close()
 
 
-@pytest.mark.xfail(strict=True, reason="39970bf: the retry hides a cut pub/sub connection from StateCache._listen, "
-                   "so a policy_changed event lost with it is never made up for (policy stays stale)")  # fmt: skip
 async def test_a_policy_change_lost_with_a_cut_subscription_is_still_picked_up(tmp_path: Path) -> None:
     async with RedisServer(tmp_path / "redis") as server:
         proxy = _SubscriberCut(server.port)

@@ -23,6 +23,7 @@ from router_worker.core.model import Decision, Outcome, RouterMemory
 from router_worker.core.policy import Policy
 from router_worker.pipeline.fault_headers import (
     HEADROOM_REASON,
+    SATURATED_REASON,
     THROTTLE_HEADERS,
     THROTTLE_REASON,
     excluded_heads,
@@ -85,6 +86,9 @@ class PlanConfig:
 class Stats:
     decision_seconds: list[float] = field(default_factory=list)
     saturated: int = 0
+    """Partitions held because a job's model had no head free."""
+    waited_aside: int = 0
+    """Jobs whose model had no head free sent to wait in a retry tier, since another model's job was behind."""
     busy: int = 0
 
 
@@ -183,28 +187,46 @@ def _held_for_headroom(job: Job, policy: Policy, index: HeadIndex, memory: Route
     return decide(higher, index, policy, memory, now, rng, attempt, avoid=avoid).routed
 
 
-def _headroom_wait(inc: Incoming, job: Job, d: Decision, verdict: Admission | None, cfg: PlanConfig,
-                   now: int) -> Retried:  # fmt: skip
-    """A low-priority job held back by ``priority_headroom`` waits in a retry tier (growing back-off per trip)
-    instead of holding its partition (the higher-priority jobs behind it go). A wait, not an attempt: it goes as
-    a return from an admission wait (its attempt kept, its claim keyed by the trip), its admission done."""
+def _wait_aside(inc: Incoming, job: Job, d: Decision, verdict: Admission | None, cfg: PlanConfig, now: int,
+                reason: str, why: str) -> Retried:  # fmt: skip
+    """A job that can not go now waits in a retry tier (growing back-off per trip) instead of holding its
+    partition, so the jobs behind it go. A wait, not an attempt: it goes as a return from an admission wait (its
+    attempt kept, its claim keyed by the trip), its admission done. ``reason``: the ``x-retry-reason``;
+    ``why``: the audit record's reason."""
     trips = (verdict.trips if verdict is not None else 0) + 1
     backoff = cfg.retry_backoff_ms
     tier = min(trips, len(backoff))
     not_before = now + backoff[tier - 1]
     tp = inc.tp
-    headers = retry_headers(
-        inc.headers, HEADROOM_REASON, tp.topic, tp.partition, inc.offset, inc.attempt, not_before
-    )
+    headers = retry_headers(inc.headers, reason, tp.topic, tp.partition, inc.offset, inc.attempt, not_before)
     admitted = verdict.admit_at if verdict is not None else now
     send = Send(cfg.topics.retry(tier), inc.value, inc.key, None, throttle_headers(headers, admitted, trips))
     audit = {"ts": now, "event": "retry", "router_id": cfg.router_id, "job_id": job.job_id,
              "model_type": job.model_type, "strategy": d.strategy, "attempt": inc.attempt, "tier": tier,
-             "not_before": not_before,
-             "reason": f"{HEADROOM_REASON}: {d.reason} for priority {job.priority}"}  # fmt: skip
+             "not_before": not_before, "reason": why}  # fmt: skip
     if job.tenant:
         audit["tenant"] = job.tenant
     return Retried(inc, send, audit, tier=tier)
+
+
+def _headroom_wait(inc: Incoming, job: Job, d: Decision, verdict: Admission | None, cfg: PlanConfig,
+                   now: int) -> Retried:  # fmt: skip
+    """A low-priority job held back by ``priority_headroom`` waits aside (the higher-priority jobs behind it go)."""
+    why = f"{HEADROOM_REASON}: {d.reason} for priority {job.priority}"
+    return _wait_aside(inc, job, d, verdict, cfg, now, HEADROOM_REASON, why)
+
+
+def _others_behind(items: list[Incoming]) -> list[bool]:
+    """Per record of a partition's part of the batch: whether a job of another model is behind it."""
+    out = [False] * len(items)
+    seen: set[str] = set()
+    for i in range(len(items) - 1, -1, -1):
+        job = items[i].job
+        model = job.model_type if job is not None else None
+        out[i] = len(seen) > 1 or (len(seen) == 1 and model not in seen)
+        if model is not None:
+            seen.add(model)
+    return out
 
 
 def _routed(inc: Incoming, job: Job, d: Decision, memory: RouterMemory, policy: Policy, cfg: PlanConfig,
@@ -276,7 +298,8 @@ def plan(parts: Parts, claims: Mapping[str, Claim], index: HeadIndex, policy: Po
             owner.setdefault(inc.claim_key, inc)
     for tp, items in parts:
         end: int | None = None
-        for inc in items:
+        behind: list[bool] | None = None  # per record: another model's job behind it (worked out when needed)
+        for i, inc in enumerate(items):
             end = inc.offset + 1
             key = inc.claim_key
             claim = claims.get(key, Claim.MINE)
@@ -327,6 +350,14 @@ def plan(parts: Parts, claims: Mapping[str, Claim], index: HeadIndex, policy: Po
                 if _held_for_headroom(job, policy, index, memory, heads_now, rng, inc.attempt, avoid):
                     outcomes.append(_headroom_wait(inc, job, d, verdict, cfg, now))
                     in_batch.add(key)
+                    continue
+                if behind is None:
+                    behind = _others_behind(items)
+                if behind[i]:  # one model with no head free must not stall the other models behind it
+                    why = f"{SATURATED_REASON}: {d.reason}; a job of another model is behind it"
+                    outcomes.append(_wait_aside(inc, job, d, verdict, cfg, now, SATURATED_REASON, why))
+                    in_batch.add(key)
+                    stats.waited_aside += 1
                     continue
                 # back-pressure: leave it and the rest of the partition in Kafka
                 out.holds.append(Hold(tp, inc.offset, now + cfg.backpressure_ms, "saturated"))

@@ -77,6 +77,8 @@ class RouterStats:
     duplicates: int = 0
     deferred: int = 0
     saturated: int = 0
+    waited_aside: int = 0
+    """Jobs whose model had no head free that waited in a retry tier, not to stall another model's jobs."""
     claimed_elsewhere: int = 0
     unsent: int = 0
     publish_errors: int = 0
@@ -668,6 +670,7 @@ class Router:
         self.metrics.cache_hits.inc(index.hits - hits0)
         self.metrics.cache_misses.inc(index.misses - misses0)
         self.stats.saturated += stats.saturated
+        self.stats.waited_aside += stats.waited_aside
         self.stats.claimed_elsewhere += stats.busy
         return p
 

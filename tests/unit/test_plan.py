@@ -172,3 +172,31 @@ def test_every_record_gets_one_outcome_and_commits_never_pass_an_unsettled_one(
             assert o.send is None
         else:
             assert o.send is not None
+
+
+def test_a_saturated_model_waits_aside_when_another_models_job_is_behind_it() -> None:
+    """Holding the partition for a model with no head free would stall every other model's job behind it: the
+    job waits in a retry tier instead (a wait, not an attempt); with only its own model behind it, it holds."""
+    tp = TopicPartition("req", 0)
+    recs = [Rec(0, job("a0", model="a")), Rec(1, job("a1", model="a")), Rec(2, job("b0", model="b")),
+            Rec(3, job("a2", model="a")), Rec(4, job("a3", model="a"))]  # fmt: skip
+    gaps = GapGuard(wait_ms=1000)
+    gaps.expect(tp, 0)
+    parts, _ = intake({tp: recs}, gaps, frozenset({"retry.1", "retry.2"}), NOW, CFG.max_message_bytes)
+    index = HeadIndex.build([head("ha", model="a", capacity=1), head("hb", model="b", partition=1)])
+    stats = Stats()
+    p = plan(parts, {}, index, Policy(), RouterMemory(), NOW, NOW, random.Random(1), CFG, stats)
+    kinds = [(type(o).__name__, o.src.offset) for o in p.outcomes]
+    assert kinds == [("Routed", 0), ("Retried", 1), ("Routed", 2)], "a1 waits aside; b0 behind it goes"
+    assert [(h.offset, h.why) for h in p.holds] == [(3, "saturated")], "nothing of another model behind a2"
+    waited = p.outcomes[1]
+    assert isinstance(waited, Retried)
+    assert waited.send is not None
+    hdrs = dict(waited.send.headers)
+    assert hdrs["x-retry-reason"] == b"saturated"
+    assert hdrs["x-route-attempt"] == b"1", "a wait, not an attempt"
+    assert hdrs["x-throttle-n"] == b"1"
+    assert waited.audit is not None
+    assert "another model" in str(waited.audit["reason"])
+    assert stats.waited_aside == 1
+    assert stats.saturated == 1

@@ -572,8 +572,8 @@ def _no_route(strategy: str, note: str, models: tuple[str, ...], known: bool, sa
         return Decision(Outcome.SATURATED, strategy, note + f"every live head of {names} is at its load threshold",
                         attempt=attempt, excluded=excluded)  # fmt: skip
     if blocked and _breakers_hold(models, index, blocked, now_ms):
-        # Open breakers are a wait, not a verdict: the job waits for a half-open probe (held, no attempt spent)
-        # instead of running out of attempts and being dead-lettered while its heads cool down.
+        # Open breakers are a wait, not a verdict: the job waits for a half-open probe (held, or aside in a retry
+        # tier: see plan._Behind; no attempt spent) instead of running out of attempts while its heads cool down.
         return Decision(Outcome.SATURATED, strategy, note + f"every live head of {names} that could take it "
                         "has an open circuit breaker: waiting for a half-open probe", attempt=attempt,
                         excluded=excluded)  # fmt: skip

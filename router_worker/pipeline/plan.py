@@ -216,17 +216,42 @@ def _headroom_wait(inc: Incoming, job: Job, d: Decision, verdict: Admission | No
     return _wait_aside(inc, job, d, verdict, cfg, now, HEADROOM_REASON, why)
 
 
-def _others_behind(items: list[Incoming]) -> list[bool]:
-    """Per record of a partition's part of the batch: whether a job of another model is behind it."""
-    out = [False] * len(items)
-    seen: set[str] = set()
-    for i in range(len(items) - 1, -1, -1):
-        job = items[i].job
-        model = job.model_type if job is not None else None
-        out[i] = len(seen) > 1 or (len(seen) == 1 and model not in seen)
-        if model is not None:
-            seen.add(model)
-    return out
+@dataclass(slots=True)
+class _Behind:
+    """Whether a saturated job's partition has a job behind it, of another model, that could go now: only then
+    does the job wait aside (in a retry tier) rather than hold the partition. When nothing behind can go (every
+    model saturated: the overload back-pressure is for), the hold costs nothing and keeps the order; a wait aside
+    would only churn through the retry tiers. Asked with a decision that records nothing; a model found with no
+    head free stays so for the rest of the plan (loads only rise within it), so it is asked once."""
+
+    index: HeadIndex
+    policy: Policy
+    memory: RouterMemory
+    heads_now: int
+    rng: random.Random
+    claims: Mapping[str, Claim]
+    in_batch: set[str]
+    full: set[str] = field(default_factory=set)
+    """Models a job behind found no head of (none free, none eligible, none at all): not asked again."""
+
+    def can_go(self, items: list[Incoming], i: int, model: str) -> bool:
+        for later in items[i + 1 :]:
+            job = later.job
+            if job is None or job.model_type == model or job.model_type in self.full:
+                continue
+            key = later.claim_key
+            if key in self.in_batch or self.claims.get(key, Claim.MINE) is not Claim.MINE:
+                continue  # a duplicate, or a job another record holds: it would not go either
+            avoid = excluded_heads(later.headers) if later.marked else _NO_HEADS
+            d = decide(job, self.index, self.policy, self.memory, self.heads_now, self.rng, later.attempt,
+                       avoid=avoid)  # fmt: skip
+            if d.routed:
+                return True
+            if (
+                d.outcome is not Outcome.REFUSED
+            ):  # the same for the model's other jobs in this plan (near enough)
+                self.full.add(job.model_type)
+        return False
 
 
 def _routed(inc: Incoming, job: Job, d: Decision, memory: RouterMemory, policy: Policy, cfg: PlanConfig,
@@ -293,12 +318,12 @@ def plan(parts: Parts, claims: Mapping[str, Claim], index: HeadIndex, policy: Po
     in_batch: set[str] = set()
     timings = stats.decision_seconds
     owner: dict[str, Incoming] = {}  # a key's first record in the batch: the one the claim was made for
+    behind: _Behind | None = None  # made when a saturated job first asks whether a job behind it can go
     for _, items in parts:
         for inc in items:
             owner.setdefault(inc.claim_key, inc)
     for tp, items in parts:
         end: int | None = None
-        behind: list[bool] | None = None  # per record: another model's job behind it (worked out when needed)
         for i, inc in enumerate(items):
             end = inc.offset + 1
             key = inc.claim_key
@@ -352,9 +377,9 @@ def plan(parts: Parts, claims: Mapping[str, Claim], index: HeadIndex, policy: Po
                     in_batch.add(key)
                     continue
                 if behind is None:
-                    behind = _others_behind(items)
-                if behind[i]:  # one model with no head free must not stall the other models behind it
-                    why = f"{SATURATED_REASON}: {d.reason}; a job of another model is behind it"
+                    behind = _Behind(index, policy, memory, heads_now, rng, claims, in_batch)
+                if behind.can_go(items, i, job.model_type):  # one busy model must not stall the others
+                    why = f"{SATURATED_REASON}: {d.reason}; a job of another model behind it can go"
                     outcomes.append(_wait_aside(inc, job, d, verdict, cfg, now, SATURATED_REASON, why))
                     in_batch.add(key)
                     stats.waited_aside += 1

@@ -1,12 +1,8 @@
-"""Review of f98bbec (a saturated job waits aside in a retry tier when another model's job is behind it).
-
-``_others_behind`` asks only whether a job of another *model_type* is behind in the batch's part of the
-partition, not whether that job can go. When nothing behind can go (every model saturated: the case
-back-pressure exists for; or the job behind is a duplicate / of an unknown model), the wait aside stalls nobody
-less than the hold did, yet every such job is republished to a retry tier, and again on every trip (no bound on
-trips: a wait is not an attempt), with a done mark per trip in Redis. The README says a saturated partition is
-"paused as before, without churn"; here it is drained into the retry tiers instead.
-"""
+"""A saturated job waits aside (in a retry tier) only when a job of another model behind it can go now. When
+nothing behind can go (every model saturated, the case back-pressure exists for; or the job behind is a duplicate,
+or of an unknown model), the partition is held: a wait aside would stall nobody less, yet republish every such job
+on every trip (a wait is not an attempt: no bound), with a done mark per trip. (A review found the first version
+sent jobs aside whenever another model's job was behind.)"""
 
 from __future__ import annotations
 
@@ -53,11 +49,6 @@ def _plan(
     return p, stats
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="f98bbec: a saturated job waits aside even when every job behind it is of "
-    "a saturated model too (nothing behind can go): back-pressure becomes retry-tier churn",
-)
 def test_under_global_saturation_the_partition_is_held_not_drained_into_the_retry_tiers() -> None:
     tp = TopicPartition("req", 0)
     recs = [Rec(i, job(f"{m}{i}", model=m)) for i, m in enumerate("abababab")]
@@ -68,11 +59,6 @@ def test_under_global_saturation_the_partition_is_held_not_drained_into_the_retr
     assert [(h.offset, h.why) for h in p.holds] == [(0, "saturated")]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="f98bbec: a job of another model behind that is only a duplicate (or of "
-    "an unknown model) makes a saturated job wait aside for nothing",
-)
 @pytest.mark.parametrize("behind", ["duplicate", "unknown_model"])
 def test_a_saturated_job_is_not_sent_aside_for_a_job_behind_that_routes_nowhere(behind: str) -> None:
     tp = TopicPartition("req", 0)

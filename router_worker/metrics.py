@@ -109,6 +109,10 @@ class Metrics:
         self.dead_letters_redriven = Counter("dead_letters_redriven_total", "Dead letters redriven to the "
                                              "request topic, by reason.", ["reason"], registry=r)  # fmt: skip
         self.retries = Counter("retries_total", "Jobs sent to a retry tier, by tier.", ["tier"], registry=r)
+        self.waits_aside = Counter(
+            "router_waits_aside_total", "Jobs that can not go now sent to wait in a retry tier instead of holding "
+            "their partition (not attempts; also in retries_total), by model and reason (saturated, "
+            "priority_headroom).", ["model_type", "reason"], registry=r)  # fmt: skip
         self.duplicates = Counter(
             "router_duplicates_total", "Records skipped as already handled.", registry=r
         )
@@ -138,6 +142,8 @@ class Metrics:
             self.dead_letters.labels(reason).inc(n)
         for tier, n in t.retries.items():
             self.retries.labels(str(tier)).inc(n)
+        for (model_type, reason), n in t.waits.items():
+            self.waits_aside.labels(model_type, reason).inc(n)
         for (model_type, reason), n in t.fallbacks.items():
             self.fallbacks.labels(model_type, reason).inc(n)
         owned = consumer.assignment()  # the listener may still be reading start offsets: ask the consumer
@@ -189,6 +195,8 @@ class BatchTally:
 
     dead: Tally[str] = field(default_factory=Tally)
     retries: Tally[int] = field(default_factory=Tally)
+    waits: Tally[tuple[str, str]] = field(default_factory=Tally)
+    """(model_type, reason) of jobs waiting aside in a tier (counted in ``retries`` too)."""
     fallbacks: Tally[tuple[str, str]] = field(default_factory=Tally)
 
 
@@ -205,6 +213,9 @@ def tally(outcomes: Iterable[Any]) -> BatchTally:
                 t.fallbacks[(job.model_type if job else "", o.fallback)] += 1
         elif isinstance(o, Retried):
             t.retries[o.tier] += 1
+            if o.wait is not None:
+                job = o.src.job
+                t.waits[(job.model_type if job else "", o.wait)] += 1
         elif isinstance(o, DeadLettered):
             t.dead[o.reason.value] += 1
     return t

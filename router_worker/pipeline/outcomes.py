@@ -118,6 +118,8 @@ class Routed(_Outcome):
 @dataclass(slots=True)
 class Retried(_Outcome):
     tier: int = 1
+    wait: str | None = None
+    """Why a job that is not failing waits in a tier (``saturated``, ``priority_headroom``); None: a retry."""
 
 
 @dataclass(slots=True)

@@ -206,7 +206,7 @@ def _wait_aside(inc: Incoming, job: Job, d: Decision, verdict: Admission | None,
              "not_before": not_before, "reason": why}  # fmt: skip
     if job.tenant:
         audit["tenant"] = job.tenant
-    return Retried(inc, send, audit, tier=tier)
+    return Retried(inc, send, audit, tier=tier, wait=reason)
 
 
 def _headroom_wait(inc: Incoming, job: Job, d: Decision, verdict: Admission | None, cfg: PlanConfig,

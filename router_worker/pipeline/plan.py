@@ -218,11 +218,17 @@ def _headroom_wait(inc: Incoming, job: Job, d: Decision, verdict: Admission | No
 
 @dataclass(slots=True)
 class _Behind:
-    """Whether a saturated job's partition has a job behind it, of another model, that could go now: only then
-    does the job wait aside (in a retry tier) rather than hold the partition. When nothing behind can go (every
-    model saturated: the overload back-pressure is for), the hold costs nothing and keeps the order; a wait aside
-    would only churn through the retry tiers. Asked with a decision that records nothing; a model found with no
-    head free stays so for the rest of the plan (loads only rise within it), so it is asked once."""
+    """Whether a saturated job's partition has a job behind it that the plan would route now (of another model,
+    or of its own with other needs: a region, criteria, a priority): only then does the job wait aside (in a
+    retry tier) rather than hold the partition. When nothing behind can
+    go (every model saturated: the overload back-pressure is for), the hold costs nothing and keeps the order; a
+    wait aside would only churn through the retry tiers.
+
+    A job behind is asked through the plan's own gates (a duplicate, a job another record holds, over its
+    attempts or refusals, expired, waiting for its admission token: none goes), then with a decision that
+    records nothing. A "no" stays a "no" for the rest of the plan (loads only rise within it), so each record
+    is decided at most once with that answer: a batch costs at most one extra decision per record, plus one per
+    saturated job."""
 
     index: HeadIndex
     policy: Policy
@@ -231,27 +237,44 @@ class _Behind:
     rng: random.Random
     claims: Mapping[str, Claim]
     in_batch: set[str]
-    full: set[str] = field(default_factory=set)
-    """Models a job behind found no head of (none free, none eligible, none at all): not asked again."""
+    owner: Mapping[str, Incoming]
+    admission: Mapping[str, Admission] | None
+    cfg: PlanConfig
+    now: int
+    stuck: set[int] = field(default_factory=set)
+    """``id()`` of the records found unable to go in this plan: not asked again."""
 
-    def can_go(self, items: list[Incoming], i: int, model: str) -> bool:
+    def can_go(self, items: list[Incoming], i: int) -> bool:
+        current = items[i]
         for later in items[i + 1 :]:
             job = later.job
-            if job is None or job.model_type == model or job.model_type in self.full:
+            if job is None or id(later) in self.stuck:
                 continue
-            key = later.claim_key
-            if key in self.in_batch or self.claims.get(key, Claim.MINE) is not Claim.MINE:
-                continue  # a duplicate, or a job another record holds: it would not go either
+            if not self._routable(later, job, current.claim_key):
+                self.stuck.add(id(later))
+                continue
             avoid = excluded_heads(later.headers) if later.marked else _NO_HEADS
             d = decide(job, self.index, self.policy, self.memory, self.heads_now, self.rng, later.attempt,
                        avoid=avoid)  # fmt: skip
             if d.routed:
                 return True
-            if (
-                d.outcome is not Outcome.REFUSED
-            ):  # the same for the model's other jobs in this plan (near enough)
-                self.full.add(job.model_type)
+            self.stuck.add(id(later))
         return False
+
+    def _routable(self, inc: Incoming, job: Job, current_key: str) -> bool:
+        """Whether the plan's gates before the decision would let ``inc`` through (see :func:`plan`)."""
+        key = inc.claim_key
+        if key == current_key or key in self.in_batch or self.owner.get(key) is not inc:
+            return False
+        if self.claims.get(key, Claim.MINE) is not Claim.MINE:
+            return False
+        refused = refusals(inc.headers, inc.attempt) if inc.marked else 0
+        if refused > self.cfg.max_refusals or inc.attempt - refused > self.cfg.max_attempts:
+            return False
+        if job.deadline_ms is not None and job.deadline_ms < self.now:
+            return False
+        verdict = self.admission.get(key) if self.admission else None
+        return verdict is None or verdict.admit_at <= self.now
 
 
 def _routed(inc: Incoming, job: Job, d: Decision, memory: RouterMemory, policy: Policy, cfg: PlanConfig,
@@ -372,19 +395,19 @@ def plan(parts: Parts, claims: Mapping[str, Claim], index: HeadIndex, policy: Po
             d = decide(job, index, policy, memory, heads_now, rng, inc.attempt, avoid=avoid)
             timings.append((time.perf_counter_ns() - t0) / 1e9)
             if d.outcome is Outcome.SATURATED:
-                if _held_for_headroom(job, policy, index, memory, heads_now, rng, inc.attempt, avoid):
-                    outcomes.append(_headroom_wait(inc, job, d, verdict, cfg, now))
-                    in_batch.add(key)
-                    continue
                 if behind is None:
-                    behind = _Behind(index, policy, memory, heads_now, rng, claims, in_batch)
-                if behind.can_go(items, i, job.model_type):  # one busy model must not stall the others
-                    why = f"{SATURATED_REASON}: {d.reason}; a job of another model behind it can go"
-                    outcomes.append(_wait_aside(inc, job, d, verdict, cfg, now, SATURATED_REASON, why))
+                    behind = _Behind(index, policy, memory, heads_now, rng, claims, in_batch, owner, admission,
+                                     cfg, now)  # fmt: skip
+                if behind.can_go(items, i):  # a job that can not go must not stall one behind it that can
+                    if _held_for_headroom(job, policy, index, memory, heads_now, rng, inc.attempt, avoid):
+                        outcomes.append(_headroom_wait(inc, job, d, verdict, cfg, now))
+                    else:
+                        why = f"{SATURATED_REASON}: {d.reason}; a job behind it can go"
+                        outcomes.append(_wait_aside(inc, job, d, verdict, cfg, now, SATURATED_REASON, why))
                     in_batch.add(key)
                     stats.waited_aside += 1
                     continue
-                # back-pressure: leave it and the rest of the partition in Kafka
+                # back-pressure: nothing behind it can go either: leave it and the rest of the partition in Kafka
                 out.holds.append(Hold(tp, inc.offset, now + cfg.backpressure_ms, "saturated"))
                 stats.saturated += 1
                 end = inc.offset

@@ -197,6 +197,32 @@ def test_a_saturated_model_waits_aside_when_another_models_job_is_behind_it() ->
     assert hdrs["x-route-attempt"] == b"1", "a wait, not an attempt"
     assert hdrs["x-throttle-n"] == b"1"
     assert waited.audit is not None
-    assert "another model" in str(waited.audit["reason"])
+    assert "a job behind it can go" in str(waited.audit["reason"])
     assert stats.waited_aside == 1
     assert stats.saturated == 1
+
+
+def _headroom_plan(recs: list[Rec]):  # type: ignore[no-untyped-def]
+    """Plan with ``priority_headroom`` on one head of capacity 10 with 8 in flight: a job of priority none waits,
+    a job of priority 5 goes."""
+    tp = TopicPartition("req", 0)
+    gaps = GapGuard(wait_ms=1000)
+    gaps.expect(tp, recs[0].offset)
+    parts, _ = intake({tp: recs}, gaps, frozenset({"retry.1", "retry.2"}), NOW, CFG.max_message_bytes)
+    policy = Policy(max_load_threshold=1.0, priority_headroom=0.3)
+    index = HeadIndex.build([head("h", capacity=10)])
+    return plan(
+        parts, {}, index, policy, RouterMemory(pending={"h": 8}), NOW, NOW, random.Random(1), CFG, Stats()
+    )
+
+
+def test_a_low_priority_job_waits_aside_only_for_a_job_behind_it_that_can_go() -> None:
+    p = _headroom_plan([Rec(0, job("low")), Rec(1, job("high", priority=5))])
+    kinds = [(type(o).__name__, o.src.offset) for o in p.outcomes]
+    assert kinds == [("Retried", 0), ("Routed", 1)], "the high-priority job behind it goes"
+    waited = p.outcomes[0]
+    assert waited.send is not None
+    assert dict(waited.send.headers)["x-retry-reason"] == b"priority_headroom"
+    p = _headroom_plan([Rec(0, job("low")), Rec(1, job("low2"))])
+    assert p.outcomes == [], "nothing behind it can go: held, not sent round the retry tiers"
+    assert [(h.offset, h.why) for h in p.holds] == [(0, "saturated")]

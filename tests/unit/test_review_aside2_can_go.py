@@ -1,10 +1,8 @@
-"""Review of a57cf25/6b93bf3 (a saturated job waits aside only when a job of another model behind it can go now).
-
-``_Behind.can_go`` asks ``decide`` about the jobs behind, but not the plan's other gates: a job behind that is
-throttled by admission (or will be dead-lettered) "can go" for it, so the saturated job is republished aside
-although nothing behind it is routed (the churn a57cf25 set out to remove). Its negative answers are memoised per
-model only, and REFUSED never, so a batch of saturated jobs followed by refused ones makes the plan quadratic in
-decide calls; and a model marked full by one job's criteria hides another job of that model that could go."""
+"""``_Behind.can_go``: a saturated job waits aside only when a job behind it would be routed by the plan now: asked
+through the plan's own gates (admission, deadline, attempts, duplicates, the saturated job's own id) and a decision,
+each record decided at most once with a "no" (the cost stays linear in the batch), and a job of the same model with
+other needs counts. (A review found the first version skipped the gates, memoised by model only, and went quadratic
+with refused jobs behind saturated ones.)"""
 
 from __future__ import annotations
 
@@ -40,11 +38,6 @@ def _plan(recs: list[Rec], heads: list[Head], admission: dict[str, Admission] | 
                 Stats(), admission)  # fmt: skip
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="can_go asks decide() only: a job behind that admission throttles "
-    "'can go', so the saturated job churns through the retry tiers though nothing is routed",
-)
 def test_a_saturated_job_is_not_sent_aside_for_a_throttled_job_behind_it() -> None:
     recs = [Rec(i, job(f"{m}{i}", model=m)) for i, m in enumerate("abababab")]
     later = {f"j|1|b{i}": Admission(NOW + 60_000) for i in range(1, 8, 2)}  # every b over its admission limit
@@ -56,11 +49,6 @@ def test_a_saturated_job_is_not_sent_aside_for_a_throttled_job_behind_it() -> No
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="can_go treats a job behind that the plan will not route as one that can "
-    "go: its deadline passed (dead-lettered), or it is the saturated job's own id again (a duplicate)",
-)
 @pytest.mark.parametrize("behind", ["expired", "same_job_id"])
 def test_a_saturated_job_is_not_sent_aside_for_a_job_behind_it_that_will_not_be_routed(behind: str) -> None:
     other = job("b1", model="b", deadline_ms=1) if behind == "expired" else job("a0", model="b")
@@ -69,11 +57,6 @@ def test_a_saturated_job_is_not_sent_aside_for_a_job_behind_it_that_will_not_be_
     assert not any(isinstance(o, Retried) and o.src.offset == 0 for o in p.outcomes), "sent aside for nothing"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="REFUSED answers are not memoised: saturated jobs x refused jobs behind "
-    "them = quadratic decide calls per batch (63,000 for 500 records, ~30x a normal batch)",
-)
 def test_decide_calls_per_batch_stay_linear_with_refused_jobs_behind_saturated_ones(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -95,11 +78,6 @@ def test_decide_calls_per_batch_stay_linear_with_refused_jobs_behind_saturated_o
     assert calls <= 4 * len(recs), f"{calls} decide calls for {len(recs)} records"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_Behind.full is keyed by model: one job's criteria (tags) marks the "
-    "model full and hides a later job of it that can go (a hold, contrary to the README)",
-)
 def test_a_model_full_for_one_jobs_criteria_does_not_hide_another_job_of_it_that_can_go() -> None:
     tagged_full = head("hbx", model="b", partition=1, capacity=1, reported_inflight=1, tags=frozenset({"x"}))
     plain_free = head("hb", model="b", partition=2)

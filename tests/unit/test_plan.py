@@ -16,7 +16,7 @@ from router_worker.core.model import RouterMemory
 from router_worker.core.policy import Policy
 from router_worker.pipeline.gaps import GapGuard
 from router_worker.pipeline.intake import intake
-from router_worker.pipeline.outcomes import DeadLettered, Duplicate, Retried, Routed, commit_offsets
+from router_worker.pipeline.outcomes import DeadLettered, Duplicate, Plan, Retried, Routed, commit_offsets
 from router_worker.pipeline.plan import Claim, PlanConfig, Stats, plan
 from router_worker.topics import Topics
 from tests.unit.core.sim import head
@@ -127,6 +127,16 @@ def test_saturated_heads_hold_the_rest_of_the_partition() -> None:
     assert [(h.offset, h.why) for h in p.holds] == [(2, "saturated")]
 
 
+def assert_commits_stop_at_the_first_unsettled(p: Plan, acks: list[bool]) -> None:
+    """Settle a random subset of the plan's publishes (``acks``): no commit offset passes an unsettled record."""
+    for i, o in enumerate(p.outcomes):
+        o.final = o.send is None or (acks[i] if i < len(acks) else True)
+    offsets = commit_offsets(p)
+    for o in p.outcomes:
+        if not o.final:
+            assert offsets[o.src.tp] <= o.src.offset
+
+
 record = st.one_of(
     st.builds(lambda i, m: job(f"j{i}", model=m), st.integers(0, 20), st.sampled_from(["m", "nobody"])),
     st.binary(max_size=40),
@@ -159,13 +169,7 @@ def test_every_record_gets_one_outcome_and_commits_never_pass_an_unsettled_one(
         cut = min(held) if held else None
         expected = [r.offset for r in recs if cut is None or r.offset < cut]
         assert mine == expected, "every record before the hold has an outcome, none after it"
-    # settle a random subset of the publishes: commits stop at the first unsettled record
-    for i, o in enumerate(p.outcomes):
-        o.final = o.send is None or (acks[i] if i < len(acks) else True)
-    offsets = commit_offsets(p)
-    for o in p.outcomes:
-        if not o.final:
-            assert offsets[o.src.tp] <= o.src.offset
+    assert_commits_stop_at_the_first_unsettled(p, acks)
     for o in p.outcomes:
         assert isinstance(o, Routed | Retried | DeadLettered | Duplicate)
         if isinstance(o, Duplicate):

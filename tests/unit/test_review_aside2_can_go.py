@@ -19,10 +19,10 @@ from router_worker.core.model import Head, RouterMemory
 from router_worker.core.policy import Policy
 from router_worker.pipeline.gaps import GapGuard
 from router_worker.pipeline.intake import intake
-from router_worker.pipeline.outcomes import Plan, Retried, Routed, commit_offsets
+from router_worker.pipeline.outcomes import Plan, Retried, Routed
 from router_worker.pipeline.plan import Admission, Stats, plan
 from tests.unit.core.sim import head
-from tests.unit.test_plan import CFG, NOW, Rec, job
+from tests.unit.test_plan import CFG, NOW, Rec, assert_commits_stop_at_the_first_unsettled, job
 
 RETRY = frozenset({"retry.1", "retry.2"})
 FULL_A = head("ha", model="a", capacity=1, reported_inflight=1)
@@ -131,9 +131,4 @@ def test_two_models_every_record_one_outcome_and_commits_never_pass_an_unsettled
         if isinstance(o, Retried) and o.wait == "saturated":
             later = [x for x in p.outcomes if x.src.tp == o.src.tp and x.src.offset > o.src.offset]
             assert any(isinstance(x, Routed) for x in later), "sent aside, yet nothing behind it was routed"
-    for i, o in enumerate(p.outcomes):
-        o.final = o.send is None or (acks[i] if i < len(acks) else True)
-    offsets = commit_offsets(p)
-    for o in p.outcomes:
-        if not o.final:
-            assert offsets[o.src.tp] <= o.src.offset
+    assert_commits_stop_at_the_first_unsettled(p, acks)

@@ -86,9 +86,10 @@ class PlanConfig:
 class Stats:
     decision_seconds: list[float] = field(default_factory=list)
     saturated: int = 0
-    """Partitions held because a job's model had no head free."""
+    """Partitions held because a job had no head free (none under its load limit, or all behind open breakers)."""
     waited_aside: int = 0
-    """Jobs whose model had no head free sent to wait in a retry tier, since another model's job was behind."""
+    """Jobs with no head free sent to wait in a retry tier instead of holding their partition: a job behind them
+    could go, or a higher-priority job would (``priority_headroom``)."""
     busy: int = 0
 
 
@@ -245,12 +246,17 @@ class _Behind:
     """``id()`` of the records found unable to go in this plan: not asked again."""
 
     def can_go(self, items: list[Incoming], i: int) -> bool:
-        current = items[i]
-        for later in items[i + 1 :]:
-            job = later.job
-            if job is None or id(later) in self.stuck:
+        for later in items[i + 1 :]:  # the plan loop's order of gates, up to its decision
+            if id(later) in self.stuck:
                 continue
-            if not self._routable(later, job, current.claim_key):
+            key = later.claim_key
+            claim = self.claims.get(key, Claim.MINE)
+            if claim is Claim.DONE or key in self.in_batch:
+                continue  # a duplicate: settled, not routed
+            if claim is Claim.BUSY or self.owner.get(key) is not later:
+                return False  # another record holds its key (the saturated job, maybe): the plan stops there
+            job = later.job
+            if job is None or not self._admitted(later, job):
                 self.stuck.add(id(later))
                 continue
             avoid = excluded_heads(later.headers) if later.marked else _NO_HEADS
@@ -261,19 +267,15 @@ class _Behind:
             self.stuck.add(id(later))
         return False
 
-    def _routable(self, inc: Incoming, job: Job, current_key: str) -> bool:
-        """Whether the plan's gates before the decision would let ``inc`` through (see :func:`plan`)."""
-        key = inc.claim_key
-        if key == current_key or key in self.in_batch or self.owner.get(key) is not inc:
-            return False
-        if self.claims.get(key, Claim.MINE) is not Claim.MINE:
-            return False
+    def _admitted(self, inc: Incoming, job: Job) -> bool:
+        """Whether the plan's gates after the claim let ``inc`` on to a decision (see :func:`plan`): not over its
+        refusals or attempts, not expired, not waiting for its admission token."""
         refused = refusals(inc.headers, inc.attempt) if inc.marked else 0
         if refused > self.cfg.max_refusals or inc.attempt - refused > self.cfg.max_attempts:
             return False
         if job.deadline_ms is not None and job.deadline_ms < self.now:
             return False
-        verdict = self.admission.get(key) if self.admission else None
+        verdict = self.admission.get(inc.claim_key) if self.admission else None
         return verdict is None or verdict.admit_at <= self.now
 
 
@@ -398,12 +400,16 @@ def plan(parts: Parts, claims: Mapping[str, Claim], index: HeadIndex, policy: Po
                 if behind is None:
                     behind = _Behind(index, policy, memory, heads_now, rng, claims, in_batch, owner, admission,
                                      cfg, now)  # fmt: skip
+                if _held_for_headroom(job, policy, index, memory, heads_now, rng, inc.attempt, avoid):
+                    # Always aside, whatever the fetch shows behind it: a higher-priority job further back must
+                    # never wait behind a run of lower-priority ones.
+                    outcomes.append(_headroom_wait(inc, job, d, verdict, cfg, now))
+                    in_batch.add(key)
+                    stats.waited_aside += 1
+                    continue
                 if behind.can_go(items, i):  # a job that can not go must not stall one behind it that can
-                    if _held_for_headroom(job, policy, index, memory, heads_now, rng, inc.attempt, avoid):
-                        outcomes.append(_headroom_wait(inc, job, d, verdict, cfg, now))
-                    else:
-                        why = f"{SATURATED_REASON}: {d.reason}; a job behind it can go"
-                        outcomes.append(_wait_aside(inc, job, d, verdict, cfg, now, SATURATED_REASON, why))
+                    why = f"{SATURATED_REASON}: {d.reason}; a job behind it can go"
+                    outcomes.append(_wait_aside(inc, job, d, verdict, cfg, now, SATURATED_REASON, why))
                     in_batch.add(key)
                     stats.waited_aside += 1
                     continue

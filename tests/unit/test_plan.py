@@ -220,13 +220,31 @@ def _headroom_plan(recs: list[Rec]):  # type: ignore[no-untyped-def]
     )
 
 
-def test_a_low_priority_job_waits_aside_only_for_a_job_behind_it_that_can_go() -> None:
-    p = _headroom_plan([Rec(0, job("low")), Rec(1, job("high", priority=5))])
+def test_a_low_priority_job_held_by_the_headroom_always_waits_aside() -> None:
+    """Whatever the fetch shows behind it: a higher-priority job further back than one fetch must never wait behind
+    a run of lower-priority ones (a review found that holding them when nothing fetched behind could go did that)."""
+    p = _headroom_plan([Rec(0, job("low")), Rec(1, job("low2")), Rec(2, job("high", priority=5))])
     kinds = [(type(o).__name__, o.src.offset) for o in p.outcomes]
-    assert kinds == [("Retried", 0), ("Routed", 1)], "the high-priority job behind it goes"
+    assert kinds == [("Retried", 0), ("Retried", 1), ("Routed", 2)], "the high-priority job behind them goes"
     waited = p.outcomes[0]
     assert waited.send is not None
     assert dict(waited.send.headers)["x-retry-reason"] == b"priority_headroom"
     p = _headroom_plan([Rec(0, job("low")), Rec(1, job("low2"))])
-    assert p.outcomes == [], "nothing behind it can go: held, not sent round the retry tiers"
+    assert [type(o).__name__ for o in p.outcomes] == ["Retried", "Retried"]
+    assert p.holds == []
+
+
+def test_a_saturated_job_holds_when_the_plan_would_stop_at_a_claim_held_behind_it() -> None:
+    """A job behind a record whose key another holds is not reached by the plan now: it can not justify a wait
+    aside (the saturated job would circle the retry tiers while nothing behind it went)."""
+    tp = TopicPartition("req", 0)
+    recs = [Rec(0, job("a0", model="a")), Rec(1, job("x", model="b")), Rec(2, job("b2", model="b"))]
+    gaps = GapGuard(wait_ms=1000)
+    gaps.expect(tp, 0)
+    parts, _ = intake({tp: recs}, gaps, frozenset({"retry.1", "retry.2"}), NOW, CFG.max_message_bytes)
+    index = HeadIndex.build([head("ha", model="a", capacity=1, reported_inflight=1),
+                             head("hb", model="b", partition=1)])  # fmt: skip
+    p = plan(parts, {"j|1|x": Claim.BUSY}, index, Policy(), RouterMemory(), NOW, NOW, random.Random(1), CFG,
+             Stats())  # fmt: skip
+    assert p.outcomes == []
     assert [(h.offset, h.why) for h in p.holds] == [(0, "saturated")]

@@ -121,10 +121,8 @@ class E2EConfig:
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
             raise ValueError(f"unknown strategy {self.strategy!r} (known: {', '.join(STRATEGIES)})")
-        if (
-            min(self.jobs, self.heads, self.models, self.regions, self.latency_jobs, self.repeat) < 1
-            or not self.routers
-        ):
+        counts = (self.jobs, self.heads, self.models, self.regions, self.latency_jobs, self.repeat)
+        if min(counts) < 1 or not self.routers:
             raise ValueError(
                 "jobs, heads, models, regions, latency-jobs, repeat and routers must be at least 1"
             )
@@ -808,18 +806,8 @@ def _profile(child: Child, out_dir: Path, spies: list[subprocess.Popen[bytes]]) 
     out_dir.mkdir(parents=True, exist_ok=True)
     folded = out_dir / f"{child.name}.folded"
     folded.unlink(missing_ok=True)  # an earlier run's graph must not pass for this one's if py-spy fails
-    args = [
-        spy,
-        "record",
-        "--pid",
-        str(child.pid),
-        "--rate",
-        "200",
-        "--format",
-        "raw",
-        "--output",
-        str(folded),
-    ]
+    args = [spy, "record", "--pid", str(child.pid), "--rate", "200", "--format", "raw",
+            "--output", str(folded)]  # fmt: skip
     with open(out_dir / f"{child.name}.py-spy.log", "wb") as out:
         proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
     spies.append(proc)
@@ -1221,18 +1209,16 @@ async def run_rounds(settings: Settings, cfg: E2EConfig, log: Console | None = N
                             log.print(f"[bold]{'bare pipe' if kind == 'pipe' else f'router x{n}'}[/]")
                         p = await run_phase(kind, n, s, rt.redis, round_cfg, rate, workdir, log)
                         if rate is None and p.latency is not None:
-                            rate = (
-                                p.latency.offered_rate
-                            )  # half the first phase's drain rate, for every phase
+                            # half the first phase's drain rate, for every phase
+                            rate = p.latency.offered_rate
                         measured[(kind, n)] = p
                 except BenchError as exc:
                     if not done:
                         raise
                     raise RoundsFailed(f"round {k + 1} of {cfg.repeat} failed: {exc}",
                                        _reports(cfg, broker, done, time.perf_counter())) from exc  # fmt: skip
-                phases = [
-                    measured[key] for key in routers if key in measured
-                ]  # the order asked for, then the pipe
+                # the routers in the order asked for, then the pipe
+                phases = [measured[key] for key in routers if key in measured]
                 if ("pipe", 1) in measured:
                     phases.append(measured[("pipe", 1)])
                 done.append((phases, rate, t0))
@@ -1537,10 +1523,9 @@ def profiles_json(folder: Path) -> dict[str, dict[str, list[tuple[str, float]]]]
 
 
 def print_profiles(console: Console, folder: Path) -> None:
-    for path in sorted(folder.glob("*.folded")):
-        own, inclusive = profile_top(path.read_text())
-        console.print(f"\n[bold]{path.name}[/]: share of samples (self | on the stack)")
-        for a, b in itertools.zip_longest(own, inclusive):
+    for name, top in profiles_json(folder).items():
+        console.print(f"\n[bold]{name}[/]: share of samples (self | on the stack)")
+        for a, b in itertools.zip_longest(top["self"], top["inclusive"]):
             left = f"{a[1]:6.1%}  {a[0]:<60.60}" if a else " " * 68
             right = f"{b[1]:6.1%}  {b[0]}" if b else ""
             console.print(f"  {left}  {right}", soft_wrap=True, highlight=False)

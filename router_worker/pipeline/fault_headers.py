@@ -28,8 +28,8 @@ THROTTLE_REASON = "throttled"
 HEADROOM_REASON = "priority_headroom"
 """The retry reason of a low-priority job waiting for ``priority_headroom`` (a wait like a throttle: no attempt)."""
 SATURATED_REASON = "saturated"
-"""The retry reason of a job whose model has no head free (every one at its load threshold, or behind an open
-breaker) while another model's job waits behind it in its partition: it waits aside, as a wait (no attempt)."""
+"""The retry reason of a job with no head free (every one at its load threshold, or behind an open breaker) while
+a job behind it in its partition could go: it waits aside, as a wait (no attempt), instead of holding that job."""
 H_REFUSALS = "x-route-refusals"
 BUSY = "busy"
 """The refusal reason that is a wait (the head has no room now), not a failure."""

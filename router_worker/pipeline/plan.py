@@ -221,9 +221,9 @@ def _headroom_wait(inc: Incoming, job: Job, d: Decision, verdict: Admission | No
 class _Behind:
     """Whether a saturated job's partition has a job behind it that the plan would route now (of another model,
     or of its own with other needs: a region, criteria, a priority): only then does the job wait aside (in a
-    retry tier) rather than hold the partition. When nothing behind can
-    go (every model saturated: the overload back-pressure is for), the hold costs nothing and keeps the order; a
-    wait aside would only churn through the retry tiers.
+    retry tier) rather than hold the partition. When nothing behind can go (every model saturated: the overload
+    back-pressure is for), the hold costs nothing and keeps the order; a wait aside would only churn through the
+    retry tiers.
 
     A job behind is asked through the plan's own gates (a duplicate, a job another record holds, over its
     attempts or refusals, expired, waiting for its admission token: none goes), then with a decision that
@@ -397,9 +397,6 @@ def plan(parts: Parts, claims: Mapping[str, Claim], index: HeadIndex, policy: Po
             d = decide(job, index, policy, memory, heads_now, rng, inc.attempt, avoid=avoid)
             timings.append((time.perf_counter_ns() - t0) / 1e9)
             if d.outcome is Outcome.SATURATED:
-                if behind is None:
-                    behind = _Behind(index, policy, memory, heads_now, rng, claims, in_batch, owner, admission,
-                                     cfg, now)  # fmt: skip
                 if _held_for_headroom(job, policy, index, memory, heads_now, rng, inc.attempt, avoid):
                     # Always aside, whatever the fetch shows behind it: a higher-priority job further back must
                     # never wait behind a run of lower-priority ones.
@@ -407,6 +404,9 @@ def plan(parts: Parts, claims: Mapping[str, Claim], index: HeadIndex, policy: Po
                     in_batch.add(key)
                     stats.waited_aside += 1
                     continue
+                if behind is None:
+                    behind = _Behind(index, policy, memory, heads_now, rng, claims, in_batch, owner, admission,
+                                     cfg, now)  # fmt: skip
                 if behind.can_go(items, i):  # a job that can not go must not stall one behind it that can
                     why = f"{SATURATED_REASON}: {d.reason}; a job behind it can go"
                     outcomes.append(_wait_aside(inc, job, d, verdict, cfg, now, SATURATED_REASON, why))

@@ -78,7 +78,7 @@ class RouterStats:
     deferred: int = 0
     saturated: int = 0
     waited_aside: int = 0
-    """Jobs whose model had no head free that waited in a retry tier, not to stall another model's jobs."""
+    """Jobs with no head free that waited in a retry tier instead of holding their partition (see plan.Stats)."""
     claimed_elsewhere: int = 0
     unsent: int = 0
     publish_errors: int = 0

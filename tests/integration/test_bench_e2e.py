@@ -57,7 +57,10 @@ async def test_bench_e2e_reports_every_figure(settings: Settings, tmp_path: Path
         p = phases[name]
         assert p["commands_per_job"] > 0, name
         assert p["batches"] > 0, name
-        assert p["round_trips_per_batch"] >= 2, f"{name}: each batch claims and marks, at least"
+        # A batch claims and marks (two round trips), but one whose records are all held before intake (an offset
+        # gap on the embedded broker, a retry record not yet due) has no key to claim: it makes none. A full
+        # run once measured 1.75 (seven round trips over four batches).
+        assert p["round_trips_per_batch"] >= 1, f"{name}: most batches claim and mark"
         assert p["background_round_trips_per_s"] >= 0, name
         assert p["top_commands"], name
         lat = p["latency"]

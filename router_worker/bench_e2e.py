@@ -34,6 +34,9 @@ Method (every phase on fresh topics, a fresh Redis key prefix and a fresh consum
 6. **Baseline.** The same steps for a bare aiokafka consume → produce → commit pipe (``python -m
    router_worker.bench_e2e pipe``): one process, the same broker, topics, partitions, job sizes, producer and
    consumer settings, batch size; no decoding, no Redis. The router's figures are printed as ratios to it.
+   ``--pipes 1,4`` measures four pipes in one group too: a router count with as many pipes beside it is also
+   printed as a ratio to them (``router x4 / pipe x4``), which separates what the router costs from what the
+   broker does with that many clients (their latency and rate).
 
 Every wait is bounded; every child is stopped (SIGTERM, then SIGKILL) on any exit, and dies with this
 process (parent-death signal) if it is killed.
@@ -110,6 +113,10 @@ class E2EConfig:
     routers: tuple[int, ...] = (1, 2)
     strategy: str = "least_loaded"
     baseline: bool = True
+    pipes: tuple[int, ...] = (1,)
+    """Bare pipe process counts measured (with ``baseline``): the router's ratios are to one pipe; a router
+    count with as many pipes beside it is also compared with them, which tells the router's cost from what the
+    broker does with that many clients."""
     drain_timeout_s: float | None = None
     """Longest drain; None: 30 s + 1 ms per job."""
     profile_dir: Path | None = None
@@ -122,10 +129,12 @@ class E2EConfig:
         if self.strategy not in STRATEGIES:
             raise ValueError(f"unknown strategy {self.strategy!r} (known: {', '.join(STRATEGIES)})")
         counts = (self.jobs, self.heads, self.models, self.regions, self.latency_jobs, self.repeat)
-        if min(counts) < 1 or not self.routers:
+        if min(counts) < 1 or not self.routers or min(self.routers) < 1 or min(self.pipes, default=0) < 1:
             raise ValueError(
-                "jobs, heads, models, regions, latency-jobs, repeat and routers must be at least 1"
+                "jobs, heads, models, regions, latency-jobs, repeat, routers and pipes must be at least 1"
             )
+        if self.baseline and 1 not in self.pipes:
+            raise ValueError("pipes must include 1: the routers' ratios are to one pipe")
         if self.regions > len(REGIONS):
             raise ValueError(f"at most {len(REGIONS)} regions")
         if self.heads < self.models:
@@ -190,6 +199,8 @@ class Child:
     proc: subprocess.Popen[bytes]
     log: Path
     admin_port: int = 0
+    ready: Path | None = None
+    """A pipe's: written once its first batch is committed (it consumes, in the group)."""
 
     @property
     def pid(self) -> int:
@@ -875,8 +886,8 @@ def _profilers() -> Iterator[list[subprocess.Popen[bytes]]]:
 
 def _spawn_group(kind: str, procs: int, lay: Layout, tag: str, workdir: Path, kids: list[Child],
                  profile: tuple[Path, list[subprocess.Popen[bytes]]] | None = None) -> None:  # fmt: skip
-    """Start ``procs`` counted routers, or one pipe, on the layout's topics; each is added to ``kids`` as soon
-    as it runs, so it is stopped whatever happens next."""
+    """Start ``procs`` counted routers, or pipes (one consumer group), on the layout's topics; each is added
+    to ``kids`` as soon as it runs, so it is stopped whatever happens next."""
     s = lay.settings
     if kind == "router":
         for i in range(procs):
@@ -889,11 +900,15 @@ def _spawn_group(kind: str, procs: int, lay: Layout, tag: str, workdir: Path, ki
                 _profile(kids[-1], *profile)
         return
     env = child_env(s, log_level="WARNING")
-    args = ["-m", "router_worker.bench_e2e", "pipe", "--source", lay.topics.requests,
-            "--partitions", str(lay.model_partitions)]  # fmt: skip
-    for m in lay.models:
-        args += ["--target", lay.topics.model(m)]
-    kids.append(_spawn(tag, args, env, workdir))
+    for i in range(procs):
+        name = tag if procs == 1 else f"{tag}-{i}"
+        ready = workdir / f"{name}.ready"
+        args = ["-m", "router_worker.bench_e2e", "pipe", "--source", lay.topics.requests,
+                "--partitions", str(lay.model_partitions), "--ready", str(ready)]  # fmt: skip
+        for m in lay.models:
+            args += ["--target", lay.topics.model(m)]
+        kids.append(_spawn(name, args, env, workdir))
+        kids[-1].ready = ready
 
 
 async def _until(aw: Any, watch: asyncio.Task[None]) -> Any:
@@ -928,7 +943,7 @@ async def run_phase(kind: str, procs: int, base: Settings, redis: Redis, cfg: E2
 
 async def _drain(kind: str, procs: int, base: Settings, redis: Redis, cfg: E2EConfig, workdir: Path,
                  say: Any) -> Phase:  # fmt: skip
-    name = f"router x{procs}" if kind == "router" else "pipe"
+    name = phase_name(kind, procs)
     tag = f"{kind}{procs}"
     lay = Layout.fresh(base, tag, cfg)
     await lay.create_topics()
@@ -1018,7 +1033,7 @@ WARMUP_JOBS = 24
 
 async def _latency(kind: str, procs: int, base: Settings, redis: Redis, cfg: E2EConfig, rate: float,
                    workdir: Path, say: Any) -> Latency:  # fmt: skip
-    name = f"router x{procs}" if kind == "router" else "pipe"
+    name = phase_name(kind, procs)
     tag = f"{kind}{procs}lat"
     lay = Layout.fresh(base, tag, cfg)
     await lay.create_topics()
@@ -1057,9 +1072,17 @@ async def _latency(kind: str, procs: int, base: Settings, redis: Redis, cfg: E2E
     return lat
 
 
+def phase_name(kind: str, procs: int) -> str:
+    """``router xN``; ``pipe`` for one pipe (the baseline), ``pipe xN`` for more."""
+    if kind == "router":
+        return f"router x{procs}"
+    return "pipe" if procs == 1 else f"pipe x{procs}"
+
+
 async def _warm_up(lay: Layout, arr: Arrivals, kids: Sequence[Child], cfg: E2EConfig,
                    within_s: float = 90.0) -> None:  # fmt: skip
-    """Send a few jobs until every process has routed some of them and all arrived (started, in the group)."""
+    """Send a few jobs until every process has routed some of them (a pipe: committed a batch) and all
+    arrived (started, in the group)."""
     deadline = time.monotonic() + within_s
     sent = 0
     while time.monotonic() < deadline:
@@ -1068,7 +1091,8 @@ async def _warm_up(lay: Layout, arr: Arrivals, kids: Sequence[Child], cfg: E2ECo
         await arr.wait_for(sent, 0.5)
         routers = [c for c in kids if c.admin_port]
         routed = [(await scrape(c.admin_port)).get("routed", 0.0) for c in routers]
-        if arr.count >= sent and all(n > 0 for n in routed):
+        pipes_ready = all(c.ready.exists() for c in kids if c.ready is not None)
+        if arr.count >= sent and pipes_ready and all(n > 0 for n in routed):
             return
     raise BenchError(f"the processes did not start routing within {within_s:.0f}s")
 
@@ -1118,33 +1142,29 @@ class Report:
         return next((p for p in self.phases if p.name == name), None)
 
     def ratios(self) -> dict[str, dict[str, float | None]]:
-        """Each router phase's figures over the pipe's (higher is better for rates, lower for costs)."""
+        """Each router phase's figures over one pipe's (higher is better for rates, lower for costs)."""
         pipe = self.phase("pipe")
-        out: dict[str, dict[str, float | None]] = {}
         if pipe is None:
-            return out
+            return {}
+        return {p.name: _ratios(p, pipe) for p in self.phases if p.kind == "router"}
+
+    def same_count_ratios(self) -> dict[str, dict[str, float | None]]:
+        """``router xN`` over ``pipe xN``, for each N of more than one measured both ways: what N routers cost
+        over N bare pipes in one group, the broker serving as many clients."""
+        out = {}
         for p in self.phases:
-            if p.kind != "router":
-                continue
-            r: dict[str, float | None] = {
-                "drain_rate": _div(p.drain_rate, pipe.drain_rate),
-                "steady_rate": _div(p.steady_rate, pipe.steady_rate),
-                "cpu_s_per_1000": _div(p.cpu_s_per_1000, pipe.cpu_s_per_1000),
-                "peak_rss_mb": _div(p.peak_rss_mb, pipe.peak_rss_mb),
-            }
-            if p.latency is not None and pipe.latency is not None:
-                r |= {"latency_p50": _div(p.latency.p50_ms, pipe.latency.p50_ms),
-                      "latency_p99": _div(p.latency.p99_ms, pipe.latency.p99_ms),
-                      "latency_p999": _div(p.latency.p999_ms, pipe.latency.p999_ms)}  # fmt: skip
-            out[p.name] = r
+            pipes = self.phase(phase_name("pipe", p.processes))
+            if p.kind == "router" and p.processes > 1 and pipes is not None:
+                out[f"{p.name} / {pipes.name}"] = _ratios(p, pipes)
         return out
 
     def scaling(self) -> float | None:
         """Drain rate of the most routers over one router's."""
-        routers = sorted((p for p in self.phases if p.kind == "router"), key=lambda p: p.processes)
-        if len(routers) < 2:
-            return None
-        return _div(routers[-1].drain_rate, routers[0].drain_rate)
+        return _scaling(self.phases, "router")
+
+    def pipe_scaling(self) -> float | None:
+        """Drain rate of the most pipes over one pipe's: what the broker allows more clients."""
+        return _scaling(self.phases, "pipe")
 
     def to_json(self) -> dict[str, Any]:
         return cast(dict[str, Any], _finite({
@@ -1156,8 +1176,32 @@ class Report:
             "seconds": self.seconds,
             "phases": {p.name.replace(" ", "_"): p.summary() for p in self.phases},
             "ratios": {k.replace(" ", "_"): v for k, v in self.ratios().items()},
+            "ratios_same_count": {k.replace(" ", "_"): v for k, v in self.same_count_ratios().items()},
             "scaling": self.scaling(),
+            "pipe_scaling": self.pipe_scaling(),
         }))  # fmt: skip
+
+
+def _ratios(p: Phase, pipe: Phase) -> dict[str, float | None]:
+    r: dict[str, float | None] = {
+        "drain_rate": _div(p.drain_rate, pipe.drain_rate),
+        "steady_rate": _div(p.steady_rate, pipe.steady_rate),
+        "cpu_s_per_1000": _div(p.cpu_s_per_1000, pipe.cpu_s_per_1000),
+        "peak_rss_mb": _div(p.peak_rss_mb, pipe.peak_rss_mb),
+    }
+    if p.latency is not None and pipe.latency is not None:
+        r |= {"latency_p50": _div(p.latency.p50_ms, pipe.latency.p50_ms),
+              "latency_p99": _div(p.latency.p99_ms, pipe.latency.p99_ms),
+              "latency_p999": _div(p.latency.p999_ms, pipe.latency.p999_ms)}  # fmt: skip
+    return r
+
+
+def _scaling(phases: Sequence[Phase], kind: str) -> float | None:
+    """Drain rate of the most processes of ``kind`` over the fewest's."""
+    group = sorted((p for p in phases if p.kind == kind), key=lambda p: p.processes)
+    if len(group) < 2:
+        return None
+    return _div(group[-1].drain_rate, group[0].drain_rate)
 
 
 def _pair(a: float, b: float) -> str | None:
@@ -1198,15 +1242,14 @@ async def run_rounds(settings: Settings, cfg: E2EConfig, log: Console | None = N
                 if log is not None and cfg.repeat > 1:
                     log.print(f"[bold]round {k + 1} of {cfg.repeat}[/]")
                 routers: list[tuple[str, int]] = [("router", n) for n in cfg.routers]
-                order = routers
-                if cfg.baseline:
-                    order = [*routers, ("pipe", 1)] if k % 2 == 0 else [("pipe", 1), *routers]
+                pipes: list[tuple[str, int]] = [("pipe", n) for n in cfg.pipes] if cfg.baseline else []
+                order = [*routers, *pipes] if k % 2 == 0 else [*pipes, *routers]
                 round_cfg = cfg if k == cfg.repeat - 1 else replace(cfg, profile_dir=None)
                 measured: dict[tuple[str, int], Phase] = {}
                 try:
                     for kind, n in order:
                         if log is not None:
-                            log.print(f"[bold]{'bare pipe' if kind == 'pipe' else f'router x{n}'}[/]")
+                            log.print(f"[bold]{'bare ' if kind == 'pipe' else ''}{phase_name(kind, n)}[/]")
                         p = await run_phase(kind, n, s, rt.redis, round_cfg, rate, workdir, log)
                         if rate is None and p.latency is not None:
                             # half the first phase's drain rate, for every phase
@@ -1217,10 +1260,8 @@ async def run_rounds(settings: Settings, cfg: E2EConfig, log: Console | None = N
                         raise
                     raise RoundsFailed(f"round {k + 1} of {cfg.repeat} failed: {exc}",
                                        _reports(cfg, broker, done, time.perf_counter())) from exc  # fmt: skip
-                # the routers in the order asked for, then the pipe
-                phases = [measured[key] for key in routers if key in measured]
-                if ("pipe", 1) in measured:
-                    phases.append(measured[("pipe", 1)])
+                # the routers in the order asked for, then the pipes
+                phases = [measured[key] for key in (*routers, *pipes) if key in measured]
                 done.append((phases, rate, t0))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
@@ -1273,21 +1314,31 @@ SPREAD_FIGURES: Final = ("drain_rate", "steady_rate", "cpu_s_per_1000", "latency
 
 
 def spread(reports: Sequence[Report]) -> dict[str, dict[str, Spread]]:
-    """Per router phase, each ratio to the same round's pipe (:data:`SPREAD_FIGURES`) across the rounds, and
-    under ``"scaling"`` the most routers' drain rate over the fewest's. A round whose router or pipe drain did
-    not complete is left out of that phase's figures (its rate is a partial one)."""
+    """Per router phase, each ratio to the same round's pipe (:data:`SPREAD_FIGURES`) across the rounds; the
+    same for ``router xN / pipe xN`` where both were measured; under ``"scaling"`` the most routers' drain
+    rate over the fewest's, under ``"pipe scaling"`` the pipes'. A round whose router or pipe drain did not
+    complete is left out of that phase's figures (its rate is a partial one)."""
     out: dict[str, dict[str, Spread]] = {}
-    names = [p.name for p in reports[0].phases if p.kind == "router"] if reports else []
-    for name in names:
-        ratios = [r.ratios().get(name, {}) for r in reports if _complete(r, name) and _complete(r, "pipe")]
+    first = reports[0] if reports else None
+    pairs = [(p.name, "pipe") for p in first.phases if p.kind == "router"] if first else []
+    for p in first.phases if first else []:
+        if p.kind == "router" and p.processes > 1 and first and first.phase(phase_name("pipe", p.processes)):
+            pairs.append((p.name, phase_name("pipe", p.processes)))
+    for name, pipe in pairs:
+        key = name if pipe == "pipe" else f"{name} / {pipe}"
+        ratios = [(r.ratios() if pipe == "pipe" else r.same_count_ratios()).get(key, {})
+                  for r in reports if _complete(r, name) and _complete(r, pipe)]  # fmt: skip
         figures = {f: Spread.of([x.get(f) for x in ratios]) for f in SPREAD_FIGURES}
         kept = {f: sp for f, sp in figures.items() if sp is not None}
         if kept:
-            out[name] = kept
-    scaling = Spread.of([r.scaling() for r in reports
-                         if all(p.complete for p in r.phases if p.kind == "router")])  # fmt: skip
-    if scaling is not None:
-        out["scaling"] = {"drain_rate": scaling}
+            out[key] = kept
+    for label, kind, of in (
+        ("scaling", "router", Report.scaling),
+        ("pipe scaling", "pipe", Report.pipe_scaling),
+    ):
+        sc = Spread.of([of(r) for r in reports if all(p.complete for p in r.phases if p.kind == kind)])
+        if sc is not None:
+            out[label] = {"drain_rate": sc}
     return out
 
 
@@ -1296,10 +1347,12 @@ def _complete(report: Report, name: str) -> bool:
     return p is not None and p.complete
 
 
-def scaling_label(cfg: E2EConfig) -> str:
-    """What :meth:`Report.scaling` divides: the most routers' drain rate by the fewest's."""
-    most, fewest = max(cfg.routers), min(cfg.routers)
-    return f"{most} routers / {fewest} router{'' if fewest == 1 else 's'}"
+def scaling_label(cfg: E2EConfig, kind: str = "router") -> str:
+    """What :meth:`Report.scaling` (or ``pipe_scaling``) divides: the most processes' drain rate by the
+    fewest's."""
+    counts = cfg.routers if kind == "router" else cfg.pipes
+    most, fewest = max(counts), min(counts)
+    return f"{most} {kind}s / {fewest} {kind}{'' if fewest == 1 else 's'}"
 
 
 def rounds_json(reports: Sequence[Report]) -> dict[str, Any]:
@@ -1334,10 +1387,14 @@ def render(report: Report) -> Table:
         table.add_column(p.name, justify="right", no_wrap=True)
     for name in ratios:
         table.add_column(f"{name} / pipe", justify="right", no_wrap=True)
+    same = report.same_count_ratios()
+    for name in same:
+        table.add_column(name, justify="right", no_wrap=True)
+    columns = [*ratios.values(), *same.values()]
 
     def row(label: str, get: Any, fmt: str = "{:,.0f}", ratio_key: str | None = None) -> None:
         cells = [_f(get(p), fmt) for p in phases]
-        cells += [_f(ratios[n].get(ratio_key) if ratio_key else None, "{:.2f}x") for n in ratios]
+        cells += [_f(r.get(ratio_key) if ratio_key else None, "{:.2f}x") for r in columns]
         table.add_row(label, *cells)
 
     row("drain rate (jobs/s)", lambda p: p.drain_rate, ratio_key="drain_rate")
@@ -1364,8 +1421,8 @@ def render(report: Report) -> Table:
         lambda p: p.background_round_trips_per_s if p.kind == "router" else None, "{:.1f}")  # fmt: skip
     row("batches", lambda p: p.batches if p.kind == "router" else None)
     row("batch work per job (µs)", lambda p: p.batch_us_per_job if p.kind == "router" else None, "{:.1f}")
-    row("CPU s per 1,000 jobs (routers or pipe)", lambda p: p.cpu_s_per_1000, "{:.3f}", "cpu_s_per_1000")
-    row("cores busy during drain (routers or pipe)", lambda p: p.cores_busy, "{:.2f}")
+    row("CPU s per 1,000 jobs (routers or pipes)", lambda p: p.cpu_s_per_1000, "{:.3f}", "cpu_s_per_1000")
+    row("cores busy during drain (routers or pipes)", lambda p: p.cores_busy, "{:.2f}")
     for role, label in (
         ("broker", "broker"),
         ("redis", "Redis"),
@@ -1377,8 +1434,8 @@ def render(report: Report) -> Table:
     return table
 
 
-_SPREAD_LABELS: Final = {"drain_rate": "drain rate / pipe", "steady_rate": "drain rate 10-90% / pipe",
-                         "cpu_s_per_1000": "CPU per job / pipe", "latency_p99": "p99 latency / pipe"}  # fmt: skip
+_SPREAD_LABELS: Final = {"drain_rate": "drain rate", "steady_rate": "drain rate 10-90%",
+                         "cpu_s_per_1000": "CPU per job", "latency_p99": "p99 latency"}  # fmt: skip
 
 
 def render_spread(reports: Sequence[Report]) -> Table:
@@ -1392,7 +1449,12 @@ def render_spread(reports: Sequence[Report]) -> Table:
         table.add_column(col, justify="left" if col in ("figure", "each round") else "right", no_wrap=True)
     for name, figs in spread(reports).items():
         for f, sp in figs.items():
-            label = scaling_label(reports[0].config) if name == "scaling" else f"{name}: {_SPREAD_LABELS[f]}"
+            if name in ("scaling", "pipe scaling"):
+                label = scaling_label(reports[0].config, "router" if name == "scaling" else "pipe")
+            elif " / " in name:  # router xN / pipe xN
+                label = f"{name}: {_SPREAD_LABELS[f]}"
+            else:
+                label = f"{name}: {_SPREAD_LABELS[f]} / pipe"
             values = " ".join(f"{v:.2f}" for v in sp.values)
             if len(sp.values) < n:
                 values += f" ({len(sp.values)} of {n} rounds)"
@@ -1498,6 +1560,9 @@ def command(settings: Settings, cfg: E2EConfig, *, json_out: bool, plot_to: Path
         notes = [f"measured in {took:.0f}s on {report.machine['cpus']} CPUs, {loop} event loop"]
         if sc is not None and cfg.repeat == 1:
             notes.append(f"{scaling_label(cfg)}: {sc:.2f}x")
+        psc = report.pipe_scaling()
+        if psc is not None and cfg.repeat == 1:
+            notes.append(f"{scaling_label(cfg, 'pipe')}: {psc:.2f}x")
         if cfg.repeat > 1:
             notes.append(f"the table above is round {len(reports)} of {cfg.repeat}")
         console.print("; ".join(notes))
@@ -1534,9 +1599,11 @@ def print_profiles(console: Console, folder: Path) -> None:
 # --- the bare pipe (hidden entry point) -------------------------------------------------------------------
 
 
-async def pipe(settings: Settings, source: str, targets: Sequence[str], partitions: int) -> None:
+async def pipe(settings: Settings, source: str, targets: Sequence[str], partitions: int,
+               ready: Path | None = None) -> None:  # fmt: skip
     """consume → produce → commit, nothing else: each record to one model topic and partition in turn, every
-    send of a batch enqueued then gathered, one commit per batch. Settings as the router's."""
+    send of a batch enqueued then gathered, one commit per batch. Settings as the router's. ``ready`` is
+    written once the first batch is committed."""
     from router_worker.services import until_signalled
 
     s = settings
@@ -1563,6 +1630,9 @@ async def pipe(settings: Settings, source: str, targets: Sequence[str], partitio
                 offsets[tp] = OffsetAndMetadata(recs[-1].offset + 1, "")
             await asyncio.gather(*futs)
             await consumer.commit(offsets)
+            if ready is not None:
+                await asyncio.to_thread(ready.write_text, "1")
+                ready = None
     finally:
         with contextlib.suppress(Exception):
             await consumer.stop()
@@ -1604,13 +1674,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     pp.add_argument("--source", required=True)
     pp.add_argument("--target", action="append", required=True)
     pp.add_argument("--partitions", type=int, required=True)
+    pp.add_argument("--ready", type=Path, help="a file written once the first batch is committed")
     rp = sub.add_parser("router", help="router-worker run, counting its Redis round trips")
     rp.add_argument("--counters", type=Path, required=True)
     args = ap.parse_args(argv)
     if args.cmd == "pipe":
         s = load_settings()
         run_loop(
-            pipe(s, args.source, args.target, args.partitions), s.event_loop
+            pipe(s, args.source, args.target, args.partitions, args.ready), s.event_loop
         )  # the routers' loop, to be fair
     else:
         counted_router(args.counters)

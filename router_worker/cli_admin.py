@@ -436,6 +436,11 @@ def bench(
                                                "Redis restart, router pause, in turn).")] = 30.0,
     routers: Annotated[str, typer.Option(help="e2e: router process counts to measure, comma-separated.")] = "1,2",
     baseline: Annotated[bool, typer.Option(help="e2e: measure the bare aiokafka pipe too.")] = True,
+    pipes: Annotated[
+        str, typer.Option(help="e2e: bare pipe process counts to measure (one consumer group each), "
+                          "comma-separated; must include 1. A router count with as many pipes is also compared "
+                          "with them.")
+    ] = "1",
     plot: Annotated[
         Path | None, typer.Option(help="e2e: draw drain and latency, router vs pipe, to this PNG "
                                   "(needs matplotlib: pip install 'router-worker[bench]').")
@@ -465,6 +470,7 @@ def bench(
             cfg = E2EConfig(jobs=jobs, heads=int(heads or 100), models=models, regions=regions,
                             payload_bytes=payload_bytes, latency_jobs=latency_jobs, rate=rate,
                             routers=tuple(int(x) for x in routers.split(",") if x.strip()),
+                            pipes=tuple(int(x) for x in pipes.split(",") if x.strip()),
                             strategy=(strategy or ["least_loaded"])[0], baseline=baseline,
                             profile_dir=profile, repeat=repeat)  # fmt: skip
         except ValueError as exc:

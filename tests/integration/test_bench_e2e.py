@@ -34,14 +34,14 @@ def _our_children() -> list[str]:
 
 
 async def test_bench_e2e_reports_every_figure(settings: Settings, tmp_path: Path) -> None:
-    cfg = E2EConfig(jobs=2000, heads=8, latency_jobs=200, drain_timeout_s=40)
+    cfg = E2EConfig(jobs=2000, heads=8, latency_jobs=200, drain_timeout_s=40, pipes=(1, 2))
     report = await run_e2e(settings, cfg)
     doc = json.loads(json.dumps(report.to_json(), allow_nan=False))
 
     assert doc["benchmark"] == "e2e"
     assert doc["offered_rate"] > 0
     phases = doc["phases"]
-    assert set(phases) == {"router_x1", "router_x2", "pipe"}
+    assert set(phases) == {"router_x1", "router_x2", "pipe", "pipe_x2"}
     for name, p in phases.items():
         assert p["complete"], name
         assert p["arrived"] == 2000, name
@@ -69,6 +69,10 @@ async def test_bench_e2e_reports_every_figure(settings: Settings, tmp_path: Path
         # Each half is ±1 ms (the router stamps milliseconds); together they are the whole.
         assert lat["to_router_p50_ms"] + lat["from_router_p50_ms"] <= lat["max_ms"] + 2, name
     assert phases["pipe"]["commands_per_job"] == 0
+    # Two pipes in one group: both joined and committed before the latency run (else a rebalance's stall).
+    assert phases["pipe_x2"]["processes"] == 2
+    assert doc["ratios_same_count"]["router_x2_/_pipe_x2"]["drain_rate"] > 0
+    assert doc["pipe_scaling"] > 0
     assert phases["pipe"]["latency"]["to_router_p50_ms"] is None, "the pipe stamps nothing"
     for name in ("router_x1", "router_x2"):
         ratios = doc["ratios"][name]

@@ -297,3 +297,53 @@ def test_rounds_json_and_table() -> None:
 def test_e2e_config_refuses_no_rounds() -> None:
     with pytest.raises(ValueError, match="repeat"):
         E2EConfig(repeat=0)
+
+
+def _with_pipes() -> Report:
+    phases = [
+        _phase("router x1", "router", 1, 5000.0, 30.0),
+        _phase("router x4", "router", 4, 12000.0, 90.0, cpu_s_per_1000=1.2),
+        _phase("pipe", "pipe", 1, 20000.0, 10.0, cpu_s_per_1000=0.25),
+        _phase("pipe x4", "pipe", 4, 16000.0, 60.0, cpu_s_per_1000=0.4),
+    ]
+    return Report(E2EConfig(jobs=1000, heads=8, routers=(1, 4), pipes=(1, 4)), {"cpus": 16}, "embedded", 1000.0,
+                  phases, 12.0)  # fmt: skip
+
+
+def test_e2e_routers_are_compared_with_one_pipe_and_with_as_many_pipes() -> None:
+    r = _with_pipes()
+    assert r.ratios()["router x4"]["drain_rate"] == pytest.approx(0.6), "the target's ratio: to one pipe"
+    same = r.same_count_ratios()
+    assert set(same) == {"router x4 / pipe x4"}, "one router over one pipe is the ratio above"
+    assert same["router x4 / pipe x4"]["drain_rate"] == pytest.approx(0.75)
+    assert same["router x4 / pipe x4"]["latency_p99"] == pytest.approx(1.5)
+    assert same["router x4 / pipe x4"]["cpu_s_per_1000"] == pytest.approx(3.0)
+    assert r.scaling() == pytest.approx(2.4)
+    assert r.pipe_scaling() == pytest.approx(0.8)
+    back = json.loads(json.dumps(r.to_json(), allow_nan=False))
+    assert back["ratios_same_count"]["router_x4_/_pipe_x4"]["drain_rate"] == pytest.approx(0.75)
+    assert back["pipe_scaling"] == pytest.approx(0.8)
+    out = _printed(render_e2e(r), 40)
+    assert "…" not in out
+    for label in ("pipe x4", "router x4 / pipe", "router x4 / pipe x4", "0.75x"):
+        assert label in out, label
+
+
+def test_spread_of_routers_over_as_many_pipes_and_of_the_pipes_scaling() -> None:
+    rounds = [_with_pipes(), _with_pipes()]
+    sp = spread(rounds)
+    assert sp["router x4 / pipe x4"]["drain_rate"].values == pytest.approx((0.75, 0.75))
+    assert sp["pipe scaling"]["drain_rate"].median == pytest.approx(0.8)
+    out = _printed(render_spread(rounds), 60)
+    assert "…" not in out
+    for text in ("router x4 / pipe x4: drain rate", "router x4: drain rate / pipe", "4 pipes / 1 pipe",
+                 "4 routers / 1 router"):  # fmt: skip
+        assert text in out, text
+
+
+def test_e2e_config_refuses_pipes_without_one() -> None:
+    with pytest.raises(ValueError, match="pipes must include 1"):
+        E2EConfig(pipes=(2, 4))
+    with pytest.raises(ValueError, match="at least 1"):
+        E2EConfig(pipes=(0, 1))
+    assert E2EConfig(pipes=(2,), baseline=False).pipes == (2,), "no pipe is measured: nothing to refuse"

@@ -20,7 +20,7 @@ from router_worker.bench_e2e import E2EConfig, Latency, Phase, Report, render_sp
 
 
 def _phase(kind: str, procs: int, rate: float, *, complete: bool = True, lat: bool = True) -> Phase:
-    name = f"router x{procs}" if kind == "router" else "pipe"
+    name = be.phase_name(kind, procs)
     latency = Latency(500.0, 500.0, 10, 10, 5.0, 10.0, 12.0, 13.0, [1.0]) if lat and complete else None
     return Phase(
         name=name, kind=kind, processes=procs, jobs=1000, arrived=1000 if complete else 400, complete=complete,
@@ -174,3 +174,22 @@ def test_without_a_pipe_the_spread_says_it_is_scaling_only(monkeypatch: pytest.M
     out = buf.getvalue()
     assert "scaling (no pipe measured)" in out
     assert "2 routers / 1 router" in out
+
+
+def test_pipes_alternate_with_the_routers_and_come_after_them_in_the_report(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    fake = Fake()
+    fake.install(monkeypatch)
+    reports = _run(E2EConfig(jobs=1000, heads=8, routers=(1, 2), pipes=(1, 2), repeat=2))
+    assert [c[:2] for c in fake.calls[:4]] == [("router", 1), ("router", 2), ("pipe", 1), ("pipe", 2)]
+    assert [c[:2] for c in fake.calls[4:]] == [("pipe", 1), ("pipe", 2), ("router", 1), ("router", 2)]
+    assert [p.name for p in reports[1].phases] == ["router x1", "router x2", "pipe", "pipe x2"]
+    assert set(reports[1].same_count_ratios()) == {"router x2 / pipe x2"}
+
+
+def test_no_baseline_measures_no_pipe(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = Fake()
+    fake.install(monkeypatch)
+    _run(E2EConfig(jobs=1000, heads=8, routers=(1,), pipes=(1, 2), baseline=False))
+    assert [c[:2] for c in fake.calls] == [("router", 1)]

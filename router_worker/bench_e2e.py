@@ -30,7 +30,10 @@ Method (every phase on fresh topics, a fresh Redis key prefix and a fresh consum
    warmed up until every process routes; then ``--latency-jobs`` jobs are sent at a fixed rate (``--rate``,
    default half the one-router drain rate, the same for every phase), each stamped with its send time in a
    header (passed through by router and pipe alike); the consumer (5 ms fetch wait) takes the arrival time
-   when it first reads the record: produce-to-arrival p50/p99/p99.9.
+   when it first reads the record: produce-to-arrival p50/p99/p99.9. A router's jobs are split at its
+   ``x-route-decided-at`` stamp (sent to read, read to arrived), and each counted router times when its
+   batches' publishes are acknowledged: read to acknowledged is the router's part (its loop, the batch ahead,
+   its produce round trip), the rest the broker making the record visible and the consumer's fetch.
 6. **Baseline.** The same steps for a bare aiokafka consume → produce → commit pipe (``python -m
    router_worker.bench_e2e pipe``): one process, the same broker, topics, partitions, job sizes, producer and
    consumer settings, batch size; no decoding, no Redis. The router's figures are printed as ratios to it.
@@ -46,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import itertools
 import json
@@ -618,6 +622,32 @@ def _read_counter(path: Path, remove: bool = False) -> tuple[int, int] | None:
         return None
 
 
+async def read_acks(
+    kids: Sequence[Child], workdir: Path, since_ms: float, within_s: float = 3.0
+) -> list[float]:
+    """Each routed job's read-to-acknowledged time (ms), over the counted routers: see :func:`acked_ms`."""
+    out: list[float] = []
+    for c in kids:
+        if not c.admin_port:
+            continue
+        path = workdir / f"{c.name}.json"
+        if await read_round_trips(c, path, within_s) is None:
+            continue
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            out += acked_ms(json.loads(path.read_text())["acks"], since_ms)
+    return sorted(out)
+
+
+def acked_ms(acks: Sequence[Sequence[float]], since_ms: float) -> list[float]:
+    """From a counted router's (batch stamp ms, last ack ms, jobs routed): one read-to-acknowledged value per
+    job, for the batches stamped at or after ``since_ms`` (the timed run's, not the warm-up's)."""
+    out: list[float] = []
+    for stamp, acked, n in acks:
+        if stamp >= since_ms:
+            out += [acked - stamp] * int(n)
+    return out
+
+
 async def _router_counters(kids: Sequence[Child], workdir: Path) -> tuple[int, int, int] | None:
     """(Redis round trips in batches, outside batches, batches) summed over the routers ((0, 0, 0) for the pipe);
     None while a router does not answer on its admin port yet (its counter may not be installed: a signal would
@@ -727,6 +757,12 @@ class Latency:
     """Read to arrived: decode, claim and plan, the batch ahead's acknowledgements, the job's own publish, the
     model topic."""
     from_router_p99_ms: float = float("nan")
+    acked_p50_ms: float = float("nan")
+    """Read to acknowledged (routers only, per job: its batch's stamp to the broker's last ack of the batch's
+    publishes, as each router timed it): decode, claim and plan, the batch ahead's acknowledgements, the job's
+    own produce round trip. From there to arrived is the broker making it visible and the counting consumer's
+    fetch."""
+    acked_p99_ms: float = float("nan")
 
 
 @dataclass(slots=True)
@@ -1051,12 +1087,14 @@ async def _latency(kind: str, procs: int, base: Settings, redis: Redis, cfg: E2E
                     arr.latencies_ns.clear()
                     arr.splits_ms.clear()
                     before = arr.count
+                    since_ms = time.time() * 1000.0
                     achieved = await _until(
                         offered_load(lay, cfg.latency_jobs, rate, cfg.payload_bytes, tag), watch
                     )
                     await _until(
                         arr.wait_for(before + cfg.latency_jobs, 15.0 + cfg.latency_jobs / rate), watch
                     )
+                    acked = await read_acks(kids, workdir, since_ms)
                 finally:
                     watch.cancel()
     finally:
@@ -1066,7 +1104,7 @@ async def _latency(kind: str, procs: int, base: Settings, redis: Redis, cfg: E2E
     from_router = sorted(b for _, b in arr.splits_ms)
     lat = Latency(rate, achieved, cfg.latency_jobs, len(ms), _pct(ms, 0.5), _pct(ms, 0.99), _pct(ms, 0.999),
                   ms[-1] if ms else float("nan"), ms, _pct(to_router, 0.5), _pct(to_router, 0.99),
-                  _pct(from_router, 0.5), _pct(from_router, 0.99))  # fmt: skip
+                  _pct(from_router, 0.5), _pct(from_router, 0.99), _pct(acked, 0.5), _pct(acked, 0.99))  # fmt: skip
     say(f"[dim]{name}: latency at {rate:,.0f} jobs/s (new processes, fresh topics): p50 {lat.p50_ms:.1f} ms, "
         f"p99 {lat.p99_ms:.1f} ms[/]")  # fmt: skip
     return lat
@@ -1414,6 +1452,8 @@ def render(report: Report) -> Table:
         p.latency.to_router_p99_ms) if p.latency and p.kind == "router" else None, "{}")  # fmt: skip
     row("  read by the router to arrived p50 / p99 (ms)", lambda p: _pair(p.latency.from_router_p50_ms,
         p.latency.from_router_p99_ms) if p.latency and p.kind == "router" else None, "{}")  # fmt: skip
+    row("    of which read to acknowledged by the broker p50 / p99 (ms)", lambda p: _pair(p.latency.acked_p50_ms,
+        p.latency.acked_p99_ms) if p.latency and p.kind == "router" else None, "{}")  # fmt: skip
     row("Redis commands per job", lambda p: p.commands_per_job if p.kind == "router" else None, "{:.2f}")
     row("Redis round trips per batch", lambda p: p.round_trips_per_batch if p.kind == "router" else None,
         "{:.2f}")  # fmt: skip
@@ -1640,6 +1680,29 @@ async def pipe(settings: Settings, source: str, targets: Sequence[str], partitio
             await producer.stop()
 
 
+ACKS_KEPT = 100_000
+"""Batches whose acknowledgement time a counted router keeps (the newest)."""
+
+
+def _time_acks() -> collections.deque[tuple[int, float, int]]:
+    """Wrap ``Router.start`` so that each batch's publish, once done, records (the batch's stamp in ms, when its
+    last ack came in ms, jobs it routed): what the latency split reads back."""
+    from router_worker.pipeline.router import Router
+
+    acks: collections.deque[tuple[int, float, int]] = collections.deque(maxlen=ACKS_KEPT)
+    start = Router.start
+
+    def timed(self: Router, b: Any, consumer: Any, producer: Any) -> Any:
+        f = start(self, b, consumer, producer)
+        routed = sum(1 for o in b.plan.outcomes if o.send is not None)
+        if routed:
+            f.publishing.add_done_callback(lambda _t: acks.append((b.now, time.time() * 1000.0, routed)))
+        return f
+
+    Router.start = timed  # type: ignore[method-assign]
+    return acks
+
+
 def counted_router(counters: Path) -> None:
     """``router-worker run``, unchanged, with counters added: every request this process writes to Redis
     (``send_packed_command``: a command, a whole pipeline, a script call, a health-check PING) is one round
@@ -1649,10 +1712,12 @@ def counted_router(counters: Path) -> None:
 
     counted = RoundTrips()
     counted.install()
+    acks = _time_acks()
 
     def dump(_signum: int, _frame: object) -> None:
         tmp = counters.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"round_trips": counted.in_batches, "background": counted.outside}))
+        tmp.write_text(json.dumps({"round_trips": counted.in_batches, "background": counted.outside,
+                                   "acks": list(acks)}))  # fmt: skip
         os.replace(tmp, counters)
 
     signal.signal(signal.SIGUSR1, dump)

@@ -66,6 +66,8 @@ async def test_bench_e2e_reports_every_figure(settings: Settings, tmp_path: Path
         lat = p["latency"]
         assert lat["to_router_p50_ms"] is not None, f"{name}: the router's own stamp splits each job's time"
         assert lat["from_router_p50_ms"] is not None, name
+        assert lat["acked_p50_ms"] is not None, f"{name}: each router timed its batches' acknowledgements"
+        assert 0 <= lat["acked_p50_ms"] <= lat["acked_p99_ms"] <= lat["max_ms"] + 2, name
         # Each half is ±1 ms (the router stamps milliseconds); together they are the whole.
         assert lat["to_router_p50_ms"] + lat["from_router_p50_ms"] <= lat["max_ms"] + 2, name
     assert phases["pipe"]["commands_per_job"] == 0

@@ -29,6 +29,7 @@ from router_worker.bench_e2e import (
     _pct,
     _rate_between,
     _sample_before,
+    acked_ms,
     check_plot_available,
     child_env,
     proc_cpu_s,
@@ -347,3 +348,9 @@ def test_e2e_config_refuses_pipes_without_one() -> None:
     with pytest.raises(ValueError, match="at least 1"):
         E2EConfig(pipes=(0, 1))
     assert E2EConfig(pipes=(2,), baseline=False).pipes == (2,), "no pipe is measured: nothing to refuse"
+
+
+def test_read_to_acknowledged_counts_each_job_of_the_timed_batches_only() -> None:
+    acks = [(1000, 1010.0, 5), (2000, 2030.5, 2), (2500, 2504.0, 0), (3000, 3100.0, 1)]
+    got = acked_ms(acks, since_ms=2000)
+    assert sorted(got) == [30.5, 30.5, 100.0], "one value per routed job; warm-up batches before left out"

@@ -78,6 +78,7 @@ from rich.console import Console
 from rich.table import Table
 
 from router_worker.bench import print_table
+from router_worker.clock import now_ms
 from router_worker.core.policy import STRATEGIES, Policy
 from router_worker.localstack import _die_with_parent, free_port
 from router_worker.loop import run as run_loop
@@ -625,10 +626,10 @@ def _read_counter(path: Path, remove: bool = False) -> tuple[int, int] | None:
 async def read_acks(
     kids: Sequence[Child], workdir: Path, since_ms: float, within_s: float = 3.0
 ) -> list[float]:
-    """Each routed job's read-to-acknowledged time (ms), over the counted routers: see :func:`acked_ms`."""
+    """Each job's read-to-acknowledged time (ms), over the counted routers or pipes: see :func:`acked_ms`."""
     out: list[float] = []
     for c in kids:
-        if not c.admin_port:
+        if not c.admin_port and c.ready is None:
             continue
         path = workdir / f"{c.name}.json"
         if await read_round_trips(c, path, within_s) is None:
@@ -751,15 +752,16 @@ class Latency:
     max_ms: float
     samples_ms: list[float] = field(default_factory=list, repr=False)
     to_router_p50_ms: float = float("nan")
-    """Sent to read (routers only: split at ``x-route-decided-at``): the request topic and the router's loop."""
+    """Sent to read (split at ``x-route-decided-at``, which a router stamps and the pipe too): the request topic
+    and the router's (pipe's) loop."""
     to_router_p99_ms: float = float("nan")
     from_router_p50_ms: float = float("nan")
     """Read to arrived: decode, claim and plan, the batch ahead's acknowledgements, the job's own publish, the
     model topic."""
     from_router_p99_ms: float = float("nan")
     acked_p50_ms: float = float("nan")
-    """Read to acknowledged (routers only, per job: its batch's stamp to the broker's last ack of the batch's
-    publishes, as each router timed it): decode, claim and plan, the batch ahead's acknowledgements, the job's
+    """Read to acknowledged (per job: its batch's stamp to the broker's last ack of the batch's publishes, as
+    each router or pipe timed it): decode, claim and plan, the batch ahead's acknowledgements, the job's
     own produce round trip. From there to arrived is the broker making it visible and the counting consumer's
     fetch."""
     acked_p99_ms: float = float("nan")
@@ -940,7 +942,8 @@ def _spawn_group(kind: str, procs: int, lay: Layout, tag: str, workdir: Path, ki
         name = tag if procs == 1 else f"{tag}-{i}"
         ready = workdir / f"{name}.ready"
         args = ["-m", "router_worker.bench_e2e", "pipe", "--source", lay.topics.requests,
-                "--partitions", str(lay.model_partitions), "--ready", str(ready)]  # fmt: skip
+                "--partitions", str(lay.model_partitions), "--ready", str(ready),
+                "--counters", str(workdir / f"{name}.json")]  # fmt: skip
         for m in lay.models:
             args += ["--target", lay.topics.model(m)]
         kids.append(_spawn(name, args, env, workdir))
@@ -1448,12 +1451,12 @@ def render(report: Report) -> Table:
         "latency_p99")  # fmt: skip
     row(f"produce-to-arrival p99.9 (ms) {lat}", lambda p: p.latency.p999_ms if p.latency else None, "{:.1f}",
         "latency_p999")  # fmt: skip
-    row("  sent to read by the router p50 / p99 (ms)", lambda p: _pair(p.latency.to_router_p50_ms,
-        p.latency.to_router_p99_ms) if p.latency and p.kind == "router" else None, "{}")  # fmt: skip
-    row("  read by the router to arrived p50 / p99 (ms)", lambda p: _pair(p.latency.from_router_p50_ms,
-        p.latency.from_router_p99_ms) if p.latency and p.kind == "router" else None, "{}")  # fmt: skip
+    row("  sent to read by the router (pipe) p50 / p99 (ms)", lambda p: _pair(p.latency.to_router_p50_ms,
+        p.latency.to_router_p99_ms) if p.latency else None, "{}")  # fmt: skip
+    row("  read by the router (pipe) to arrived p50 / p99 (ms)", lambda p: _pair(p.latency.from_router_p50_ms,
+        p.latency.from_router_p99_ms) if p.latency else None, "{}")  # fmt: skip
     row("    of which read to acknowledged by the broker p50 / p99 (ms)", lambda p: _pair(p.latency.acked_p50_ms,
-        p.latency.acked_p99_ms) if p.latency and p.kind == "router" else None, "{}")  # fmt: skip
+        p.latency.acked_p99_ms) if p.latency else None, "{}")  # fmt: skip
     row("Redis commands per job", lambda p: p.commands_per_job if p.kind == "router" else None, "{:.2f}")
     row("Redis round trips per batch", lambda p: p.round_trips_per_batch if p.kind == "router" else None,
         "{:.2f}")  # fmt: skip
@@ -1640,13 +1643,25 @@ def print_profiles(console: Console, folder: Path) -> None:
 
 
 async def pipe(settings: Settings, source: str, targets: Sequence[str], partitions: int,
-               ready: Path | None = None) -> None:  # fmt: skip
+               ready: Path | None = None, counters: Path | None = None) -> None:  # fmt: skip
     """consume → produce → commit, nothing else: each record to one model topic and partition in turn, every
     send of a batch enqueued then gathered, one commit per batch. Settings as the router's. ``ready`` is
-    written once the first batch is committed."""
+    written once the first batch is committed. Like a router, it stamps each record with when it read its
+    batch and times the batch's acknowledgements (written to ``counters`` on SIGUSR1), so both split their
+    latency the same way."""
     from router_worker.services import until_signalled
 
     s = settings
+    acks: collections.deque[tuple[int, float, int]] = collections.deque(maxlen=ACKS_KEPT)
+    if counters is not None:
+        path = counters
+
+        def dump(_signum: int, _frame: object) -> None:
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"round_trips": 0, "background": 0, "acks": list(acks)}))
+            os.replace(tmp, path)
+
+        signal.signal(signal.SIGUSR1, dump)
     producer = make_producer(s)
     consumer = make_consumer(s, source, group_id=s.group_id)
     stopped = await until_signalled()
@@ -1661,14 +1676,17 @@ async def pipe(settings: Settings, source: str, targets: Sequence[str], partitio
                 continue
             futs = []
             offsets = {}
+            read_ms = now_ms()
+            stamp = (DECIDED_HEADER, str(read_ms).encode())
             for tp, recs in batch.items():
                 for r in recs:
                     topic, partition = targets[i % nt], (i // nt) % partitions
                     futs.append(await producer.send(topic, r.value, key=r.key, partition=partition,
-                                                    headers=list(r.headers)))  # fmt: skip
+                                                    headers=[*r.headers, stamp]))  # fmt: skip
                     i += 1
                 offsets[tp] = OffsetAndMetadata(recs[-1].offset + 1, "")
             await asyncio.gather(*futs)
+            acks.append((read_ms, time.time() * 1000.0, len(futs)))
             await consumer.commit(offsets)
             if ready is not None:
                 await asyncio.to_thread(ready.write_text, "1")
@@ -1740,13 +1758,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     pp.add_argument("--target", action="append", required=True)
     pp.add_argument("--partitions", type=int, required=True)
     pp.add_argument("--ready", type=Path, help="a file written once the first batch is committed")
+    pp.add_argument("--counters", type=Path, help="where SIGUSR1 writes the batches' acknowledgement times")
     rp = sub.add_parser("router", help="router-worker run, counting its Redis round trips")
     rp.add_argument("--counters", type=Path, required=True)
     args = ap.parse_args(argv)
     if args.cmd == "pipe":
         s = load_settings()
         run_loop(
-            pipe(s, args.source, args.target, args.partitions, args.ready), s.event_loop
+            pipe(s, args.source, args.target, args.partitions, args.ready, args.counters), s.event_loop
         )  # the routers' loop, to be fair
     else:
         counted_router(args.counters)

@@ -75,7 +75,10 @@ async def test_bench_e2e_reports_every_figure(settings: Settings, tmp_path: Path
     assert phases["pipe_x2"]["processes"] == 2
     assert doc["ratios_same_count"]["router_x2_/_pipe_x2"]["drain_rate"] > 0
     assert doc["pipe_scaling"] > 0
-    assert phases["pipe"]["latency"]["to_router_p50_ms"] is None, "the pipe stamps nothing"
+    for name in ("pipe", "pipe_x2"):  # the pipes stamp and time their batches as the routers do
+        lat = phases[name]["latency"]
+        assert lat["to_router_p50_ms"] is not None, name
+        assert lat["acked_p50_ms"] is not None, name
     for name in ("router_x1", "router_x2"):
         ratios = doc["ratios"][name]
         for key in (

@@ -72,6 +72,7 @@ from typing import Any, Final, cast
 
 import msgpack
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import CommitFailedError, IllegalStateError
 from aiokafka.structs import OffsetAndMetadata
 from redis.asyncio import Redis
 from rich.console import Console
@@ -138,6 +139,8 @@ class E2EConfig:
             raise ValueError(
                 "jobs, heads, models, regions, latency-jobs, repeat, routers and pipes must be at least 1"
             )
+        if len(set(self.routers)) != len(self.routers) or len(set(self.pipes)) != len(self.pipes):
+            raise ValueError("routers and pipes: each count once")
         if self.baseline and 1 not in self.pipes:
             raise ValueError("pipes must include 1: the routers' ratios are to one pipe")
         if self.regions > len(REGIONS):
@@ -941,6 +944,7 @@ def _spawn_group(kind: str, procs: int, lay: Layout, tag: str, workdir: Path, ki
     for i in range(procs):
         name = tag if procs == 1 else f"{tag}-{i}"
         ready = workdir / f"{name}.ready"
+        ready.unlink(missing_ok=True)  # an earlier round's pipe of that name wrote it
         args = ["-m", "router_worker.bench_e2e", "pipe", "--source", lay.topics.requests,
                 "--partitions", str(lay.model_partitions), "--ready", str(ready),
                 "--counters", str(workdir / f"{name}.json")]  # fmt: skip
@@ -1577,6 +1581,10 @@ def command(settings: Settings, cfg: E2EConfig, *, json_out: bool, plot_to: Path
     is raised."""
     if plot_to is not None:
         check_plot_available()
+    most = max(*cfg.routers, *(cfg.pipes if cfg.baseline else ()))
+    if most > settings.requests_partitions:
+        raise BenchError(f"{most} processes in one group over {settings.requests_partitions} request partitions: "
+                         "some would never consume (set ROUTER_REQUESTS_PARTITIONS)")  # fmt: skip
     failed: RoundsFailed | None = None
     try:
         reports = run_loop(
@@ -1687,7 +1695,10 @@ async def pipe(settings: Settings, source: str, targets: Sequence[str], partitio
                 offsets[tp] = OffsetAndMetadata(recs[-1].offset + 1, "")
             await asyncio.gather(*futs)
             acks.append((read_ms, time.time() * 1000.0, len(futs)))
-            await consumer.commit(offsets)
+            try:
+                await consumer.commit(offsets)
+            except (CommitFailedError, IllegalStateError):
+                continue  # the group rebalanced (pipes in one group): the partition's next owner reads it again
             if ready is not None:
                 await asyncio.to_thread(ready.write_text, "1")
                 ready = None

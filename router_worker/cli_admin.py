@@ -466,6 +466,10 @@ def bench(
     if what == "e2e":
         from router_worker.bench_e2e import BenchError, E2EConfig, command
 
+        if not baseline and pipes.strip() != "1":
+            err.print("[red]error:[/] --pipes measures bare pipes: it can not go with --no-baseline")
+            raise typer.Exit(2)
+
         try:
             cfg = E2EConfig(jobs=jobs, heads=int(heads or 100), models=models, regions=regions,
                             payload_bytes=payload_bytes, latency_jobs=latency_jobs, rate=rate,

@@ -1,6 +1,6 @@
 """Review of ``bench e2e --pipes``: N bare pipes in one group, their ready files, their acknowledgement times and
 the router-over-as-many-pipes ratios. Unit level: fake children, fake phases, fake Kafka clients (no broker, no
-Redis). Each ``xfail(strict=True)`` test shows a bug: it passes while the bug is there and fails once fixed."""
+Redis). Each test of a bug the review found was xfail (strict) until its fix."""
 
 from __future__ import annotations
 
@@ -93,14 +93,6 @@ def test_rounds_share_one_workdir_and_the_latency_pipes_one_tag(monkeypatch: pyt
     assert len({c[2] for c in calls}) == 1, "one workdir for every round"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="_spawn_group never removes a pipe's ready file, and its name (workdir/pipe2lat-0.ready) is the same "
-    "in every round: from round 2 on the latency warm-up sees round 1's files and ends before this round's "
-    "pipes have joined and committed (a late joiner then rebalances the group during the timed run, and "
-    "read_acks may SIGUSR1 a pipe that has not installed its handler yet)",
-)
 def test_a_ready_file_left_by_an_earlier_round_does_not_end_this_round_s_warm_up(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
@@ -136,12 +128,6 @@ def test_a_ready_file_left_by_an_earlier_round_does_not_end_this_round_s_warm_up
 # --- 2. duplicate counts ----------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="--pipes 1,1 is accepted: the one-pipe phase runs twice, the report lists the same Phase twice (two "
-    "'pipe' columns) and pipe_scaling() divides it by itself: '1 pipes / 1 pipe: 1.00x'",
-)
 def test_duplicate_pipe_counts_are_refused_or_measured_once(monkeypatch: pytest.MonkeyPatch) -> None:
     try:
         cfg = E2EConfig(jobs=1000, heads=8, routers=(1,), pipes=(1, 1))
@@ -157,13 +143,6 @@ def test_duplicate_pipe_counts_are_refused_or_measured_once(monkeypatch: pytest.
 # --- 3. more pipes than the request topic has partitions --------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="nothing checks --pipes against requests_partitions: a pipe beyond them gets no partition, never "
-    "writes its ready file, and the latency warm-up fails after 90 s ('did not start routing'), after the "
-    "drains already ran; round 1 failing loses every phase's figures",
-)
 def test_more_pipes_than_request_partitions_are_refused_before_any_phase(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -233,14 +212,6 @@ class _Consumer:
             raise CommitFailedError("the group has already rebalanced")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="the pipe does not survive a commit refused after a rebalance (CommitFailedError, or "
-    "IllegalStateError for a partition no longer assigned): with --pipes N>1 in one group it exits, _watch "
-    "raises BenchError and the whole run fails; the router logs and goes on (Router._closed) and settles its "
-    "batch before partitions move (_Rebalance)",
-)
 def test_a_pipe_in_a_group_survives_a_commit_refused_after_a_rebalance(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -267,12 +238,6 @@ def test_a_pipe_in_a_group_survives_a_commit_refused_after_a_rebalance(
 # --- 5. --pipes with --no-baseline ------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="bench e2e --no-baseline --pipes 1,4 runs without a word: the pipe counts asked for are dropped "
-    "(run_rounds measures pipes only with baseline)",
-)
 def test_cli_pipes_without_baseline_is_refused_or_said(monkeypatch: pytest.MonkeyPatch) -> None:
     from router_worker import cli_admin
     from router_worker.cli import app

@@ -30,10 +30,11 @@ Method (every phase on fresh topics, a fresh Redis key prefix and a fresh consum
    warmed up until every process routes; then ``--latency-jobs`` jobs are sent at a fixed rate (``--rate``,
    default half the one-router drain rate, the same for every phase), each stamped with its send time in a
    header (passed through by router and pipe alike); the consumer (5 ms fetch wait) takes the arrival time
-   when it first reads the record: produce-to-arrival p50/p99/p99.9. A router's jobs are split at its
-   ``x-route-decided-at`` stamp (sent to read, read to arrived), and each counted router times when its
-   batches' publishes are acknowledged: read to acknowledged is the router's part (its loop, the batch ahead,
-   its produce round trip), the rest the broker making the record visible and the consumer's fetch.
+   when it first reads the record: produce-to-arrival p50/p99/p99.9. Each job is split at the
+   ``x-route-decided-at`` stamp its router (or pipe: it stamps the same header) put on it when it read its batch
+   (sent to read, read to arrived), and each counted router and pipe times when its batches' publishes are
+   acknowledged: read to acknowledged is its own part (its loop, the batch ahead, its produce round trip), the
+   rest the broker making the record visible and the consumer's fetch.
 6. **Baseline.** The same steps for a bare aiokafka consume → produce → commit pipe (``python -m
    router_worker.bench_e2e pipe``): one process, the same broker, topics, partitions, job sizes, producer and
    consumer settings, batch size; no decoding, no Redis. The router's figures are printed as ratios to it.

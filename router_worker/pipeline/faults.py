@@ -24,6 +24,8 @@ import asyncio
 import logging
 import random
 from collections import Counter as Tally
+from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -161,6 +163,11 @@ class _Needs:
     buckets: list[list[str]] = field(default_factory=list)
 
 
+RESERVED_MAX = 20_000
+"""Admission verdicts kept for records not yet settled (past it, the oldest: such a record read again takes a
+second token, as every record did before verdicts were kept)."""
+
+
 class FaultGate:
     def __init__(self, settings: Settings, redis: Redis, keys: Keys, audit: AuditSink, registry: CollectorRegistry,
                  router_id: str, state: StateCache, memory: RouterMemory, retry_topics: frozenset[str],
@@ -190,6 +197,13 @@ class FaultGate:
         self._shown: set[str] = set()
         self.verdicts: dict[str, Admission] = {}
         """The batch's admission verdicts (claim key -> verdict), for the plan."""
+        self.reserved: OrderedDict[str, Admission] = OrderedDict()
+        """Verdicts of records this router scheduled that no batch has settled yet (a hold cut their partition
+        short, their publish stayed unsent, their batch was rewound): read again, a record keeps its token
+        instead of taking another. The newest :data:`RESERVED_MAX` are kept."""
+        self.spent: OrderedDict[str, None] = OrderedDict()
+        """Records acknowledged in a batch whose partition was then rewound (a publish beside them stayed unsent,
+        or raised): read again they are duplicates, and take no token. The newest :data:`RESERVED_MAX`."""
 
     def scripts(self) -> tuple[LoadedScript, ...]:
         """The scripts a batch's fault state runs (breaker reads and writes, admission)."""
@@ -248,6 +262,7 @@ class FaultGate:
         needs = _Needs()
         adm = policy.admission
         active = adm.active
+        kept, spent = self.reserved, self.spent
         for _, items in parts:
             for inc in items:
                 job = inc.job
@@ -259,6 +274,13 @@ class FaultGate:
                         verdicts[inc.claim_key] = Admission(reserved, throttle_trips(inc.headers))
                         continue
                 if not active:
+                    continue
+                if kept:
+                    verdict = kept.get(inc.claim_key)
+                    if verdict is not None:  # read again before it was settled: its token is taken already
+                        verdicts[inc.claim_key] = verdict
+                        continue
+                if spent and inc.claim_key in spent:  # a duplicate: it goes nowhere
                     continue
                 wanted = []
                 tl = adm.tenant_limit(job.tenant)
@@ -276,6 +298,28 @@ class FaultGate:
                     needs.buckets.append(wanted)
                     verdicts[inc.claim_key] = Admission(now)
         return needs
+
+    def reserve(self, key: str, verdict: Admission) -> None:
+        """A record's token was scheduled: keep its verdict until a batch settles the record."""
+        kept = self.reserved
+        kept[key] = verdict
+        if len(kept) > RESERVED_MAX:
+            kept.popitem(last=False)
+
+    def settled(self, keys: Iterable[str]) -> None:
+        """These records are settled (acknowledged, dead-lettered, duplicates): forget their tokens."""
+        kept = self.reserved
+        if kept:
+            for key in keys:
+                kept.pop(key, None)
+
+    def spend(self, keys: Iterable[str]) -> None:
+        """These records were acknowledged, and their partition rewound: read again, they take no token."""
+        spent = self.spent
+        for key in keys:
+            spent[key] = None
+        while len(spent) > RESERVED_MAX:
+            spent.popitem(last=False)
 
     async def _judge(self, read: dict[str, Breaker], cfg: BreakerConfig, now: int) -> None:
         """Evaluate what was read; write transitions and probe leases by compare-and-set; audit what won."""
@@ -493,7 +537,8 @@ class FaultRide:
         res = self._replies
         if self.needs.keys:
             for key, t in zip(self.needs.keys, res[self._at_sched], strict=True):
-                self.verdicts[key] = Admission(int(t))
+                self.verdicts[key] = verdict = Admission(int(t))
+                g.reserve(key, verdict)
         if self.read:
             g.feed -= Tally(self._feed)
             g._seen_refresh = self._refresh

@@ -571,7 +571,9 @@ class Router:
         b, p = f.batch, f.batch.plan
         self._log_bad(p)
         self._marked_seq = b.seq
-        await self._mark([o for o in p.outcomes if o.final])
+        settled = [o for o in p.outcomes if o.final]
+        self.faults.settled(o.src.claim_key for o in settled)  # their admission tokens are spent
+        await self._mark(settled)
         self._count(
             p, b.t_batch
         )  # what the broker acknowledged happened, whether or not the commit goes through
@@ -593,14 +595,18 @@ class Router:
 
     def _remember_settled(self, b: _Prepared, tps: set[TopicPartition]) -> None:
         settled = self._settled
-        for key in _acknowledged_keys(b, tps):
+        keys = _acknowledged_keys(b, tps)
+        self.faults.spend(keys)
+        for key in keys:
             settled[key] = b.seq
         if len(settled) > _SETTLED_MAX:  # the newest kept (a long Redis outage with many rewinds)
             self._settled = dict(list(settled.items())[-_SETTLED_MAX:])
 
     def _remember_unmarked(self, b: _Prepared) -> None:
         unmarked = self._unmarked
-        for key in _acknowledged_keys(b, {tp for tp, _ in b.parts}):
+        keys = _acknowledged_keys(b, {tp for tp, _ in b.parts})
+        self.faults.spend(keys)
+        for key in keys:
             unmarked[key] = None
         while len(unmarked) > _SETTLED_MAX:
             unmarked.popitem(last=False)
@@ -613,9 +619,8 @@ class Router:
 
     async def _claim(self, parts: Parts, now: int) -> dict[str, Claim]:
         """Claims for the batch's keys and the pins of its sessions; nothing while Redis is unreachable."""
-        ride = self.faults.ride(
-            parts, now
-        )  # breakers and admission (keys of waited jobs set first), on this trip
+        # breakers and admission (keys of waited jobs set first), on this trip
+        ride = self.faults.ride(parts, now)
         sessions = sorted({inc.job.session_id for _, items in parts for inc in items
                            if inc.job is not None and inc.job.session_id})  # fmt: skip
         if not self.marks.dedupe and not sessions and not ride.active:

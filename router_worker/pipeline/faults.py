@@ -163,6 +163,14 @@ class _Needs:
     buckets: list[list[str]] = field(default_factory=list)
 
 
+Signature = tuple[tuple[str, Limit], ...]
+"""The buckets a job's token was scheduled in, with their limits."""
+
+
+def signature(wanted: list[str], limits: dict[str, Limit]) -> Signature:
+    return tuple((k, limits[k]) for k in wanted)
+
+
 RESERVED_MAX = 20_000
 """Admission verdicts kept for records not yet settled (past it, the oldest: such a record read again takes a
 second token, as every record did before verdicts were kept)."""
@@ -197,13 +205,15 @@ class FaultGate:
         self._shown: set[str] = set()
         self.verdicts: dict[str, Admission] = {}
         """The batch's admission verdicts (claim key -> verdict), for the plan."""
-        self.reserved: OrderedDict[str, Admission] = OrderedDict()
+        self.reserved: OrderedDict[str, tuple[Admission, Signature]] = OrderedDict()
         """Verdicts of records this router scheduled that no batch has settled yet (a hold cut their partition
-        short, their publish stayed unsent, their batch was rewound): read again, a record keeps its token
-        instead of taking another. The newest :data:`RESERVED_MAX` are kept."""
+        short, their publish stayed unsent, their batch was rewound), with the limits they were scheduled under:
+        read again under the same limits, a record keeps its token instead of taking another. The newest
+        :data:`RESERVED_MAX` are kept."""
         self.spent: OrderedDict[str, None] = OrderedDict()
-        """Records acknowledged in a batch whose partition was then rewound (a publish beside them stayed unsent,
-        or raised): read again they are duplicates, and take no token. The newest :data:`RESERVED_MAX`."""
+        """Records acknowledged in a batch whose partition was then rewound behind them (a publish before them
+        stayed unsent, or the batch raised): the next read of each is a duplicate, and takes no token. Each is
+        forgotten at that read. The newest :data:`RESERVED_MAX`."""
 
     def scripts(self) -> tuple[LoadedScript, ...]:
         """The scripts a batch's fault state runs (breaker reads and writes, admission)."""
@@ -211,11 +221,17 @@ class FaultGate:
 
     # --- before the plan ----------------------------------------------------------------------------------
 
-    def ride(self, parts: Parts, now: int) -> FaultRide:
-        """Restore waited records and work out what the batch needs from Redis: a breaker read (when due) and
-        admission (when limits apply). The commands ride on the batch's claim round trip (``Marks.claim``);
-        :meth:`FaultRide.apply` (or ``failed``) then sets the verdicts and the breaker view."""
+    def restore(self, parts: Parts) -> None:
+        """Records back from an admission wait get their attempt and trip-keyed claims back. Before anything keys
+        on the claims (a forged redrive is unkeyed after this, then admission keys on what is left)."""
         restore_waited(parts, self.retry_topics)
+
+    def ride(self, parts: Parts, now: int, restored: bool = False) -> FaultRide:
+        """Restore waited records (unless ``restored``) and work out what the batch needs from Redis: a breaker
+        read (when due) and admission (when limits apply). The commands ride on the batch's claim round trip
+        (``Marks.claim``); :meth:`FaultRide.apply` (or ``failed``) then sets the verdicts and the breaker view."""
+        if not restored:
+            restore_waited(parts, self.retry_topics)
         self.probes = {h: n for h, n in self.memory.probes.items() if n > 0}  # what the last plan left
         policy = self.state.policy
         cfg = breaker_config(policy, self.s)
@@ -275,12 +291,9 @@ class FaultGate:
                         continue
                 if not active:
                     continue
-                if kept:
-                    verdict = kept.get(inc.claim_key)
-                    if verdict is not None:  # read again before it was settled: its token is taken already
-                        verdicts[inc.claim_key] = verdict
-                        continue
-                if spent and inc.claim_key in spent:  # a duplicate: it goes nowhere
+                key = inc.claim_key
+                if spent and key in spent:  # acknowledged before a rewind: a duplicate now, it goes nowhere
+                    del spent[key]
                     continue
                 wanted = []
                 tl = adm.tenant_limit(job.tenant)
@@ -293,16 +306,26 @@ class FaultGate:
                     k = model_key(job.model_type)
                     needs.limits[k] = ml
                     wanted.append(k)
-                if wanted and inc.claim_key not in verdicts:
+                if kept:
+                    got = kept.get(key)
+                    if got is not None:
+                        if got[1] == signature(
+                            wanted, needs.limits
+                        ):  # read again: its token is taken already
+                            verdicts[key] = got[0]
+                            continue
+                        del kept[key]  # scheduled under limits the policy no longer sets: scheduled anew
+                if wanted and key not in verdicts:
                     needs.keys.append(inc.claim_key)
                     needs.buckets.append(wanted)
                     verdicts[inc.claim_key] = Admission(now)
         return needs
 
-    def reserve(self, key: str, verdict: Admission) -> None:
-        """A record's token was scheduled: keep its verdict until a batch settles the record."""
+    def reserve(self, key: str, verdict: Admission, sig: Signature) -> None:
+        """A record's token was scheduled (under the limits ``sig``): keep its verdict until a batch settles the
+        record."""
         kept = self.reserved
-        kept[key] = verdict
+        kept[key] = (verdict, sig)
         if len(kept) > RESERVED_MAX:
             kept.popitem(last=False)
 
@@ -536,9 +559,10 @@ class FaultRide:
         g = self.gate
         res = self._replies
         if self.needs.keys:
-            for key, t in zip(self.needs.keys, res[self._at_sched], strict=True):
+            limits = self.needs.limits
+            for key, wanted, t in zip(self.needs.keys, self.needs.buckets, res[self._at_sched], strict=True):
                 self.verdicts[key] = verdict = Admission(int(t))
-                g.reserve(key, verdict)
+                g.reserve(key, verdict, signature(wanted, limits))
         if self.read:
             g.feed -= Tally(self._feed)
             g._seen_refresh = self._refresh

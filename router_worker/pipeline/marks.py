@@ -126,12 +126,15 @@ class Marks:
         return (self._claim, self._inflight.loaded)
 
     async def claim(self, parts: Iterable[tuple[Any, Sequence[Incoming]]], sessions: Sequence[str],
-                    rider: Rider | None = None) -> tuple[dict[str, Claim], list[str | None]]:  # fmt: skip
+                    rider: Rider | None = None,
+                    unforged: bool = False) -> tuple[dict[str, Claim], list[str | None]]:  # fmt: skip
         """Claim each key's first record of the batch; read the sessions' pins; queue what ``rider`` needs on
-        the same round trip (it gets the pipeline's replies). Raises on Redis errors."""
+        the same round trip (it gets the pipeline's replies). Raises on Redis errors. ``unforged``: the caller
+        ran :meth:`unforge` on these parts already."""
         first: dict[str, Incoming] = {}
         if self.dedupe:
-            await self._unforge(parts)
+            if not unforged:
+                await self.unforge(parts)
             for _, items in parts:
                 for inc in items:
                     first.setdefault(inc.claim_key, inc)
@@ -173,7 +176,7 @@ class Marks:
         pins = cast(list[str | None], res[at_pins]) if sessions else []
         return claims, pins
 
-    async def _unforge(self, parts: Iterable[tuple[Any, Sequence[Incoming]]]) -> None:
+    async def unforge(self, parts: Iterable[tuple[Any, Sequence[Incoming]]]) -> None:
         """A redriven job is keyed within its redrive (``jr|``) only if that redrive exists: an ``x-redrive``
         header a producer wrote by hand would otherwise open a fresh key, and route a job that was routed
         already. One more round trip, only for a batch that holds redriven jobs (rare)."""

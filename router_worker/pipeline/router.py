@@ -120,6 +120,14 @@ class _Prepared:
         return dropped
 
 
+def _settled_keys(b: _Prepared, settled: list[Outcome]) -> list[str]:
+    """Claim keys of the settled outcomes that no other record of the batch shares unsettled (a copy of the job
+    behind a hold, or whose publish stayed unsent, is read again with that key)."""
+    done = {id(o.src) for o in settled}
+    still = {inc.claim_key for _, items in b.parts for inc in items if id(inc) not in done}
+    return [k for o in settled if (k := o.src.claim_key) not in still]
+
+
 def _acknowledged_keys(b: _Prepared, tps: set[TopicPartition]) -> list[str]:
     """Claim keys of the batch's records on ``tps`` that were published and acknowledged. Not a duplicate within
     the batch: it is "final" with nothing sent, and its key is its first copy's, maybe the very record unsent."""
@@ -562,6 +570,11 @@ class Router:
             self._apply_holds(consumer, p.holds[before:])
             rewound = {h.tp for h in p.holds[before:]}
             self._remember_settled(b, rewound)
+            from_offset: dict[TopicPartition, int] = {}
+            for h in p.holds[before:]:
+                from_offset[h.tp] = min(h.offset, from_offset.get(h.tp, h.offset))
+            self.faults.spend(o.src.claim_key for o in p.outcomes if o.final and o.send is not None
+                              and o.src.tp in from_offset and o.src.offset >= from_offset[o.src.tp])  # fmt: skip
         else:
             self._unsent_streak = 0
         return rewound
@@ -572,7 +585,8 @@ class Router:
         self._log_bad(p)
         self._marked_seq = b.seq
         settled = [o for o in p.outcomes if o.final]
-        self.faults.settled(o.src.claim_key for o in settled)  # their admission tokens are spent
+        if self.faults.reserved:  # their admission tokens are spent, unless a copy of the job is still to go
+            self.faults.settled(_settled_keys(b, settled))
         await self._mark(settled)
         self._count(
             p, b.t_batch
@@ -595,9 +609,7 @@ class Router:
 
     def _remember_settled(self, b: _Prepared, tps: set[TopicPartition]) -> None:
         settled = self._settled
-        keys = _acknowledged_keys(b, tps)
-        self.faults.spend(keys)
-        for key in keys:
+        for key in _acknowledged_keys(b, tps):
             settled[key] = b.seq
         if len(settled) > _SETTLED_MAX:  # the newest kept (a long Redis outage with many rewinds)
             self._settled = dict(list(settled.items())[-_SETTLED_MAX:])
@@ -619,15 +631,24 @@ class Router:
 
     async def _claim(self, parts: Parts, now: int) -> dict[str, Claim]:
         """Claims for the batch's keys and the pins of its sessions; nothing while Redis is unreachable."""
-        # breakers and admission (keys of waited jobs set first), on this trip
-        ride = self.faults.ride(parts, now)
+        # Claim keys settle before admission keys on them: a record back from a wait gets its trip's key, then a
+        # forged x-redrive is keyed as the job it is (a round trip, only for a batch holding redriven jobs).
+        self.faults.restore(parts)
+        unforged = False
+        if self.marks.dedupe:
+            try:
+                await self.marks.unforge(parts)
+                unforged = True
+            except (RedisError, OSError):
+                pass  # Redis away: the claims below fail the same way, and say so
+        ride = self.faults.ride(parts, now, restored=True)  # breakers and admission, on this trip
         sessions = sorted({inc.job.session_id for _, items in parts for inc in items
                            if inc.job is not None and inc.job.session_id})  # fmt: skip
         if not self.marks.dedupe and not sessions and not ride.active:
             ride.done()
             return {}
         try:
-            claims, pins = await self.marks.claim(parts, sessions, ride)
+            claims, pins = await self.marks.claim(parts, sessions, ride, unforged=unforged)
         except (RedisError, OSError) as exc:
             if self.health.up:
                 log.warning("Redis unreachable: routing without claims from the last snapshot: %s", exc)

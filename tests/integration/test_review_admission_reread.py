@@ -1,6 +1,6 @@
 """Adversarial review of ef1b739 (a job takes its admission token once: verdicts kept for records read again,
 ``FaultGate.reserved``; keys of records acknowledged before a rewind, ``FaultGate.spent``), on the real broker and
-Redis. Each test reproduces a bug still open and is ``xfail(strict=True)``: it passes while the bug is there.
+Redis. Each test reproduced a bug the review found (``xfail(strict=True)`` until its fix).
 
 Tokens are counted from the tenant's bucket: with a burst far above the jobs sent, each token taken moves the
 bucket's theoretical arrival time (tat) exactly one interval on, so ``(tat - first decision) / interval`` is the
@@ -70,9 +70,6 @@ def _first_decision(served: Served) -> int:
     return min(int(row[4].get("x-route-decided-at", b"0")) for row in served.rows)
 
 
-@pytest.mark.xfail(strict=True, reason="a duplicate of a job in the same batch is final and pops the job's kept "
-                   "verdict (FaultGate.settled in Router._close) while the job itself stayed unsent: read again, "
-                   "the job takes a second token")  # fmt: skip
 async def test_a_job_sent_twice_whose_first_copy_stays_unsent_takes_one_token(
     settings: Settings, redis: Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -101,9 +98,6 @@ async def test_a_job_sent_twice_whose_first_copy_stays_unsent_takes_one_token(
     assert taken < 3.5, f"{taken:.2f} tokens taken for 3 jobs: a was charged again when read again"
 
 
-@pytest.mark.xfail(strict=True, reason="FaultGate.spent is never pruned when its records are settled (only by "
-                   "count, and it grows only on rewinds): a later record with the same claim key that Redis "
-                   "treats as new (done mark lapsed or lost, id sent again) is admitted without a token")  # fmt: skip
 async def test_a_key_kept_as_spent_does_not_exempt_a_later_new_job_with_that_id_from_admission(
     settings: Settings, redis: Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -150,9 +144,6 @@ async def test_a_key_kept_as_spent_does_not_exempt_a_later_new_job_with_that_id_
     )
 
 
-@pytest.mark.xfail(strict=True, reason="a kept verdict is reused whatever the policy says now: a job held behind "
-                   "a busy head keeps the reservation of a tenant limit that was removed meanwhile (before "
-                   "ef1b739 it was scheduled afresh, under the policy in force)")  # fmt: skip
 async def test_a_held_jobs_kept_verdict_does_not_outlive_the_removal_of_its_tenants_limit(
     settings: Settings, redis: Redis
 ) -> None:
@@ -182,9 +173,6 @@ async def test_a_held_jobs_kept_verdict_does_not_outlive_the_removal_of_its_tena
     assert max(int(row[4].get("x-route-decided-at", b"0")) for row in served.rows) - t_lift < 20_000
 
 
-@pytest.mark.xfail(strict=True, reason="pre-existing, beside ef1b739: FaultGate.ride keys verdicts (and now "
-                   "FaultGate.reserved) by the claim key before Marks._unforge rewrites a forged jr| key to j|: "
-                   "the plan finds no verdict and routes the job at once, over its tenant's limit")  # fmt: skip
 async def test_a_forged_x_redrive_header_does_not_escape_the_tenants_admission_limit(
     settings: Settings, redis: Redis
 ) -> None:

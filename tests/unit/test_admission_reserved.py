@@ -17,7 +17,7 @@ def test_verdicts_are_kept_until_settled_and_bounded_newest_first(monkeypatch: p
     monkeypatch.setattr(faults, "RESERVED_MAX", 3)
     g: FaultGate = SimpleNamespace(reserved=OrderedDict(), spent=OrderedDict())  # type: ignore[assignment]
     for i in range(5):
-        FaultGate.reserve(g, f"k{i}", Admission(i))
+        FaultGate.reserve(g, f"k{i}", Admission(i), ())
     assert list(g.reserved) == ["k2", "k3", "k4"], "the oldest go first"
     FaultGate.settled(g, ["k3", "unknown"])
     assert list(g.reserved) == ["k2", "k4"]

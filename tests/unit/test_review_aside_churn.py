@@ -42,7 +42,9 @@ def _plan(
     parts, _ = intake(batch, gaps, RETRY, now, CFG.max_message_bytes)
     restore_waited(parts, RETRY)
     verdicts: dict[str, Admission] = {}
-    FaultGate._admission_needs(SimpleNamespace(retry_topics=RETRY), parts, Policy(), now, verdicts)  # type: ignore[arg-type]
+    FaultGate._admission_needs(
+        SimpleNamespace(retry_topics=RETRY, reserved={}, spent={}), parts, Policy(), now, verdicts
+    )  # type: ignore[arg-type]
     stats = Stats()
     p = plan(parts, claims or {}, HeadIndex.build(heads), Policy(), RouterMemory(), now, now, random.Random(1),
              CFG, stats, verdicts)  # fmt: skip

@@ -172,8 +172,9 @@ def signature(wanted: list[str], limits: dict[str, Limit]) -> Signature:
 
 
 RESERVED_MAX = 20_000
-"""Admission verdicts kept for records not yet settled (past it, the oldest: such a record read again takes a
-second token, as every record did before verdicts were kept)."""
+"""Admission verdicts kept for records not yet settled, and keys kept as spent: at least this many, and at least
+two batches' worth (past it, the oldest go: such a record read again takes a second token, as every record did
+before verdicts were kept)."""
 
 
 class FaultGate:
@@ -209,11 +210,12 @@ class FaultGate:
         """Verdicts of records this router scheduled that no batch has settled yet (a hold cut their partition
         short, their publish stayed unsent, their batch was rewound), with the limits they were scheduled under:
         read again under the same limits, a record keeps its token instead of taking another. The newest
-        :data:`RESERVED_MAX` are kept."""
+        :data:`RESERVED_MAX` (or two batches' worth) are kept."""
         self.spent: OrderedDict[str, None] = OrderedDict()
         """Records acknowledged in a batch whose partition was then rewound behind them (a publish before them
         stayed unsent, or the batch raised): the next read of each is a duplicate, and takes no token. Each is
-        forgotten at that read. The newest :data:`RESERVED_MAX`."""
+        forgotten at that read. The newest :data:`RESERVED_MAX` (or two batches' worth)."""
+        self.kept_max = max(RESERVED_MAX, 2 * settings.batch_max_records)
 
     def scripts(self) -> tuple[LoadedScript, ...]:
         """The scripts a batch's fault state runs (breaker reads and writes, admission)."""
@@ -326,7 +328,7 @@ class FaultGate:
         record."""
         kept = self.reserved
         kept[key] = (verdict, sig)
-        if len(kept) > RESERVED_MAX:
+        if len(kept) > self.kept_max:
             kept.popitem(last=False)
 
     def settled(self, keys: Iterable[str]) -> None:
@@ -341,7 +343,7 @@ class FaultGate:
         spent = self.spent
         for key in keys:
             spent[key] = None
-        while len(spent) > RESERVED_MAX:
+        while len(spent) > self.kept_max:
             spent.popitem(last=False)
 
     async def _judge(self, read: dict[str, Breaker], cfg: BreakerConfig, now: int) -> None:

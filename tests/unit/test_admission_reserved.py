@@ -6,16 +6,12 @@ from __future__ import annotations
 from collections import OrderedDict
 from types import SimpleNamespace
 
-import pytest
-
-import router_worker.pipeline.faults as faults
 from router_worker.pipeline.faults import FaultGate
 from router_worker.pipeline.plan import Admission
 
 
-def test_verdicts_are_kept_until_settled_and_bounded_newest_first(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(faults, "RESERVED_MAX", 3)
-    g: FaultGate = SimpleNamespace(reserved=OrderedDict(), spent=OrderedDict())  # type: ignore[assignment]
+def test_verdicts_are_kept_until_settled_and_bounded_newest_first() -> None:
+    g: FaultGate = SimpleNamespace(reserved=OrderedDict(), spent=OrderedDict(), kept_max=3)  # type: ignore[assignment]
     for i in range(5):
         FaultGate.reserve(g, f"k{i}", Admission(i), ())
     assert list(g.reserved) == ["k2", "k3", "k4"], "the oldest go first"

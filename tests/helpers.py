@@ -149,6 +149,29 @@ async def make_half_open(redis: Redis, s: Settings, head_id: str) -> None:
     assert won == [True], f"{head_id}'s breaker was not closed"
 
 
+class FirstSendUnsent:
+    """The first publish leaves its first send unsent (a timeout while the broker was away: no head blamed) and
+    publishes the rest; every later publish goes to the broker as it is. Install ``publish`` and ``broker_away``
+    over ``faults.publish`` and ``faults.broker_answers``."""
+
+    def __init__(self) -> None:
+        self.struck = False
+
+    async def publish(self, producer: Any, sends: Sequence[Send], budget: RetryBudget) -> PublishReport:
+        if self.struck or not sends:
+            return await real_publish(producer, sends, budget)
+        self.struck = True
+        first, rest = sends[0], list(sends[1:])
+        first.error = KafkaTimeoutError("this one timed out")
+        report = await real_publish(producer, rest, budget) if rest else PublishReport()
+        report.unsent.append(first)
+        return report
+
+    @staticmethod
+    async def broker_away(producer: Any, request_timeout_ms: int) -> bool:
+        return False
+
+
 @dataclass
 class UnsentThenRedisAway:
     """Stands in for ``faults.publish`` (with :meth:`broker_away` for ``faults.broker_answers``): the first

@@ -6,50 +6,22 @@ again, so a tenant under a rewind paid for its jobs several times and was thrott
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
-
 import pytest
-from aiokafka.errors import KafkaTimeoutError
 from redis.asyncio import Redis
 
 import router_worker.pipeline.faults as faults_module
 from producers.producer import JobProducer
 from router_worker.core.admission import tenant_key
 from router_worker.core.policy import AdmissionPolicy, RateLimit
-from router_worker.pipeline.publish import PublishReport, RetryBudget, Send
-from router_worker.pipeline.publish import publish as real_publish
 from router_worker.settings import Settings
 from router_worker.state.admission import bucket_key
 from router_worker.state.keys import Keys
 from router_worker.state.policy_store import PolicyStore
-from tests.helpers import Served, make_router, make_worker, running, wait_until
+from tests.helpers import FirstSendUnsent, Served, make_router, make_worker, running, wait_until
 
 pytestmark = pytest.mark.integration
 
 INTERVAL_MS = 1000  # one token a second: each token taken moves the bucket a whole second on
-
-
-class FirstSendUnsent:
-    """The first publish leaves its first send unsent (a timeout while the broker was away: no head blamed)
-    and publishes the rest; every later publish goes to the broker as it is."""
-
-    def __init__(self) -> None:
-        self.struck = False
-
-    async def publish(self, producer: Any, sends: Sequence[Send], budget: RetryBudget) -> PublishReport:
-        if self.struck or not sends:
-            return await real_publish(producer, sends, budget)
-        self.struck = True
-        first, rest = sends[0], list(sends[1:])
-        first.error = KafkaTimeoutError("this one timed out")
-        report = await real_publish(producer, rest, budget) if rest else PublishReport()
-        report.unsent.append(first)
-        return report
-
-    @staticmethod
-    async def broker_away(producer: Any, request_timeout_ms: int) -> bool:
-        return False
 
 
 async def test_a_rewound_partition_read_again_takes_no_second_token_for_its_jobs(

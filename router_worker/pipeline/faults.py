@@ -308,15 +308,14 @@ class FaultGate:
                     k = model_key(job.model_type)
                     needs.limits[k] = ml
                     wanted.append(k)
-                if kept:
-                    got = kept.get(key)
-                    if got is not None:
-                        if got[1] == signature(
-                            wanted, needs.limits
-                        ):  # read again: its token is taken already
-                            verdicts[key] = got[0]
-                            continue
-                        del kept[key]  # scheduled under limits the policy no longer sets: scheduled anew
+                got = kept.get(key) if kept else None
+                if got is not None:
+                    # Read again before it was settled: its token is taken, unless the limits it was taken
+                    # under changed (then it is scheduled anew, under the policy in force).
+                    if got[1] == signature(wanted, needs.limits):
+                        verdicts[key] = got[0]
+                        continue
+                    del kept[key]
                 if wanted and key not in verdicts:
                     needs.keys.append(inc.claim_key)
                     needs.buckets.append(wanted)

@@ -21,7 +21,7 @@ import time
 import uuid
 from collections import Counter as Tally
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Container, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -128,10 +128,13 @@ def _settled_keys(b: _Prepared, settled: list[Outcome]) -> list[str]:
     return [k for o in settled if (k := o.src.claim_key) not in still]
 
 
-def _acknowledged_keys(b: _Prepared, tps: set[TopicPartition]) -> list[str]:
-    """Claim keys of the batch's records on ``tps`` that were published and acknowledged. Not a duplicate within
-    the batch: it is "final" with nothing sent, and its key is its first copy's, maybe the very record unsent."""
-    return [o.src.claim_key for o in b.plan.outcomes if o.final and o.send is not None and o.src.tp in tps]
+def _acknowledged_keys(b: _Prepared, tps: Container[TopicPartition],
+                       from_offset: Mapping[TopicPartition, int] | None = None) -> list[str]:  # fmt: skip
+    """Claim keys of the batch's records on ``tps`` that were published and acknowledged (with ``from_offset``:
+    only those at or past their partition's offset in it). Not a duplicate within the batch: it is "final" with
+    nothing sent, and its key is its first copy's, maybe the very record unsent."""
+    return [o.src.claim_key for o in b.plan.outcomes if o.final and o.send is not None and o.src.tp in tps
+            and (from_offset is None or o.src.offset >= from_offset[o.src.tp])]  # fmt: skip
 
 
 @dataclass(slots=True)
@@ -573,8 +576,9 @@ class Router:
             from_offset: dict[TopicPartition, int] = {}
             for h in p.holds[before:]:
                 from_offset[h.tp] = min(h.offset, from_offset.get(h.tp, h.offset))
-            self.faults.spend(o.src.claim_key for o in p.outcomes if o.final and o.send is not None
-                              and o.src.tp in from_offset and o.src.offset >= from_offset[o.src.tp])  # fmt: skip
+            self.faults.spend(
+                _acknowledged_keys(b, from_offset, from_offset)
+            )  # read again from there: duplicates
         else:
             self._unsent_streak = 0
         return rewound

@@ -576,9 +576,8 @@ class Router:
             from_offset: dict[TopicPartition, int] = {}
             for h in p.holds[before:]:
                 from_offset[h.tp] = min(h.offset, from_offset.get(h.tp, h.offset))
-            self.faults.spend(
-                _acknowledged_keys(b, from_offset, from_offset)
-            )  # read again from there: duplicates
+            # Read again from there, the ones acknowledged are duplicates: they take no admission token.
+            self.faults.spend(_acknowledged_keys(b, from_offset, from_offset))
         else:
             self._unsent_streak = 0
         return rewound

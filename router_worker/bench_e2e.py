@@ -1582,7 +1582,7 @@ def command(settings: Settings, cfg: E2EConfig, *, json_out: bool, plot_to: Path
     is raised."""
     if plot_to is not None:
         check_plot_available()
-    most = max(*cfg.routers, *(cfg.pipes if cfg.baseline else ()))
+    most = max((*cfg.routers, *(cfg.pipes if cfg.baseline else ())))  # one count alone: max() of a tuple
     if most > settings.requests_partitions:
         raise BenchError(f"{most} processes in one group over {settings.requests_partitions} request partitions: "
                          "some would never consume (set ROUTER_REQUESTS_PARTITIONS)")  # fmt: skip

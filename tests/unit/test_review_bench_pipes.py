@@ -161,6 +161,19 @@ def test_more_pipes_than_request_partitions_are_refused_before_any_phase(
     assert calls == [], "refused before any phase runs"
 
 
+def test_one_router_count_without_the_baseline_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--routers 1 --no-baseline`` (how a profile of one router is taken) once failed before any phase:
+    ``max(*(1,))`` is ``max(1)``, a TypeError."""
+    calls = _fake_phases(monkeypatch)
+    cfg = E2EConfig(jobs=1000, heads=8, routers=(1,), baseline=False)
+    quiet = Console(file=open("/dev/null", "w"), color_system=None)  # noqa: SIM115
+    try:
+        be.command(load_settings(), cfg, json_out=True, plot_to=None, console=quiet, err=quiet)
+    finally:
+        quiet.file.close()
+    assert calls, "the router phase ran"
+
+
 # --- 4. a refused commit ends the pipe (and the benchmark) ------------------------------------------------
 
 

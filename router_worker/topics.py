@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from router_worker.settings import Settings
 
@@ -53,6 +53,9 @@ def _shorten(name: str) -> str:
     return name[: MAX_TOPIC_LEN - 35] + "_zz" + digest
 
 
+_NAMES_KEPT = 4096
+
+
 @dataclass(frozen=True, slots=True)
 class Topics:
     """Every topic name of one deployment, prefix applied."""
@@ -76,9 +79,18 @@ class Topics:
             retry_prefix=p + s.retry_topic_prefix,
         )
 
+    _names: dict[str, str] = field(default_factory=dict, init=False, repr=False, compare=False, hash=False)
+    """Model topic names already worked out: the router asks for one per routed job."""
+
     def model(self, model_id: str) -> str:
-        name = self.model_prefix + escape_model_id(model_id)
-        return name if len(name) <= MAX_TOPIC_LEN else _shorten(name)
+        names = self._names
+        name = names.get(model_id)
+        if name is None:
+            if len(names) >= _NAMES_KEPT:  # model ids come from heads and jobs: bounded, but never trusted
+                names.clear()
+            name = self.model_prefix + escape_model_id(model_id)
+            name = names[model_id] = name if len(name) <= MAX_TOPIC_LEN else _shorten(name)
+        return name
 
     def retry(self, tier: int) -> str:
         return f"{self.retry_prefix}{tier}"

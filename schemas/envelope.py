@@ -86,6 +86,9 @@ class Job(BaseModel):
     created_at: Annotated[int | None, Field(ge=0, description="Epoch ms, set by the producer SDK.")] = None
 
 
+_CANONICAL: Final = {MSGPACK.encode(): MSGPACK, JSON.encode(): JSON}
+
+
 def content_type_of(headers: Iterable[tuple[str | bytes, HeaderValue]] | None) -> str:
     """The job's content type from its Kafka headers, lower-cased and without parameters (``; charset=...``).
 
@@ -101,6 +104,8 @@ def content_type_of(headers: Iterable[tuple[str | bytes, HeaderValue]] | None) -
     """
     if headers:
         for key, value in headers:
+            if key == "content-type" and type(value) is bytes and value in _CANONICAL:  # the common spelling
+                return _CANONICAL[value]
             if (key if isinstance(key, str) else bytes(key).decode("latin-1")) == "content-type":
                 if value is None:
                     return ""

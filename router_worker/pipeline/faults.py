@@ -286,7 +286,9 @@ class FaultGate:
                 job = inc.job
                 if job is None:
                     continue
-                if inc.headers and any(k in THROTTLE_HEADERS for k, _ in inc.headers):
+                if inc.marked and any(
+                    k in THROTTLE_HEADERS for k, _ in inc.headers
+                ):  # a plain record has none
                     reserved = admit_at(inc.headers)
                     if reserved is not None and inc.tp.topic in self.retry_topics:  # its token is reserved
                         verdicts[inc.claim_key] = Admission(reserved, throttle_trips(inc.headers))

@@ -28,6 +28,7 @@ def decode_one(rec: Any, tp: TopicPartition, attempt: int, max_bytes: int,
     ctype = MSGPACK
     job: Job | None = None
     error: EnvelopeError | None = None
+    size = -1
     try:
         size = len(rec.value or b"") + len(rec.key or b"") + headers_size(headers)
         if size > max_bytes:  # the producer counts key and headers too: a routed copy could never be sent
@@ -45,7 +46,7 @@ def decode_one(rec: Any, tp: TopicPartition, attempt: int, max_bytes: int,
         job = None
     return Incoming(tp, rec.offset, rec.key, rec.value, headers, ctype, attempt, job, error,
                     claim_key_of(job, attempt, tp, rec.offset, redrive_of(headers) if marked else None),
-                    marked)  # fmt: skip
+                    marked, size)  # fmt: skip
 
 
 def intake(batch: Mapping[TopicPartition, Sequence[Any]], gaps: GapGuard, retry_topics: frozenset[str],

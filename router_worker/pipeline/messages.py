@@ -92,21 +92,58 @@ def _passthrough(headers: Sequence[tuple[str, bytes | None]] | None, keep_origin
     return [(k, v) for k, v in headers if k not in drop]
 
 
+_PAIRS_KEPT = 4096
+_ATTEMPTS = tuple((H_ATTEMPT, str(n).encode()) for n in range(32))
+_FALLBACK_NO, _FALLBACK_YES = (H_FALLBACK, b"0"), (H_FALLBACK, b"1")
+ROUTED_HEADERS_MAX = 1024
+"""Most bytes :func:`routed_headers` (and a refusal count) add to a record's own headers, head id aside: names,
+a job id of up to 128 characters (512 bytes), a strategy name of up to 64, an attempt, a count and a time."""
+
+
+def _pair(pairs: dict[str, tuple[str, bytes]], name: str, text: str) -> tuple[str, bytes]:
+    """The header ``(name, text)``, encoded once: head ids and strategy names repeat from job to job."""
+    got = pairs.get(text)
+    if got is None:
+        if len(pairs) >= _PAIRS_KEPT:
+            pairs.clear()
+        got = pairs[text] = (name, text.encode())
+    return got
+
+
+def decided_at(ms: int) -> tuple[str, bytes]:
+    """The ``x-route-decided-at`` header: one per batch, shared by its records (header pairs are immutable)."""
+    return (H_DECIDED_AT, str(ms).encode())
+
+
 def routed_headers(original: Sequence[tuple[str, bytes | None]] | None, job_id: str, decision: Decision,
-                   content_type: str, decided_at_ms: int) -> Headers:  # fmt: skip
+                   content_type: str, decided_at_ms: int, *, plain: bool = False,
+                   stamp: tuple[str, bytes] | None = None) -> Headers:  # fmt: skip
+    """``plain``: the original headers are at most a ``content-type`` (nothing of the router's to drop).
+    ``stamp``: :func:`decided_at` of ``decided_at_ms``, made once for the batch."""
     head = decision.head
-    out = _passthrough(original, keep_origin=False)
-    if header(out, H_CONTENT_TYPE) is None:
-        out.append((H_CONTENT_TYPE, content_type.encode()))
-    out += [
+    if plain:
+        out = list(original) if original else []
+        if not out or out[0][1] is None:
+            out.append(_pair(_CONTENT_TYPES, H_CONTENT_TYPE, content_type))
+    else:
+        out = _passthrough(original, keep_origin=False)
+        if header(out, H_CONTENT_TYPE) is None:
+            out.append(_pair(_CONTENT_TYPES, H_CONTENT_TYPE, content_type))
+    attempt = decision.attempt
+    out += (
         (H_JOB_ID, job_id.encode()),
-        (H_HEAD, (head.head_id if head else "").encode()),
-        (H_STRATEGY, decision.strategy.encode()),
-        (H_ATTEMPT, str(decision.attempt).encode()),
-        (H_FALLBACK, b"1" if decision.fallback else b"0"),
-        (H_DECIDED_AT, str(decided_at_ms).encode()),
-    ]
+        _pair(_HEADS, H_HEAD, head.head_id if head else ""),
+        _pair(_STRATEGIES, H_STRATEGY, decision.strategy),
+        _ATTEMPTS[attempt] if 0 <= attempt < len(_ATTEMPTS) else (H_ATTEMPT, str(attempt).encode()),
+        _FALLBACK_YES if decision.fallback else _FALLBACK_NO,
+        stamp if stamp is not None else decided_at(decided_at_ms),
+    )
     return out
+
+
+_CONTENT_TYPES: dict[str, tuple[str, bytes]] = {}
+_HEADS: dict[str, tuple[str, bytes]] = {}
+_STRATEGIES: dict[str, tuple[str, bytes]] = {}
 
 
 def _origin(

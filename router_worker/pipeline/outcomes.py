@@ -45,6 +45,8 @@ class Incoming:
     marked: bool = True
     """Whether its headers may hold the router's own (``x-...``): False for a producer's plain record (at most
     a ``content-type``), whose headers the plan then never searches."""
+    size: int = -1
+    """Its value, key and headers, in bytes, as read (-1: not measured)."""
 
 
 H_REDRIVE = "x-redrive"

@@ -33,7 +33,7 @@ from router_worker.pipeline.fault_headers import (
     without,
 )
 from router_worker.pipeline.intake import Parts
-from router_worker.pipeline.messages import retry_headers, routed_headers
+from router_worker.pipeline.messages import ROUTED_HEADERS_MAX, decided_at, retry_headers, routed_headers
 from router_worker.pipeline.outcomes import DeadLettered, Duplicate, Hold, Incoming, Plan, Retried, Routed
 from router_worker.pipeline.publish import Send, dead_letter_record
 from router_worker.topics import Topics
@@ -280,27 +280,33 @@ class _Behind:
 
 
 def _routed(inc: Incoming, job: Job, d: Decision, memory: RouterMemory, policy: Policy, cfg: PlanConfig,
-            now: int, refused: int | None = None) -> Routed:  # fmt: skip
-    """``refused``: the job's busy refusals as the plan counted them (None: count them here)."""
+            now: int, refused: int | None = None, stamp: tuple[str, bytes] | None = None) -> Routed:  # fmt: skip
+    """``refused``: the job's busy refusals as the plan counted them (None: count them here). ``stamp``: the
+    batch's ``x-route-decided-at`` header (:func:`decided_at` of ``now``)."""
     head = d.head
     assert head is not None
     new_pin = d.sticky is not None and d.sticky[0] not in memory.affinity
     probe = bool(memory.probes) and head.head_id in memory.probes
     record(d, memory, job, policy, now)
-    headers = routed_headers(inc.headers, job.job_id, d, inc.content_type, now)
-    if inc.marked:
+    marked = inc.marked
+    headers = routed_headers(inc.headers, job.job_id, d, inc.content_type, now, plain=not marked, stamp=stamp)
+    if marked:
         if any(k in THROTTLE_HEADERS for k, _ in inc.headers):  # its wait is over: not the head's
             headers = without(headers, THROTTLE_HEADERS)
         # The count as the router took it (bounded by the trips made): the head adds its own refusal to it.
         headers = with_refusals(headers, refusals(inc.headers, inc.attempt) if refused is None else refused)
-    send = Send(cfg.topics.model(head.model_id), inc.value, inc.key, head.partition, headers)
+    # The record's own headers less the router's, plus the router's: within what was read, plus what they add.
+    size = inc.size + ROUTED_HEADERS_MAX + 4 * len(head.head_id) if inc.size >= 0 else -1
+    send = Send(cfg.topics.model(head.model_id), inc.value, inc.key, head.partition, headers, size=size)
     audit = (
         decision_record(d, cfg.router_id, job.job_id, job.model_type, job.region, now, job.tenant)
         if cfg.audit_decisions
         else None
     )
-    return Routed(inc, send, audit, head_id=head.head_id, region=head.region, strategy=d.strategy, pin=d.sticky,
-                  new_pin=new_pin, fallback=fallback_kind(d), probe=probe)  # fmt: skip
+    # Positional (src, send, audit, final, head_id, region, strategy, pin, new_pin, fallback, probe): once per
+    # routed job, keywords cost a third more.
+    return Routed(inc, send, audit, False, head.head_id, head.region, d.strategy, d.sticky, new_pin,
+                  fallback_kind(d) if d.fallback else None, probe)  # fmt: skip
 
 
 def reroute(o: Routed, failed: frozenset[str], why: str, index: HeadIndex, policy: Policy, memory: RouterMemory,
@@ -325,6 +331,7 @@ def reroute(o: Routed, failed: frozenset[str], why: str, index: HeadIndex, polic
     assert new.send is not None
     o.send.topic, o.send.partition, o.send.headers, o.send.error = (new.send.topic, new.send.partition,
                                                                     new.send.headers, None)  # fmt: skip
+    o.send.size = new.send.size
     o.audit, o.head_id, o.region, o.strategy = new.audit, new.head_id, new.region, new.strategy
     o.pin, o.new_pin, o.fallback, o.probe = new.pin, new.new_pin, PUBLISH_FALLBACK, new.probe
     return True
@@ -344,6 +351,7 @@ def plan(parts: Parts, claims: Mapping[str, Claim], index: HeadIndex, policy: Po
     timings = stats.decision_seconds
     owner: dict[str, Incoming] = {}  # a key's first record in the batch: the one the claim was made for
     behind: _Behind | None = None  # made when a saturated job first asks whether a job behind it can go
+    stamp = decided_at(now)
     for _, items in parts:
         for inc in items:
             owner.setdefault(inc.claim_key, inc)
@@ -420,7 +428,7 @@ def plan(parts: Parts, claims: Mapping[str, Claim], index: HeadIndex, policy: Po
                 break
             in_batch.add(key)
             if d.outcome is Outcome.ROUTED:
-                outcomes.append(_routed(inc, job, d, memory, policy, cfg, now, refused))
+                outcomes.append(_routed(inc, job, d, memory, policy, cfg, now, refused, stamp))
             elif d.outcome is Outcome.REFUSED:
                 outcomes.append(dead_letter(inc, DeadLetterReason.SCHEMA_ERROR, d.reason, cfg, now))
             else:

@@ -70,6 +70,9 @@ class Send:
     headers: Headers
     error: BaseException | None = None
     """The last error (None when acknowledged)."""
+    size: int = -1
+    """A bound its value, key and headers (in bytes) stay within, when the plan knows one (-1: measured when
+    sent). Whoever changes the headers of a send changes this too."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,6 +151,10 @@ async def _one(producer: AIOKafkaProducer, s: Send) -> Any:
         return exc
 
 
+def _size(s: Send) -> int:
+    return len(s.value or b"") + len(s.key or b"") + headers_size(s.headers)
+
+
 async def _round(producer: AIOKafkaProducer, sends: Sequence[Send]) -> list[BaseException | None]:
     """Enqueue every send, then gather: one wait for the whole round.
 
@@ -164,7 +171,7 @@ async def _round(producer: AIOKafkaProducer, sends: Sequence[Send]) -> list[Base
     # goes alone, so the producer refuses it (MessageSizeTooLargeError) instead of the broker taking it.
     roomy = getattr(producer, "_max_request_size", 1 << 20) - _RECORD_OVERHEAD
     for i, s in enumerate(sends):
-        if s.partition is None or len(s.value or b"") + len(s.key or b"") + headers_size(s.headers) > roomy:
+        if s.partition is None or (s.size if 0 <= s.size <= roomy else _size(s)) > roomy:
             singles.append(i)
         else:
             groups.setdefault((s.topic, s.partition), []).append(i)

@@ -877,16 +877,21 @@ class Router:
     def _count(self, p: Plan, t_batch: float) -> None:
         st = self.stats
         m = self.metrics
-        decisions: Tally[tuple[str, str, str]] = Tally()
+        routed: list[Routed] = []
+        others: list[Outcome] = []
         for o in p.outcomes:
             if not o.final:
                 continue
             if isinstance(o, Routed):
-                st.routed += 1
-                st.by_head[o.head_id] += 1
-                job = o.src.job
-                decisions[(o.strategy, job.model_type if job else "", o.region)] += 1
-            elif isinstance(o, Retried):
+                routed.append(o)
+            else:
+                others.append(o)
+        if routed:  # counted a batch at a time (C loops), not a job at a time
+            st.routed += len(routed)
+            st.by_head.update([o.head_id for o in routed])
+        decisions = Tally([(o.strategy, o.src.job.model_type if o.src.job else "", o.region) for o in routed])
+        for o in others:
+            if isinstance(o, Retried):
                 st.retried += 1
             elif isinstance(o, DeadLettered):
                 st.dead_lettered += 1

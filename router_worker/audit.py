@@ -128,7 +128,13 @@ def encode_lines(records: list[Mapping[str, Any]]) -> list[bytes]:
     call's buffer. A cut is where ``},{`` joins two records; when some string (or a nested list of maps) holds
     one too, the pieces outnumber the records, and each record is encoded alone instead."""
     if len(records) > 1:
-        lines = orjson.dumps(records)[1:-1].replace(b"},{", b"}\n{").split(b"\n")  # no raw newline inside one
+        try:
+            blob = orjson.dumps(records)
+        except (
+            orjson.JSONEncodeError
+        ):  # a record nested to orjson's limit fits alone, not one level down a list
+            blob = b""
+        lines = blob[1:-1].replace(b"},{", b"}\n{").split(b"\n")  # no raw newline inside one
         if len(lines) == len(records):
             return lines
     return [orjson.dumps(r) for r in records]

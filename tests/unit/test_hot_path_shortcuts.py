@@ -18,14 +18,15 @@ from hypothesis import strategies as st
 from router_worker.audit import encode_lines
 from router_worker.core.engine import HeadIndex
 from router_worker.core.model import Decision, Head, Outcome, RouterMemory
-from router_worker.core.policy import Policy
+from router_worker.core.policy import STRATEGIES, Policy
+from router_worker.pipeline.fault_headers import with_refusals
 from router_worker.pipeline.gaps import GapGuard
 from router_worker.pipeline.intake import intake
-from router_worker.pipeline.messages import decided_at, headers_size, routed_headers
+from router_worker.pipeline.messages import ROUTED_HEADERS_MAX, decided_at, headers_size, routed_headers
 from router_worker.pipeline.outcomes import Routed
 from router_worker.pipeline.plan import PlanConfig, Stats, plan
 from router_worker.topics import Topics, escape_model_id
-from schemas.envelope import content_type_of
+from schemas.envelope import MSGPACK, Job, content_type_of
 
 TOPICS = Topics(prefix="", requests="req", model_prefix="model.", retry_prefix="retry.", dlq="dlq",
                 results="res")  # fmt: skip
@@ -51,6 +52,19 @@ def test_a_string_holding_the_cut_falls_back_to_one_call_per_record() -> None:
     records = [{"job_id": "a},{b", "n": 1}, {"job_id": "c", "n": [{}, {}]}, {}]
     assert encode_lines(records) == [orjson.dumps(r) for r in records]
     assert encode_lines([]) == []
+
+
+def test_a_record_nested_to_the_encoder_s_limit_is_encoded_alone() -> None:
+    """One level deeper in the batch's list than alone: the batch call refuses it, each record alone does not."""
+    deep: Any = 1
+    for _ in range(254):
+        try:
+            orjson.dumps({"d": [deep]})
+        except orjson.JSONEncodeError:
+            break
+        deep = [deep]
+    records = [{"d": deep}, {"e": 1}]
+    assert encode_lines(records) == [orjson.dumps(r) for r in records]
 
 
 # --- routed headers of a plain record --------------------------------------------------------------------
@@ -150,3 +164,15 @@ def test_routed_fields_keep_the_order_the_plan_passes_them_in() -> None:
     assert [f.name for f in dataclasses.fields(Routed)] == [
         "src", "send", "audit", "final", "head_id", "region", "strategy", "pin", "new_pin", "fallback", "probe",
     ]  # fmt: skip
+
+
+def test_the_routed_headers_bound_covers_the_longest_values_the_schema_allows() -> None:
+    """``ROUTED_HEADERS_MAX`` rests on limits kept elsewhere (the job id's length, the strategy names, an
+    attempt of at most ten digits): a limit raised there must fail here, not undercount a send's size."""
+    (id_chars,) = [m.max_length for m in Job.model_fields["job_id"].metadata if hasattr(m, "max_length")]
+    longest = max(STRATEGIES, key=len)
+    d = Decision(Outcome.ROUTED, longest, "r", Head(head_id="", model_id="m"), "m", attempt=10**10 - 1,
+                 fallback=True)  # fmt: skip
+    worst = routed_headers([], "\U0001f600" * id_chars, d, MSGPACK, 2**63 - 1)
+    worst = with_refusals(worst, 10**10 - 1)
+    assert headers_size(worst) <= ROUTED_HEADERS_MAX

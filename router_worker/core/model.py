@@ -69,8 +69,16 @@ class Scores:
     total: float = 0.0
 
     def as_dict(self) -> dict[str, float]:
-        return {"load": _r4(self.load), "cache": _r4(self.cache), "quota": _r4(self.quota),
-                "health": _r4(self.health), "latency": _r4(self.latency), "total": _r4(self.total)}  # fmt: skip
+        load, cache, quota, health, latency, total = (self.load, self.cache, self.quota, self.health,
+                                                      self.latency, self.total)  # fmt: skip
+        if (-1e12 < load < 1e12 and -1e12 < cache < 1e12 and -1e12 < quota < 1e12 and -1e12 < health < 1e12
+                and -1e12 < latency < 1e12 and -1e12 < total < 1e12):  # fmt: skip
+            # _r4 written out: once per audited decision, six calls cost more than the rounding
+            return {"load": round(load * 1e4) / 1e4, "cache": round(cache * 1e4) / 1e4,
+                    "quota": round(quota * 1e4) / 1e4, "health": round(health * 1e4) / 1e4,
+                    "latency": round(latency * 1e4) / 1e4, "total": round(total * 1e4) / 1e4}  # fmt: skip
+        return {"load": _r4(load), "cache": _r4(cache), "quota": _r4(quota), "health": _r4(health),
+                "latency": _r4(latency), "total": _r4(total)}  # fmt: skip
 
 
 class Outcome(StrEnum):

@@ -15,6 +15,7 @@ import hashlib
 import random
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import cast
 
 from router_worker.core.adaptive import Profile, job_size, predict
 from router_worker.core.candidates import CandidateSet
@@ -137,7 +138,24 @@ def least_loaded(cs: CandidateSet, ctx: Context) -> Pick | None:
     if head is None:
         return None
     load = ctx.memory.load(head)
-    return Pick(head, scores_of(head, ctx, 1.0 - load), f"lowest load {load:.2f} of {len(cs)}")
+    return Pick(head, scores_of(head, ctx, 1.0 - load), _load_text(cs, load))
+
+
+_TEXTS_KEPT = 1024
+
+
+def _load_text(cs: CandidateSet, load: float) -> str:
+    """The reason, formatted once per set and load: loads repeat (in-flight counts over a capacity), and
+    formatting a float cost a tenth of a least-loaded decision."""
+    texts = cast("dict[float, str] | None", cs.memo.get("least_loaded_text"))
+    if texts is None:
+        texts = cs.memo["least_loaded_text"] = {}
+    text = texts.get(load)
+    if text is None:
+        if len(texts) >= _TEXTS_KEPT:
+            texts.clear()
+        text = texts[load] = f"lowest load {load:.2f} of {len(cs)}"
+    return text
 
 
 def geo_preferred(cs: CandidateSet, ctx: Context) -> Pick | None:

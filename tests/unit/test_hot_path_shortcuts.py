@@ -5,6 +5,7 @@ model topic names. Pure: no broker, no Redis."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import random
 from dataclasses import dataclass
 from typing import Any
@@ -16,8 +17,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from router_worker.audit import encode_lines
-from router_worker.core.engine import HeadIndex
-from router_worker.core.model import Decision, Head, Outcome, RouterMemory
+from router_worker.core.engine import HeadIndex, decide, record
+from router_worker.core.model import Decision, Head, Outcome, RouterMemory, Scores, _r4
 from router_worker.core.policy import STRATEGIES, Policy
 from router_worker.pipeline.fault_headers import with_refusals
 from router_worker.pipeline.gaps import GapGuard
@@ -176,3 +177,36 @@ def test_the_routed_headers_bound_covers_the_longest_values_the_schema_allows() 
     worst = routed_headers([], "\U0001f600" * id_chars, d, MSGPACK, 2**63 - 1)
     worst = with_refusals(worst, 10**10 - 1)
     assert headers_size(worst) <= ROUTED_HEADERS_MAX
+
+
+_score = st.one_of(st.floats(), st.sampled_from([0.0, -0.0, 1.0, 0.5, 1e12, -1e12, 2.5e-5, 0.00015]))
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.tuples(_score, _score, _score, _score, _score, _score))
+def test_scores_round_as_each_score_rounds_alone(xs: tuple[float, float, float, float, float, float]) -> None:
+    got = Scores(*xs).as_dict()
+    for (name, value), x in zip(got.items(), xs, strict=True):
+        want = _r4(x)
+        if math.isnan(want):
+            assert math.isnan(value), name
+        else:
+            assert value == want, name
+            assert math.copysign(1.0, value) == math.copysign(1.0, want), name
+
+
+def test_the_least_loaded_reason_is_the_formatted_load_memoised_or_not() -> None:
+    heads = [Head(head_id=f"h{i}", model_id="m", capacity=7, expires_at_ms=10**15) for i in range(5)]
+    index = HeadIndex.build(heads)
+    memory = RouterMemory()
+    policy = Policy(default_strategy="least_loaded")
+    rng = random.Random(3)
+    for i in range(2000):
+        job = Job(job_id=f"j{i}", model_type="m")
+        d = decide(job, index, policy, memory, NOW, rng)
+        if d.head is None:
+            memory.reset_pending({})
+            continue
+        load = memory.load(d.head)
+        assert d.reason == f"lowest load {load:.2f} of 5"
+        record(d, memory, job, policy, NOW)

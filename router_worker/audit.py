@@ -29,7 +29,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from router_worker.clock import now_ms
-from router_worker.core.model import Decision
+from router_worker.core.model import Decision, Outcome
 
 if TYPE_CHECKING:
     from router_worker.settings import Settings
@@ -95,9 +95,11 @@ def audit_record(event: str, router_id: str, **fields: Any) -> dict[str, Any]:
 
 def decision_record(decision: Decision, router_id: str, job_id: str, model_type: str,
                     region: str | None, ts: int, tenant: str | None = None) -> dict[str, Any]:  # fmt: skip
-    event = "route" if decision.routed else decision.outcome.value
-    if decision.routed and decision.fallback:
-        event = "route_fallback"
+    fallback = decision.fallback
+    if decision.outcome is Outcome.ROUTED:
+        event = "route_fallback" if fallback else "route"
+    else:
+        event = decision.outcome.value
     rec: dict[str, Any] = {
         "ts": ts,
         "event": event,
@@ -107,9 +109,9 @@ def decision_record(decision: Decision, router_id: str, job_id: str, model_type:
         "strategy": decision.strategy,
         "reason": decision.reason,
         "attempt": decision.attempt,
-        "fallback": decision.fallback,
+        "fallback": fallback,
     }
-    if decision.fallback:
+    if fallback:
         rec["fallback_reason"] = fallback_kind(decision)
     if region:
         rec["region"] = region

@@ -130,11 +130,10 @@ def encode_lines(records: list[Mapping[str, Any]]) -> list[bytes]:
     call's buffer. A cut is where ``},{`` joins two records; when some string (or a nested list of maps) holds
     one too, the pieces outnumber the records, and each record is encoded alone instead."""
     if len(records) > 1:
+        # A record nested to orjson's limit encodes alone but not one level down the batch's list.
         try:
             blob = orjson.dumps(records)
-        except (
-            orjson.JSONEncodeError
-        ):  # a record nested to orjson's limit fits alone, not one level down a list
+        except orjson.JSONEncodeError:
             blob = b""
         lines = blob[1:-1].replace(b"},{", b"}\n{").split(b"\n")  # no raw newline inside one
         if len(lines) == len(records):

@@ -36,10 +36,13 @@ _ORIGIN = frozenset({H_ORIG_TOPIC, H_ORIG_PARTITION, H_ORIG_OFFSET})
 
 
 def headers_size(headers: Sequence[tuple[str, bytes | None]] | None) -> int:
-    """Bytes the headers add to a record (names and values; what counts against the producer's limit)."""
+    """Bytes the headers add to a record (names, in UTF-8 as they are sent, and values; what counts against
+    the producer's limit)."""
     n = 0
     for k, v in headers or ():  # a loop, not sum() over a generator: twice as fast for a few headers
-        n += len(k) if v is None else len(k) + len(v)
+        n += len(k) if k.isascii() else len(k.encode(errors="surrogatepass"))
+        if v is not None:
+            n += len(v)
     return n
 
 

@@ -210,3 +210,11 @@ def test_the_least_loaded_reason_is_the_formatted_load_memoised_or_not() -> None
         load = memory.load(d.head)
         assert d.reason == f"lowest load {load:.2f} of 5"
         record(d, memory, job, policy, NOW)
+
+
+def test_header_names_count_as_the_bytes_they_are_sent_as() -> None:
+    """A name of non-ASCII characters takes more bytes than characters: the size checks (a record too large to
+    route, a send that fits a batch) count what the producer sends."""
+    assert headers_size([("\u00e9" * 10, b"v")]) == 21
+    assert headers_size([("x-a", b"12"), ("x-b", None)]) == 8
+    assert headers_size(None) == 0

@@ -286,9 +286,8 @@ class FaultGate:
                 job = inc.job
                 if job is None:
                     continue
-                if inc.marked and any(
-                    k in THROTTLE_HEADERS for k, _ in inc.headers
-                ):  # a plain record has none
+                # A plain record (not marked: at most a content-type) holds no throttle header.
+                if inc.marked and any(k in THROTTLE_HEADERS for k, _ in inc.headers):
                     reserved = admit_at(inc.headers)
                     if reserved is not None and inc.tp.topic in self.retry_topics:  # its token is reserved
                         verdicts[inc.claim_key] = Admission(reserved, throttle_trips(inc.headers))

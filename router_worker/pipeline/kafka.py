@@ -92,6 +92,7 @@ def make_admin(s: Settings, **overrides: Any) -> AIOKafkaAdminClient:
 
 
 def make_consumer(s: Settings, *topics: str, group_id: str | None, **overrides: Any) -> AIOKafkaConsumer:
+    partition_bytes = max(1_048_576, s.kafka_max_message_bytes + 64 * 1024)  # the largest job fits one fetch
     opts = kafka_options(s) | {
         "group_id": group_id,
         "enable_auto_commit": False,
@@ -100,7 +101,8 @@ def make_consumer(s: Settings, *topics: str, group_id: str | None, **overrides: 
         "heartbeat_interval_ms": s.kafka_heartbeat_interval_ms,
         "max_poll_interval_ms": s.kafka_max_poll_interval_ms,
         "fetch_max_wait_ms": s.kafka_fetch_max_wait_ms,
-        "max_partition_fetch_bytes": max(1_048_576, s.kafka_max_message_bytes + 64 * 1024),
+        "max_partition_fetch_bytes": partition_bytes,
+        "fetch_max_bytes": max(s.kafka_fetch_max_bytes, partition_bytes),
     }
     opts.update(overrides)
     return AIOKafkaConsumer(*topics, **opts)

@@ -168,7 +168,14 @@ class Settings(BaseSettings):
         5,
         ge=1,
         le=10_000,
-        description="Pause of a partition whose next job finds every head at its load limit.",
+        description="Pause of a partition whose next job finds every head at its load limit (the first; "
+        "it doubles while the partition stays stuck at that job, up to backpressure_max_ms).",
+    )
+    backpressure_max_ms: int = Field(
+        100,
+        ge=1,
+        le=60_000,
+        description="Longest pause of a partition stuck behind saturated heads (each resume fetches it again).",
     )
     gap_wait_ms: int = Field(
         3_000,

@@ -38,6 +38,7 @@ from router_worker.core.validity import split_valid
 from router_worker.metrics import Metrics, observe_many
 from router_worker.pipeline.faults import FaultGate
 from router_worker.pipeline.gaps import GapGuard, start_offsets
+from router_worker.pipeline.holds import HoldTimes
 from router_worker.pipeline.intake import Parts, intake
 from router_worker.pipeline.kafka import ensure_topics, make_consumer, make_producer
 from router_worker.pipeline.marks import Marks
@@ -161,6 +162,7 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
                     )  # its acks, marks and commit, while the partitions are ours
                 except Exception as exc:  # acknowledged records are marked: the next owner dedupes them
                     log.warning("settling the batch in flight before a rebalance failed: %s", exc)
+            self.router.hold_times.forget(revoked)
             for tp in revoked:
                 self.router.paused_until.pop(tp, None)
                 self.router.gaps.forget(tp)
@@ -222,6 +224,8 @@ class Router:
         self._stop = asyncio.Event()
         self._retry_topics = [self.topics.retry(i + 1) for i in range(len(s.retry_backoff_ms))]
         self._retry_set = frozenset(self._retry_topics)
+        self.hold_times = HoldTimes(s.backpressure_ms, s.backpressure_max_ms,
+                                    dict(zip(self._retry_topics, s.retry_backoff_ms, strict=True)))  # fmt: skip
         self._cfg = PlanConfig(
             router_id=self.router_id, topics=self.topics, max_attempts=s.max_attempts,
             retry_backoff_ms=tuple(s.retry_backoff_ms), max_message_bytes=s.kafka_max_message_bytes,
@@ -796,12 +800,13 @@ class Router:
             elif h.why == "gap":
                 self.stats.gap_waits += 1
         owned = consumer.assignment()
+        now = now_ms()
         for tp, h in earliest.items():
             if tp not in owned:  # revoked meanwhile: the next owner reads from the committed offset
                 continue
             consumer.seek(tp, h.offset)
             consumer.pause(tp)
-            self.paused_until[tp] = h.until_ms
+            self.paused_until[tp] = self.hold_times.until(h, now)
             self.gaps.expect(tp, h.offset)
 
     def _rewind(self, consumer: AIOKafkaConsumer, parts: Parts, holds: list[Hold],

@@ -11,7 +11,10 @@ first of them again. Two kinds of hold would otherwise repeat far more often tha
   CPU the heads needed to catch up.
 * ``not_due``: a retry tier's next record is due at its ``x-retry-not-before``, and the record after it a
   moment later, and so on: pausing until each one's exact time resumes the partition once per record. A hold
-  lasts at least a tenth of the tier's back-off instead, so a waiting job goes at most that much late.
+  lasts at least a tenth of the tier's back-off instead, and at most ``NOT_DUE_MAX_SLACK_MS`` longer than its
+  record needs: a waiting job goes at most that much late. (Not more: a throttled job waits in the first tier
+  whose back-off covers its delay, with its token's exact time, so a tenth of a long tier could hold a job
+  due in seconds for a minute, and jobs paced at a tenant's rate would leave in clumps.)
 
 The other holds (a gap, a claim held elsewhere, an unsent publish) keep the plan's time.
 """
@@ -25,7 +28,9 @@ from aiokafka import TopicPartition
 from router_worker.pipeline.outcomes import Hold
 
 NOT_DUE_SLACK = 10
-"""A not-due hold lasts at least the tier's back-off divided by this."""
+"""A not-due hold lasts at least the tier's back-off divided by this ..."""
+NOT_DUE_MAX_SLACK_MS = 100
+"""... but never more than this beyond the time its record is due."""
 _MAX_DOUBLINGS = 30
 
 
@@ -37,7 +42,9 @@ class HoldTimes:
     ) -> None:
         self.backpressure_ms = backpressure_ms
         self.backpressure_max_ms = max(backpressure_ms, backpressure_max_ms)
-        self.min_not_due_ms = {topic: ms // NOT_DUE_SLACK for topic, ms in tier_backoff_ms.items()}
+        self.min_not_due_ms = {
+            topic: min(ms // NOT_DUE_SLACK, NOT_DUE_MAX_SLACK_MS) for topic, ms in tier_backoff_ms.items()
+        }
         self._stuck: dict[TopicPartition, tuple[int, int]] = {}
         """Partition -> (the offset its last saturated hold stopped at, saturated holds in a row there)."""
 

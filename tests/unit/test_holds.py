@@ -6,7 +6,7 @@ from aiokafka import TopicPartition
 from hypothesis import given
 from hypothesis import strategies as st
 
-from router_worker.pipeline.holds import NOT_DUE_SLACK, HoldTimes
+from router_worker.pipeline.holds import NOT_DUE_MAX_SLACK_MS, NOT_DUE_SLACK, HoldTimes
 from router_worker.pipeline.outcomes import Hold
 
 TIERS = {"r.1": 500, "r.2": 2_000, "r.3": 10_000}
@@ -44,11 +44,13 @@ def test_partitions_have_their_own_streaks_and_a_revoked_one_is_forgotten() -> N
     assert t.until(Hold(REQ, 7, 0, "saturated"), 0) == 5
 
 
-def test_not_due_hold_lasts_at_least_a_tenth_of_its_tiers_backoff() -> None:
+def test_not_due_hold_lasts_a_tenth_of_its_tiers_backoff_at_most_100_ms_beyond_its_time() -> None:
     t = times()
     now = 10_000
     assert t.until(Hold(TIER1, 0, now + 3, "not_due"), now) == now + 500 // NOT_DUE_SLACK
     assert t.until(Hold(TIER1, 0, now + 400, "not_due"), now) == now + 400  # already longer: its own time
+    tier3 = TopicPartition("r.3", 0)  # a tenth of 10 s would be a second: at most 100 ms beyond its time
+    assert t.until(Hold(tier3, 0, now + 3, "not_due"), now) == now + NOT_DUE_MAX_SLACK_MS
     # A topic that is not a tier (never happens) keeps the plan's time.
     assert t.until(Hold(REQ, 0, now + 3, "not_due"), now) == now + 3
 

@@ -111,6 +111,7 @@ def worker(
 ) -> None:
     """Run one demo head of MODEL in REGION until stopped."""
     from consumers.worker import WorkerConfig
+    from router_worker.heap import heap_trimming
     from router_worker.runtime import runtime
     from router_worker.services import build_worker, until_signalled
 
@@ -133,7 +134,8 @@ def worker(
             await until_signalled(w.stop)
             err.print(f"head {w.head_id} of {model} in {region} starting")
             tune_gc(s.gc_young_threshold)
-            await w.run()
+            async with heap_trimming(s.heap_trim_s):
+                await w.run()
 
     _run(main, s.event_loop)
 

@@ -11,6 +11,7 @@ from typing import Any
 
 from consumers.worker import JobContext, ModelWorker, WorkerConfig
 from router_worker.admin import router_app, serve
+from router_worker.heap import heap_trimming
 from router_worker.loop import tune_gc
 from router_worker.metrics import Metrics
 from router_worker.pipeline.router import Router
@@ -31,7 +32,8 @@ async def run_router(rt: Runtime, router: Router) -> None:
         app = router_app(router, s)
         runner = await serve(app, s.admin_host, s.admin_port)
     try:
-        await router.run()
+        async with heap_trimming(s.heap_trim_s):
+            await router.run()
     finally:
         if runner is not None:
             await runner.cleanup()

@@ -263,6 +263,14 @@ class Settings(BaseSettings):
         "scan every live object; see docs/performance.md). The objects of start-up are frozen out of "
         "collection too. 0: Python's defaults.",
     )
+    heap_trim_s: float = Field(
+        30.0,
+        ge=0,
+        le=3600,
+        description="Seconds between two returns of the heap's free pages to the system in router and head "
+        "processes (glibc's malloc_trim; RSS then falls back after a backlog instead of keeping its peak). "
+        "0: never; otherwise at least 1.",
+    )
     event_loop: Literal["auto", "asyncio", "uvloop"] = Field(
         "auto",
         description="asyncio's event loop, or uvloop's (faster; `pip install 'router-worker[fast]'`). auto: uvloop "
@@ -343,6 +351,10 @@ class Settings(BaseSettings):
             )
         if self.head_heartbeat_ms * 2 > self.head_ttl_ms:
             raise ValueError("head_heartbeat_ms must be at most half of head_ttl_ms")
+        if 0 < self.heap_trim_s < 1:
+            raise ValueError(
+                "heap_trim_s must be 0 (never) or at least 1 s (each trim blocks the event loop)"
+            )
         problem = security_problem(self)
         if problem:
             raise ValueError(problem)

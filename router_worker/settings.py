@@ -84,13 +84,13 @@ class Settings(BaseSettings):
         description="Longest a fetch waits for records at the broker (5 on the embedded broker unless set).",
     )
     kafka_fetch_max_bytes: int = Field(
-        2_097_152,
+        52_428_800,
         ge=65_536,
         le=104_857_600,
         description="Most bytes one fetch response may carry, over all its partitions (at least one record "
-        "batch comes whatever the size). It bounds what a consumer buffers and reads again after each pause: "
-        "the embedded broker ignores the per-partition limit, so without it one fetch can carry megabytes "
-        "of a backlogged partition.",
+        "batch comes whatever the size; never below one partition's limit). Kafka's default; lower it to "
+        "bound what a consumer buffers where the broker ignores the per-partition limit (the embedded one "
+        "does: one fetch of a backlogged partition carried 5.4 MB).",
     )
     kafka_max_message_bytes: int = Field(1_048_576, ge=1024, description="Jobs larger than this are refused.")
     kafka_replication_factor: int = Field(1, ge=1)

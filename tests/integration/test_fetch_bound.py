@@ -1,7 +1,7 @@
 """One fetch carries at most ``kafka_fetch_max_bytes`` (plus one record batch), on the real broker.
 
-The embedded broker ignores the per-partition limit (``max_partition_fetch_bytes``), so before this setting
-one fetch of a backlogged partition carried megabytes, and a router read them again after every pause."""
+The embedded broker ignores the per-partition limit (``max_partition_fetch_bytes``), so at Kafka's default of
+50 MiB one fetch of a backlogged partition carries megabytes; this setting is how an operator bounds it."""
 
 from __future__ import annotations
 

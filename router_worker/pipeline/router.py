@@ -21,7 +21,7 @@ import time
 import uuid
 from collections import Counter as Tally
 from collections import OrderedDict
-from collections.abc import Container, Iterable, Mapping
+from collections.abc import Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -180,6 +180,8 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         for tp, offset in starts.items():
             self.router.gaps.expect(tp, offset)
         self.router.metrics.partitions_assigned(consumer, starts)
+        if self.router._outage_paused:  # a fresh assignment starts unpaused: it waits for Redis too
+            consumer.pause(*assigned)
         log.info("router %s reads %d partitions from their committed offsets (found in %.0f ms)",
                  self.router.router_id, len(starts), (time.monotonic() - t0) * 1000)  # fmt: skip
 
@@ -384,7 +386,9 @@ class Router:
         assigned = consumer.assignment()
         if assigned:
             consumer.pause(*assigned)
-        await consumer.getmany(timeout_ms=int(_OUTAGE_PROBE_S * 1000))  # keeps the poll alive; nothing comes
+        fetched = await consumer.getmany(timeout_ms=int(_OUTAGE_PROBE_S * 1000))  # keeps the poll alive
+        if fetched:
+            self._unread(consumer, fetched)
         try:
             await self.redis.ping()
         except (RedisError, OSError):
@@ -808,6 +812,18 @@ class Router:
             consumer.pause(tp)
             self.paused_until[tp] = self.hold_times.until(h, now)
             self.gaps.expect(tp, h.offset)
+
+    def _unread(self, consumer: AIOKafkaConsumer, fetched: Mapping[TopicPartition, Sequence[Any]]) -> None:
+        """Give back records fetched while consumption is paused for an outage, and pause their partitions: a
+        rebalance during the keep-alive poll assigned them unpaused, and the poll's records are not routed."""
+        owned = consumer.assignment()
+        back = [tp for tp, records in fetched.items() if records and tp in owned]
+        for tp in back:
+            first = fetched[tp][0].offset
+            consumer.seek(tp, first)
+            self.gaps.expect(tp, first)
+        if back:
+            consumer.pause(*back)
 
     def _rewind(self, consumer: AIOKafkaConsumer, parts: Parts, holds: list[Hold],
                 not_after: dict[TopicPartition, int] | None = None) -> None:  # fmt: skip

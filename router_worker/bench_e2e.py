@@ -148,8 +148,10 @@ class E2EConfig:
             raise ValueError(f"at most {len(REGIONS)} regions")
         if self.heads < self.models:
             raise ValueError("at least one head per model")
-        if self.rate is not None and self.rate <= 0:
-            raise ValueError("rate must be positive")
+        if self.rate is not None and not (math.isfinite(self.rate) and self.rate > 0):
+            raise ValueError("rate must be a positive number of jobs/s")
+        if self.payload_bytes < 0:
+            raise ValueError("payload-bytes must be at least 0")
 
     @property
     def timeout_s(self) -> float:

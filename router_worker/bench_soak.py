@@ -103,11 +103,11 @@ class SoakConfig:
     """Longest wait, after the producers stopped, for every job to be completed or dead-lettered."""
 
     def __post_init__(self) -> None:
-        if not 0 < self.minutes <= 24 * 60:
+        if not 0 < self.minutes <= 24 * 60:  # a comparison with nan is false: nan is refused here too
             raise ValueError("minutes must be above 0 and at most 1440")
         if not 0 < self.rate <= 20_000:
             raise ValueError("rate must be above 0 and at most 20000 jobs/s")
-        if self.fault_every_s < 5:
+        if not self.fault_every_s >= 5:
             raise ValueError("fault-every must be at least 5 s")
         if self.warmup_s < 0 or self.drain_s <= 0:
             raise ValueError("warm-up must be at least 0 s and drain above 0 s")

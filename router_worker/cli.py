@@ -11,6 +11,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 
 from router_worker.localstack import EMBEDDED_FETCH_MAX_WAIT_MS
 from router_worker.loop import LoopChoice, tune_gc
@@ -38,11 +39,17 @@ ConfigOpt = Annotated[
 ]
 
 
+def _error(exc: BaseException) -> None:
+    """One line on stderr, the message as given: no markup read into it, never folded (a service log has no
+    terminal width)."""
+    err.print(f"[red]error:[/] {escape(str(exc))}", soft_wrap=True)
+
+
 def _settings(config: Path | None, **overrides: Any) -> Settings:
     try:
         s = load_settings(config, **{k: v for k, v in overrides.items() if v is not None})
     except SettingsError as exc:
-        err.print(f"[red]error:[/] {exc}")
+        _error(exc)
         raise typer.Exit(2) from exc
     logging.basicConfig(
         level=s.log_level,
@@ -63,12 +70,12 @@ def _run(coro_fn: Callable[[], Awaitable[T]], event_loop: LoopChoice | None = No
     try:
         return run(coro_fn(), event_loop or "auto")  # type: ignore[arg-type]
     except LoopUnavailable as exc:
-        err.print(f"[red]error:[/] {exc}")
+        _error(exc)
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
     except (HeadIdInUse, PartitionOutOfRange) as exc:  # an operator's mistake: one clear line, no traceback
-        err.print(f"[red]error:[/] {exc}")
+        _error(exc)
         raise typer.Exit(2) from None
 
 
@@ -122,8 +129,6 @@ def worker(
     async def main() -> None:
         async with runtime(s) as rt:
             if partition is not None:
-                from rich.markup import escape
-
                 from router_worker.pipeline.topology import check_head_partition
 
                 problem = await check_head_partition(rt.settings, model, partition)
@@ -192,7 +197,7 @@ def submit(
     try:
         _run(main, s.event_loop)
     except EnvelopeError as exc:
-        err.print(f"[red]error:[/] {exc}")
+        _error(exc)
         raise typer.Exit(2) from exc
 
 
@@ -203,7 +208,7 @@ def main() -> None:
     try:
         app()
     except RuntimeError as exc:  # configuration problems found at start-up: a message, not a traceback
-        err.print(f"[red]error:[/] {exc}")
+        _error(exc)
         sys.exit(2)
 
 

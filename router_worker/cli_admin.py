@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
@@ -477,8 +478,10 @@ def bench(
                             pipes=tuple(int(x) for x in pipes.split(",") if x.strip()),
                             strategy=(strategy or ["least_loaded"])[0], baseline=baseline,
                             profile_dir=profile, repeat=repeat)  # fmt: skip
+            if plot is not None and not (plot.parent.is_dir() and os.access(plot.parent, os.W_OK)):
+                raise ValueError(f"--plot {plot}: its folder does not exist or is not writable")
         except ValueError as exc:
-            err.print(f"[red]error:[/] {escape(str(exc))}")
+            err.print(f"[red]error:[/] {escape(str(exc))}", soft_wrap=True)
             raise typer.Exit(2) from exc
         s = _settings(config, log_level="WARNING")
         try:
@@ -496,7 +499,7 @@ def bench(
     if what != "decisions":
         err.print(f"[red]error:[/] unknown benchmark {what!r} (known: decisions, e2e, soak, broker)")
         raise typer.Exit(2)
-    sizes = [int(x) for x in (heads or "10,100,1000").split(",") if x.strip()]
+    sizes = _decision_sizes(heads or "10,100,1000", iterations, strategy)
     t0 = time.perf_counter()
     rows = bench_decisions(sizes, iterations, strategy)
     if json_:
@@ -504,6 +507,27 @@ def bench(
         return
     print_table(console, render(rows))
     console.print(f"measured in {time.perf_counter() - t0:.1f}s; ratios are median / baseline median")
+
+
+def _decision_sizes(heads: str, iterations: int, strategies: list[str] | None) -> list[int]:
+    """``bench decisions``' head counts, its other options checked: a typo is refused before anything runs."""
+    from router_worker.core.policy import STRATEGIES
+
+    try:
+        sizes = [int(x) for x in heads.split(",") if x.strip()]
+    except ValueError:
+        sizes = []
+    problem = None
+    if not sizes or min(sizes) < 1:
+        problem = f"--heads {heads!r}: head counts of at least 1, comma-separated (e.g. 10,100,1000)"
+    elif iterations < 1:
+        problem = f"--iterations {iterations}: at least 1"
+    elif unknown := [x for x in strategies or () if x not in STRATEGIES]:
+        problem = f"unknown strategy {unknown[0]!r} (known: {', '.join(STRATEGIES)})"
+    if problem is not None:
+        err.print(f"[red]error:[/] {escape(problem)}", soft_wrap=True)
+        raise typer.Exit(2)
+    return sizes
 
 
 def _bench_broker(config: Path | None, json_: bool) -> None:

@@ -355,7 +355,7 @@ class Settings(BaseSettings):
             raise ValueError(
                 "heap_trim_s must be 0 (never) or at least 1 s (each trim blocks the event loop)"
             )
-        problem = security_problem(self)
+        problem = security_problem(self) or naming_problem(self)
         if problem:
             raise ValueError(problem)
         if not self.retry_backoff_ms or any(ms < 0 for ms in self.retry_backoff_ms):
@@ -440,14 +440,21 @@ def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Se
     except SecretFileError as exc:
         raise SettingsError(f"invalid settings: {exc}") from None
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{ENV_PREFIX}{'.'.join(str(p) for p in e['loc']).upper() or '<settings>'}: "
-            f"{e['msg'].removeprefix('Value error, ')}"
-            for e in exc.errors()
-        )
+        problems = "; ".join(_problem(e["loc"], e["msg"].removeprefix("Value error, ")) for e in exc.errors())
         # Not chained: the ValidationError's text holds the input values, secrets included.
         raise SettingsError(f"invalid settings: {problems}") from None
     return settings
+
+
+_FIELD_NAMES = re.compile(r"\b(" + "|".join(sorted(Settings.model_fields, key=len, reverse=True)) + r")\b")
+
+
+def _problem(loc: tuple[int | str, ...], message: str) -> str:
+    """One setting's problem, led by its variable; a check across settings names each variable it mentions."""
+    where = ".".join(str(p) for p in loc)
+    if where:
+        return f"{ENV_PREFIX}{where.upper()}: {message}"
+    return _FIELD_NAMES.sub(lambda m: _var(m.group(0)), message)
 
 
 def settings_help() -> str:
@@ -482,6 +489,43 @@ _REDIS_SSL_FILES = ("redis_ssl_cafile", "redis_ssl_certfile", "redis_ssl_keyfile
 
 def _var(name: str) -> str:
     return f"{ENV_PREFIX}{name.upper()}"
+
+
+_TOPIC_CHARS = re.compile(r"[A-Za-z0-9._-]*")
+_TOPIC_MAX = 249
+_MODEL_ROOM = 40
+"""Characters a model topic keeps for its model id after the prefixes (a long id is shortened to 35)."""
+
+
+def naming_problem(s: Settings) -> str | None:
+    """What Apache Kafka would refuse in the topic names and group id these settings make (the embedded broker
+    takes nearly anything, so a typo would only surface in production), naming the setting; None if all is
+    well."""
+    parts = ("topic_prefix", "model_topic_prefix", "retry_topic_prefix", "requests_topic", "dlq_topic",
+             "results_topic")  # fmt: skip
+    for name in parts:
+        value = getattr(s, name)
+        if not _TOPIC_CHARS.fullmatch(value):
+            return f"{_var(name)}={value!r}: topic names hold only letters, digits, '.', '_' and '-'"
+    for name in ("requests_topic", "dlq_topic", "results_topic"):
+        full = s.topic_prefix + getattr(s, name)
+        if not getattr(s, name) or full in (".", ".."):
+            return f"{_var(name)}={getattr(s, name)!r} names no topic"
+        if len(full) > _TOPIC_MAX:
+            return (
+                f"{_var(name)}: {_var('topic_prefix')} and it make a topic name of {len(full)} characters "
+                f"(at most {_TOPIC_MAX})"
+            )
+    for name, room in (("retry_topic_prefix", 3), ("model_topic_prefix", _MODEL_ROOM)):
+        length = len(s.topic_prefix + getattr(s, name))
+        if length + room > _TOPIC_MAX:
+            return (
+                f"{_var(name)}: {_var('topic_prefix')} and it take {length} characters, leaving topic names "
+                f"too little room (at most {_TOPIC_MAX - room})"
+            )
+    if not s.group_id.strip():
+        return f"{_var('group_id')} is empty"
+    return None
 
 
 def security_problem(s: Settings) -> str | None:

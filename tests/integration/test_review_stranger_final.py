@@ -121,11 +121,6 @@ def test_the_newest_settings_with_nonsense_values_are_refused_at_start_naming_th
     assert time.monotonic() - t0 < 20
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="cli.py:45 prints a SettingsError as rich markup: '[prod]' vanishes from a "
-    "named path, '[/]' in a value crashes the error path with a MarkupError traceback",
-)
 @pytest.mark.parametrize(
     ("args", "env", "shown"),
     [
@@ -141,11 +136,6 @@ def test_a_settings_error_shows_the_operators_text_verbatim(
     assert shown in out, f"the error does not show {shown!r} as given: {out!r}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="cli.py:45 prints a settings error without soft_wrap: where COLUMNS is unset "
-    "and stderr is no terminal (systemd, docker logs) it is folded into several lines at 80 columns",
-)
 def test_a_settings_error_is_one_line_in_a_service_log() -> None:
     env = _offline_env(ROUTER_KAFKA_FETCH_MAX_BYTES="1000")
     env.pop("COLUMNS")
@@ -155,11 +145,6 @@ def test_a_settings_error_is_one_line_in_a_service_log() -> None:
     assert len(lines) == 1, f"the error takes {len(lines)} lines: {lines}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="settings.py:435 load_settings: a cross-field error (_check) is reported "
-    "as 'ROUTER_<settings>: heap_trim_s must be ...', never naming the variable ROUTER_HEAP_TRIM_S",
-)
 @pytest.mark.parametrize(
     ("over", "variable"),
     [({"heap_trim_s": 0.5}, "ROUTER_HEAP_TRIM_S"), ({"retry_backoff_ms": []}, "ROUTER_RETRY_BACKOFF_MS")],
@@ -171,11 +156,6 @@ def test_a_cross_field_settings_error_names_the_variable(over: dict[str, Any], v
     assert "<settings>" not in str(info.value), str(info.value)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="settings.py: topic names and the group id are never checked; an empty, "
-    "over-long or Kafka-illegal name (Apache Kafka refuses [^a-zA-Z0-9._-], >249) starts a router",
-)
 @pytest.mark.parametrize(
     ("over", "variable"),
     [
@@ -198,11 +178,6 @@ def test_illegal_topic_names_and_an_empty_group_id_are_refused(over: dict[str, A
 # --- 1b. the bench verbs ------------------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="cli_admin.py:500 bench decisions checks nothing: --heads abc and --iterations "
-    "0 end in tracebacks, --heads 0 and --strategy bogus 'measure' nothing with exit 0",
-)
 @pytest.mark.parametrize(
     "args",
     [
@@ -217,11 +192,6 @@ def test_bench_decisions_refuses_nonsense_values(args: list[str]) -> None:
     _refused(rc, out)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bench e2e starts measuring before it checks --plot's folder (a traceback "
-    "after the whole run), --payload-bytes < 0 (a traceback) and --rate nan (accepted)",
-)
 @pytest.mark.parametrize("bad", ["plot", "payload", "rate"])
 def test_bench_e2e_refuses_nonsense_at_once(bad: str, settings: Settings, tmp_path: Path) -> None:
     small = [
@@ -252,11 +222,6 @@ def test_bench_e2e_refuses_nonsense_at_once(bad: str, settings: Settings, tmp_pa
     assert "draining" not in out, f"it began measuring before refusing: {out[-800:]}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bench_soak.py:110 SoakConfig takes --fault-every nan (nan < 5 is false): "
-    "a soak with no faults at all starts instead of an error",
-)
 def test_bench_soak_refuses_a_nan_fault_interval(settings: Settings) -> None:
     rc, out = _cli(
         ["bench", "soak", "--fault-every", "nan", "--minutes", "0.2"], cli_env(settings), timeout_s=10

@@ -50,8 +50,11 @@ def test_config_file_from_environment(tmp_path: Path, monkeypatch: pytest.Monkey
             "ROUTER_BATCH_MAX_RECORDS: Input should be greater than or equal to 1",
         ),
         ({"ROUTER_KAFKA_ACKS": "2"}, "ROUTER_KAFKA_ACKS"),
-        ({"ROUTER_KAFKA_ENABLE_IDEMPOTENCE": "true", "ROUTER_KAFKA_ACKS": "1"}, "requires kafka_acks='all'"),
-        ({"ROUTER_REDIS_PREFIX": "a:b"}, "redis_prefix must be"),
+        (
+            {"ROUTER_KAFKA_ENABLE_IDEMPOTENCE": "true", "ROUTER_KAFKA_ACKS": "1"},
+            "ROUTER_KAFKA_ENABLE_IDEMPOTENCE requires ROUTER_KAFKA_ACKS='all'",
+        ),
+        ({"ROUTER_REDIS_PREFIX": "a:b"}, "ROUTER_REDIS_PREFIX must be"),
         ({"ROUTER_UNKNOWN_THING": "1"}, None),
     ],
 )

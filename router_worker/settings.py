@@ -344,37 +344,44 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _check(self) -> Settings:
         if self.kafka_enable_idempotence and self.kafka_acks != "all":
-            raise ValueError("kafka_enable_idempotence requires kafka_acks='all'")
+            raise ValueError(f"{_var('kafka_enable_idempotence')} requires {_var('kafka_acks')}='all'")
         if self.kafka_heartbeat_interval_ms * 3 > self.kafka_session_timeout_ms:
             raise ValueError(
-                "kafka_heartbeat_interval_ms must be at most a third of kafka_session_timeout_ms"
+                f"{_var('kafka_heartbeat_interval_ms')} must be at most a third of "
+                f"{_var('kafka_session_timeout_ms')}"
             )
         if self.head_heartbeat_ms * 2 > self.head_ttl_ms:
-            raise ValueError("head_heartbeat_ms must be at most half of head_ttl_ms")
+            raise ValueError(f"{_var('head_heartbeat_ms')} must be at most half of {_var('head_ttl_ms')}")
         if 0 < self.heap_trim_s < 1:
             raise ValueError(
-                "heap_trim_s must be 0 (never) or at least 1 s (each trim blocks the event loop)"
+                f"{_var('heap_trim_s')} must be 0 (never) or at least 1 s (each trim blocks the event loop)"
             )
         problem = security_problem(self) or naming_problem(self)
         if problem:
             raise ValueError(problem)
         if not self.retry_backoff_ms or any(ms < 0 for ms in self.retry_backoff_ms):
-            raise ValueError("retry_backoff_ms must be a non-empty list of non-negative delays")
+            raise ValueError(f"{_var('retry_backoff_ms')} must be a non-empty list of non-negative delays")
         longest_publish_ms = 2 * (self.publish_retry_max_s * 1000 + self.kafka_request_timeout_ms)
         if self.claim_ttl_ms < longest_publish_ms:
             raise ValueError(
-                f"claim_ttl_ms must outlast a batch's longest publish (2 x (publish_retry_max_s + "
-                f"kafka_request_timeout_ms) = {longest_publish_ms:.0f} ms), or a claim could lapse mid-publish"
+                f"{_var('claim_ttl_ms')} must outlast a batch's longest publish (2 x ("
+                f"{_var('publish_retry_max_s')} + {_var('kafka_request_timeout_ms')}) = {longest_publish_ms:.0f} "
+                "ms), or a claim could lapse mid-publish"
             )
         if self.admin_token is not None and "admin" in self.admin_tokens:
-            raise ValueError("admin_tokens names a token 'admin': that name is ROUTER_ADMIN_TOKEN's")
+            raise ValueError(
+                f"{_var('admin_tokens')} names a token 'admin': that name is {_var('admin_token')}'s"
+            )
         secrets = [t.get_secret_value() for t in self.admin_tokens.values()]
         if self.admin_token is not None:
             secrets.append(self.admin_token.get_secret_value())
         if len(set(secrets)) < len(secrets):
-            raise ValueError("two admin tokens are equal: each name needs its own token (it is the actor)")
+            raise ValueError(
+                f"two admin tokens are equal ({_var('admin_tokens')}, {_var('admin_token')}): each name needs "
+                "its own token (it is the actor)"
+            )
         if not self.redis_prefix or any(c in self.redis_prefix for c in "{}: "):
-            raise ValueError("redis_prefix must be non-empty without '{', '}', ':' or spaces")
+            raise ValueError(f"{_var('redis_prefix')} must be non-empty without '{{', '}}', ':' or spaces")
         return self
 
     @classmethod
@@ -446,15 +453,10 @@ def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Se
     return settings
 
 
-_FIELD_NAMES = re.compile(r"\b(" + "|".join(sorted(Settings.model_fields, key=len, reverse=True)) + r")\b")
-
-
 def _problem(loc: tuple[int | str, ...], message: str) -> str:
-    """One setting's problem, led by its variable; a check across settings names each variable it mentions."""
+    """One setting's problem, led by its variable (a check across settings names its variables itself)."""
     where = ".".join(str(p) for p in loc)
-    if where:
-        return f"{ENV_PREFIX}{where.upper()}: {message}"
-    return _FIELD_NAMES.sub(lambda m: _var(m.group(0)), message)
+    return f"{ENV_PREFIX}{where.upper()}: {message}" if where else message
 
 
 def settings_help() -> str:

@@ -818,10 +818,11 @@ class Router:
         rebalance during the keep-alive poll assigned them unpaused, and the poll's records are not routed."""
         owned = consumer.assignment()
         back = [tp for tp, records in fetched.items() if records and tp in owned]
-        for tp in back:
+        for tp in back:  # from where the poll began: its first record may be past one not visible yet
             first = fetched[tp][0].offset
-            consumer.seek(tp, first)
-            self.gaps.expect(tp, first)
+            start = min(first, self.gaps.expected.get(tp, first))
+            consumer.seek(tp, start)
+            self.gaps.expect(tp, start)
         if back:
             consumer.pause(*back)
 

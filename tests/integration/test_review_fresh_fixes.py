@@ -21,12 +21,6 @@ from tests.procs import RedisServer
 
 
 @pytest.mark.integration
-@pytest.mark.xfail(
-    strict=True,
-    reason="Router._unread seeks to the first record the keep-alive poll returned and tells the gap guard to "
-    "expect it: a poll that starts past a record not visible yet (the embedded broker shows N+1 before N) "
-    "moves the position and the guard past that record, and it is never routed",
-)
 async def test_a_keep_alive_poll_that_starts_past_a_not_yet_visible_record_does_not_lose_it(
     settings: Settings, tmp_path: Path
 ) -> None:
@@ -116,11 +110,6 @@ async def test_a_keep_alive_poll_that_starts_past_a_not_yet_visible_record_does_
             await redis.aclose()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="settings._problem runs _FIELD_NAMES.sub over the whole message of a check across settings, values "
-    "the user gave included: a path or topic name holding a field name is shown rewritten",
-)
 @pytest.mark.parametrize(
     ("given", "shown"),
     [

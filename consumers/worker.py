@@ -499,7 +499,11 @@ class ModelWorker:
                 raise
             # The handler's library cancelled its own work (grpc.aio, anyio): a failure of this job, not ours.
             result, status, error = None, "error", f"cancelled by the handler: {describe(exc)}"
-        except Exception as exc:
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except (
+            BaseException
+        ) as exc:  # an Exception, or pytest's Failed, gevent's GreenletExit, an abort: failed
             result, status, error = None, "error", f"{type(exc).__name__}: {exc}"
         finally:
             st.inflight -= 1

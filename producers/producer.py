@@ -20,7 +20,7 @@ from router_worker.clock import now_ms
 from router_worker.pipeline.kafka import make_producer
 from router_worker.settings import Settings
 from router_worker.topics import Topics
-from schemas.envelope import MSGPACK, encode_job, validate
+from schemas.envelope import MSGPACK, DeadLetterReason, EnvelopeError, encode_job, validate
 
 T = TypeVar("T")
 
@@ -28,8 +28,8 @@ T = TypeVar("T")
 def build_job(model_type: str, payload: Any = None, *, job_id: str | None = None,
               **fields: Any) -> dict[str, Any]:  # fmt: skip
     """A validated job envelope as a dict (raises EnvelopeError naming the bad field)."""
-    doc: dict[str, Any] = {"v": 1, "job_id": job_id or uuid.uuid4().hex, "model_type": model_type,
-                           "created_at": now_ms()}  # fmt: skip
+    doc: dict[str, Any] = {"v": 1, "job_id": uuid.uuid4().hex if job_id is None else job_id,
+                           "model_type": model_type, "created_at": now_ms()}  # fmt: skip
     if payload is not None:
         doc["payload"] = payload
     doc.update((k, v) for k, v in fields.items() if v is not None)
@@ -75,7 +75,12 @@ class JobProducer:
         if headers:
             hdrs += [(k, v.encode()) for k, v in headers.items()]
         key = (doc.get("session_id") or doc["job_id"]).encode()
-        fut = await self._producer.send(self.topic, encode_job(doc, self.content_type), key=key, headers=hdrs)
+        value = encode_job(doc, self.content_type)
+        limit = self.settings.kafka_max_message_bytes
+        if len(value) > limit:  # the router would dead-letter it as too_large: say so to the caller instead
+            raise EnvelopeError(DeadLetterReason.TOO_LARGE, f"the job encodes to {len(value)} bytes, over "
+                                f"ROUTER_KAFKA_MAX_MESSAGE_BYTES={limit}")  # fmt: skip
+        fut = await self._producer.send(self.topic, value, key=key, headers=hdrs)
         self._pending.append(fut)
         if len(self._pending) >= self._max_pending:  # bound what we hold in memory
             await self.flush()

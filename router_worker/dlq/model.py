@@ -268,8 +268,8 @@ def parse_reasons(words: Iterable[str]) -> frozenset[str]:
     for w in words:
         for part in w.split(","):
             r = part.strip().lower()
-            if not r:
-                continue
+            if not r:  # an unset shell variable, or a stray comma: never read as "every reason"
+                raise UsageError(f"empty reason in {w!r}: one of {', '.join(REASONS)}")
             if r not in REASONS:
                 raise UsageError(f"unknown reason {part.strip()!r}: one of {', '.join(REASONS)}")
             out.add(r)
@@ -326,7 +326,10 @@ def parse_filter(reasons: Iterable[str] = (), model: str | None = None, since: s
     since_ms = None if since is None else now_ms - parse_duration_ms(since)
     if model is not None and not model.strip():
         raise UsageError("--model must not be empty")
-    return Filter(parse_reasons(reasons), model, since_ms, frozenset(j for j in job_ids if j), since)
+    ids = list(job_ids)
+    if any(not j.strip() for j in ids):  # an unset shell variable would otherwise select every dead letter
+        raise UsageError("--job-id must not be empty")
+    return Filter(parse_reasons(reasons), model, since_ms, frozenset(ids), since)
 
 
 def summary(dls: Iterable[DeadLetter]) -> dict[str, int]:
@@ -387,6 +390,54 @@ def sent_as(dls: Iterable[DeadLetter], marks: Mapping[str, str | None]) -> dict[
         if state is not None and dl.job_id is not None:
             out.setdefault((dl.redrive, dl.job_id), state[1])
     return out
+
+
+def kin_of(dls: Iterable[DeadLetter], items: Iterable[Item]) -> dict[tuple[str | None, str], list[str]]:
+    """(generation, job id) -> the coordinates of every dead letter of that job and generation, for each job
+    ``items`` send: the marks a redrive reads again before it sends (see :func:`under_current_marks`)."""
+    wanted = {(i.dl.redrive, i.dl.job_id) for i in items if i.dl.job_id is not None}
+    out: dict[tuple[str | None, str], list[str]] = {}
+    for dl in dls:
+        if dl.job_id is not None and (dl.redrive, dl.job_id) in wanted:
+            out.setdefault((dl.redrive, dl.job_id), []).append(dl.coord)
+    return out
+
+
+def under_current_marks(items: Iterable[Item], marks: Mapping[str, str | None],
+                        kin: Mapping[tuple[str | None, str], Sequence[str]]) -> list[Item]:  # fmt: skip
+    """What is still to send of a plan, judged again by the redrive marks read once the lock is held: another
+    redrive may have sent (``s``) or begun sending (``p``, interrupted) a dead letter, or one of the same job,
+    since the plan was made. Such an item goes under that redrive's id, so that a router which has the copy
+    already takes it for a duplicate; a sent one does not go."""
+    taken: dict[tuple[str | None, str], str] = {}
+    for key, coords in kin.items():
+        for coord in coords:
+            state = sent_state(marks.get(coord))
+            if state is not None:
+                taken.setdefault(key, state[1])
+                break
+    out: list[Item] = []
+    for it in items:
+        state = sent_state(marks.get(it.dl.coord))
+        if state is not None and state[0] == "s":
+            continue
+        now_id = state[1] if state is not None else None
+        if now_id is None and it.dl.job_id is not None:
+            now_id = taken.get((it.dl.redrive, it.dl.job_id))
+        if now_id is None or now_id == it.redrive_id:
+            out.append(it)
+        else:
+            out.append(
+                replace(it, verdict=Verdict.RESEND, why=f"resumed from redrive {now_id}", redrive_id=now_id)
+            )
+    return out
+
+
+def with_redrive_id(out: Outgoing, redrive_id: str) -> Outgoing:
+    """The same record under another ``x-redrive``."""
+    hs = [(k, v) for k, v in out.headers if k != H_REDRIVE]
+    hs.append((H_REDRIVE, redrive_id.encode()))
+    return Outgoing(out.key, out.value, hs)
 
 
 def plan_item(dl: DeadLetter, mark: str | None, attempt_marks: Sequence[str | None], redrive_id: str,

@@ -33,6 +33,7 @@ from router_worker.dlq.model import (
     attempt_keys,
     check_original,
     chunk_size,
+    kin_of,
     new_redrive_id,
     pace,
     plan_item,
@@ -40,12 +41,15 @@ from router_worker.dlq.model import (
     sendable,
     sent_as,
     tally,
+    under_current_marks,
     with_original,
+    with_redrive_id,
 )
 from router_worker.dlq.reader import OriginalGone, Originals, read_dead_letters
 from router_worker.dlq.state import RedriveState
 from router_worker.metrics import Metrics
 from router_worker.pipeline.kafka import make_producer
+from router_worker.pipeline.outcomes import H_REDRIVE
 from router_worker.pipeline.publish import RetryBudget, Send, describe, publish
 from router_worker.settings import Settings
 from router_worker.state.keys import Keys
@@ -99,6 +103,8 @@ class Prepared:
     items: list[Item] = field(default_factory=list)
     outgoing: dict[str, Outgoing] = field(default_factory=dict)
     """coord -> what is sent, for every sendable item."""
+    kin: dict[tuple[str | None, str], list[str]] = field(default_factory=dict)
+    """(generation, job id) -> every dead letter of each job to send: their marks are read again at the send."""
 
     @property
     def to_send(self) -> list[Item]:
@@ -154,6 +160,7 @@ async def prepare(settings: Settings, redis: Redis, flt: Filter, *, force: bool 
         if item.verdict in (Verdict.SEND, Verdict.RESEND):
             assert item.redrive_id is not None
             out.outgoing[dl.coord] = redrive_record(dl, orig, item.redrive_id)
+    out.kin = kin_of(every, out.to_send)
     return out
 
 
@@ -187,12 +194,15 @@ async def execute(settings: Settings, redis: Redis, prepared: Prepared, *, rate:
     state = RedriveState(redis, Keys(settings.redis_prefix))
     if not locked:
         await lock(settings, redis, rid)
-    try:
-        now_marks = await state.marks([it.dl.coord for it in prepared.to_send])
+    try:  # what other redrives did since the plan was made, now that none can run beside this one
+        coords = list(dict.fromkeys([*(it.dl.coord for it in prepared.to_send),
+                                     *(c for cs in prepared.kin.values() for c in cs)]))  # fmt: skip
+        now_marks = dict(zip(coords, await state.marks(coords), strict=True))
     except BaseException:
         await state.unlock(rid)
         raise
-    items = [it for it, m in zip(prepared.to_send, now_marks, strict=True) if not (m or "").startswith("s|")]
+    items = under_current_marks(prepared.to_send, now_marks, prepared.kin)
+    outgoing = {it.dl.coord: _under(prepared.outgoing[it.dl.coord], it.redrive_id or rid) for it in items}
     res = Result(rid, "failed", len(items))
     started = now_ms()
     base: dict[str, Any] = {"id": rid, "actor": actor, "source": source, "filter": prepared.flt.describe(),
@@ -218,7 +228,7 @@ async def execute(settings: Settings, redis: Redis, prepared: Prepared, *, rate:
                                "stopped so as not to send beside another redrive")  # fmt: skip
             await state.mark("p", [(it.dl.coord, it.redrive_id or rid) for it in chunk])
             sends = {id(s): (it, s) for it in chunk
-                     for s in [_send(topic, prepared.outgoing[it.dl.coord])]}  # fmt: skip
+                     for s in [_send(topic, outgoing[it.dl.coord])]}  # fmt: skip
             report = await publish(producer, [s for _, s in sends.values()], budget)
             acked = [sends[id(s)][0] for s in report.acked]
             if acked:
@@ -248,6 +258,12 @@ async def execute(settings: Settings, redis: Redis, prepared: Prepared, *, rate:
         keeper.cancel()
         await asyncio.shield(_finish(state, producer, audit, prepared, res, base, source))
     return res
+
+
+def _under(out: Outgoing, redrive_id: str) -> Outgoing:
+    """The record as planned, or under the id the marks read at the send gave its dead letter."""
+    planned = next((v for k, v in out.headers if k == H_REDRIVE), None)
+    return out if planned == redrive_id.encode() else with_redrive_id(out, redrive_id)
 
 
 def _send(topic: str, out: Outgoing) -> Send:

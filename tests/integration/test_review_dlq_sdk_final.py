@@ -48,8 +48,6 @@ async def _redriven(s: Settings) -> list[tuple[str | None, str | None]]:
 # ---------------------------------------------------------------- redrive: filter typos
 
 
-@pytest.mark.xfail(strict=True, reason="an empty --job-id/--reason (an unset shell variable) is dropped from the "
-                   "filter, so the redrive silently takes every dead letter")  # fmt: skip
 @pytest.mark.parametrize("flag", ["--job-id", "--reason"])
 async def test_an_empty_filter_word_is_refused_not_read_as_everything(settings: Settings, flag: str) -> None:
     """``router-worker dlq redrive --job-id "$JOB" --yes`` with JOB unset must not redrive the whole DLQ
@@ -64,8 +62,6 @@ async def test_an_empty_filter_word_is_refused_not_read_as_everything(settings: 
 # ---------------------------------------------------------------- redrive: two shells, one interrupted
 
 
-@pytest.mark.xfail(strict=True, reason="execute() sends a dead letter under its stale prepare-time redrive id even "
-                   "when another redrive marked it being-sent since: a second routed copy")  # fmt: skip
 async def test_a_plan_made_before_another_redrive_was_interrupted_does_not_send_its_jobs_again(
     settings: Settings, redis: Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -113,8 +109,6 @@ async def test_a_plan_made_before_another_redrive_was_interrupted_does_not_send_
 # ---------------------------------------------------------------- the producer SDK
 
 
-@pytest.mark.xfail(strict=True, reason="build_job/submit replace an explicit empty job_id with a random one instead "
-                   "of refusing it, so a resubmit is not deduplicated")  # fmt: skip
 async def test_an_explicit_empty_job_id_is_refused_client_side(settings: Settings) -> None:
     """``job_id`` is the idempotency key (1 to 128 chars). ``submit(..., job_id=key)`` with ``key == ""`` (a
     missing field upstream) must raise, not publish under a fresh uuid: the caller's retry of the same
@@ -126,8 +120,6 @@ async def test_an_explicit_empty_job_id_is_refused_client_side(settings: Setting
             await p.submit("m", "x", job_id="")
 
 
-@pytest.mark.xfail(strict=True, reason="the producer SDK accepts a job over ROUTER_KAFKA_MAX_MESSAGE_BYTES (its "
-                   "max_request_size is the limit + 64 KiB); the router then dead-letters it as too_large")  # fmt: skip
 async def test_a_job_over_the_routers_size_limit_is_refused_by_submit(
     settings: Settings, redis: Redis
 ) -> None:
@@ -153,8 +145,6 @@ class _Abort(BaseException):
     gevent's GreenletExit, a framework's own abort."""
 
 
-@pytest.mark.xfail(strict=True, reason="a handler raising a BaseException (not Exception) kills its serving "
-                   "coroutine: the job is not nacked nor finished; the head stalls while it heartbeats")  # fmt: skip
 async def test_a_handler_raising_a_base_exception_does_not_stall_the_head(settings: Settings,
                                                                          redis: Redis) -> None:  # fmt: skip
     """ "A handler that raises nacks the job." A BaseException subclass escapes ``_serve``'s ``except Exception``

@@ -50,7 +50,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 from redis.asyncio import Redis
 
-from router_worker.audit import AuditSink
+from router_worker.audit import AuditSink, audit_record
 from router_worker.clock import now_ms
 from router_worker.core.adaptive import ProfileLearner, job_size
 from router_worker.pipeline.fault_headers import BUSY, refusal_count, with_excluded, with_refusals
@@ -663,6 +663,7 @@ class ModelWorker:
         now = now_ms()
         sends: list[Send] = []
         by_send: dict[int, Any] = {}
+        audit: dict[int, dict[str, Any]] = {}
         for rec in records:
             n = attempt if attempt is not None else header_int(rec.headers, H_ATTEMPT, 1)
             tier = min(max(1, n), len(delays)) if backoff else 1
@@ -677,10 +678,12 @@ class ModelWorker:
             key = rec.key if (rec.key is not None or rec.value is not None) else b""
             send = Send(self.topics.retry(tier), rec.value, key, None, headers)
             by_send[id(send)] = rec
+            audit[id(send)] = {"reason": reason[:200], "attempt": n, "tier": tier}
             sends.append(send)
         report = await publish(self._producer, sends, budget)
         settled = {by_send[id(x)].offset for x in report.acked}
         self.stats.nacked += len(report.acked)
+        await self._audit("retry", [(by_send[id(x)], audit[id(x)]) for x in report.acked])
         if report.fatal:
             for x in report.fatal:
                 rec = by_send[id(x)]
@@ -700,6 +703,23 @@ class ModelWorker:
             self._finish(off)
         return settled
 
+    async def _audit(self, event: str, settled: Sequence[tuple[Any, dict[str, Any]]]) -> None:
+        """One audit record per job this head gave back (``retry``) or dead-lettered, once acknowledged: the
+        routers record their own decisions, not what a head does with a job. Best effort, one round trip."""
+        if self.audit is None or not settled:
+            return
+        out = []
+        for rec, fields in settled:
+            try:
+                job = decode_job(rec.value, content_type_of(rec.headers))
+                job_id, model_type = job.job_id, job.model_type
+            except Exception:  # a record no router wrote: its place says which it is
+                job_id, model_type = None, None
+            out.append(audit_record(event, self.head_id, job_id=job_id, model_type=model_type, head_id=self.head_id,
+                                    topic=rec.topic, partition=rec.partition, offset=rec.offset, **fields))  # fmt: skip
+        with contextlib.suppress(Exception):
+            await self.audit.emit_many(out)
+
     async def _dead_letter(self, rec: Any, reason: str, detail: str, attempt: int) -> bool:
         """Dead-letter one record (original bytes, truncated past the producer's limit); True (and the record
         finished) once acknowledged."""
@@ -709,6 +729,9 @@ class ModelWorker:
                                      budget=self._budget):  # fmt: skip
             self.stats.dead_lettered += 1
             self._finish(rec.offset)
+            await self._audit(
+                "dead_letter", [(rec, {"reason": reason, "detail": detail[:200], "attempt": attempt})]
+            )
             return True
         self.stats.unsettled += 1
         log.error("head %s: dead letter of offset %d (%s) not acknowledged; it stays uncommitted", self.head_id,

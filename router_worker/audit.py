@@ -96,10 +96,8 @@ def audit_record(event: str, router_id: str, **fields: Any) -> dict[str, Any]:
 def decision_record(decision: Decision, router_id: str, job_id: str, model_type: str,
                     region: str | None, ts: int, tenant: str | None = None) -> dict[str, Any]:  # fmt: skip
     fallback = decision.fallback
-    if decision.outcome is Outcome.ROUTED:
-        event = "route_fallback" if fallback else "route"
-    else:
-        event = decision.outcome.value
+    routed = decision.outcome is Outcome.ROUTED
+    event = ("fallback" if fallback else "route") if routed else decision.outcome.value
     rec: dict[str, Any] = {
         "ts": ts,
         "event": event,
@@ -141,6 +139,32 @@ def encode_lines(records: list[Mapping[str, Any]]) -> list[bytes]:
     return [orjson.dumps(r) for r in records]
 
 
+class AuditFileHandler(logging.handlers.RotatingFileHandler):
+    """Rotated by size like its base, and reopened, as ``WatchedFileHandler`` is, when another tool moved or
+    removed the file (logrotate without ``copytruncate``): else the records would go on into the renamed file
+    and the configured path would stay missing. One ``stat`` per write, and a write is a batch."""
+
+    _ident: tuple[int, int] | None = None
+
+    def _open(self) -> Any:
+        stream = super()._open()
+        st = os.fstat(stream.fileno())
+        self._ident = (st.st_dev, st.st_ino)
+        return stream
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.stream is not None:
+            try:
+                st = os.stat(self.baseFilename)
+                moved = (st.st_dev, st.st_ino) != self._ident
+            except OSError:
+                moved = True
+            if moved:  # the base opens the path again before it writes
+                self.stream.close()
+                self.stream = None
+        super().emit(record)
+
+
 class AuditSink:
     def __init__(self, redis: Redis | None, channel: str, file_path: str | None, max_bytes: int = 50 << 20,
                  backups: int = 5, *, stream: str | None = None, stream_maxlen: int = 0,
@@ -157,7 +181,7 @@ class AuditSink:
         if file_path:
             path = Path(file_path)
             path.parent.mkdir(parents=True, exist_ok=True)
-            handler = logging.handlers.RotatingFileHandler(path, maxBytes=max_bytes, backupCount=backups)
+            handler = AuditFileHandler(path, maxBytes=max_bytes, backupCount=backups)
             handler.setFormatter(logging.Formatter("%(message)s"))
             # A private logger object (not from the global registry) so nothing else writes to our file.
             file_logger = logging.Logger(f"audit:{path}", logging.INFO)

@@ -68,19 +68,25 @@ class TailFilter:
     tenants: frozenset[str] = frozenset()
 
     def matches(self, rec: Mapping[str, Any]) -> bool:
-        if self.events and rec.get("event") not in self.events:
+        if self.events and _text(rec, "event") not in self.events:
             return False
         if (
             self.models
-            and rec.get("model_type") not in self.models
-            and rec.get("model_id") not in self.models
+            and _text(rec, "model_type") not in self.models
+            and _text(rec, "model_id") not in self.models
         ):
             return False
-        if self.heads and rec.get("head_id") not in self.heads:
+        if self.heads and _text(rec, "head_id") not in self.heads:
             return False
-        if self.jobs and rec.get("job_id") not in self.jobs:
+        if self.jobs and _text(rec, "job_id") not in self.jobs:
             return False
-        return not self.tenants or rec.get("tenant") in self.tenants
+        return not self.tenants or _text(rec, "tenant") in self.tenants
+
+
+def _text(rec: Mapping[str, Any], name: str) -> str | None:
+    """A field as the filters compare it: a string, or None (another writer's map or list matches nothing)."""
+    value = rec.get(name)
+    return value if isinstance(value, str) else None
 
 
 def parse_lines(data: str | bytes) -> list[dict[str, Any]]:

@@ -3,6 +3,7 @@ as readable lines or JSON (one object a line). The reading itself is :mod:`route
 
 from __future__ import annotations
 
+import contextlib
 import re
 import sys
 from collections.abc import Mapping
@@ -21,7 +22,7 @@ from router_worker.runtime import runtime
 
 audit_app = typer.Typer(help="Replay and follow the audit records.", no_args_is_help=True)
 
-_EVENT_STYLE = {"route": "green", "route_fallback": "yellow", "retry": "yellow", "dead_letter": "red",
+_EVENT_STYLE = {"route": "green", "fallback": "yellow", "retry": "yellow", "dead_letter": "red",
                 "throttled": "yellow", "breaker_opened": "red"}  # fmt: skip
 _FIRST = ("job_id", "tenant", "model_type", "model_id", "head_id", "strategy", "attempt", "reason", "actor")
 _HIDDEN = frozenset({"ts", "event", "scores", "fallback"})
@@ -40,8 +41,10 @@ def _visible(text: str) -> str:
 def format_record(rec: Mapping[str, Any]) -> str:
     """One readable line (rich markup): local time, event, then the fields that say what happened."""
     ts = rec.get("ts")
-    when = datetime.fromtimestamp(ts / 1000).isoformat(sep=" ", timespec="milliseconds") if isinstance(
-        ts, int | float) else "?"  # fmt: skip
+    when = "?"
+    if isinstance(ts, int | float):
+        with contextlib.suppress(ValueError, OverflowError, OSError):  # another writer's absurd time
+            when = datetime.fromtimestamp(ts / 1000).isoformat(sep=" ", timespec="milliseconds")
     event = str(rec.get("event", "?"))
     style = _EVENT_STYLE.get(event, "cyan")
     keys = [k for k in _FIRST if k in rec] + sorted(k for k in rec if k not in _FIRST and k not in _HIDDEN)

@@ -122,6 +122,9 @@ class Metrics:
         self.outage_buffered = Gauge(
             "router_outage_buffered", "Writes waiting for Redis to answer.", registry=r
         )
+        self.outage_dropped = Counter(
+            "router_outage_dropped_total", "Buffered writes dropped because a Redis outage outlasted "
+            "ROUTER_OUTAGE_BUFFER_MAX, by kind (audit, pin, inflight, done).", ["kind"], registry=r)  # fmt: skip
         self.invalid_heads = Gauge("router_invalid_heads", "Heads that can not be addressed (bad partition).",
                                    registry=r)  # fmt: skip
         self.gaps_accepted = Counter("router_offset_gaps_accepted_total", "Offset gaps accepted as real.",

@@ -69,8 +69,11 @@ def make_redis(url: str, timeout_s: float | None = 5.0, **options: Any) -> Redis
     maintenance notifications (a Redis Cloud feature, RESP3 only) are on, and their default, "auto", counts
     as on. They are off here: else the first call on each pooled connection after a restart failed ("Connection
     closed by server"), and a batch whose claims failed was routed without them. Nothing is sent twice: a
-    call that fails is not made again. ``options``: login and TLS (see :func:`redis_options`)."""
+    call that fails is not made again. Bytes that are not UTF-8 (another writer's, on the audit stream say)
+    are read with replacement characters rather than failing the whole reply. ``options``: login and TLS (see
+    :func:`redis_options`)."""
     options.setdefault("maint_notifications_config", MaintNotificationsConfig(enabled=False))
+    options.setdefault("encoding_errors", "replace")
     return Redis.from_url(url, decode_responses=True, health_check_interval=30, socket_keepalive=True,
                           socket_timeout=timeout_s, socket_connect_timeout=timeout_s, **options)  # fmt: skip
 

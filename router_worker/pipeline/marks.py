@@ -108,8 +108,8 @@ class Marks:
         self.dedupe_ttl_ms = dedupe_ttl_ms
         self.buffer_max = buffer_max
         self.pending = _Pending()
-        self.dropped = 0
-        """Buffered writes dropped because the outage outlasted the buffer."""
+        self.dropped_by: Counter[str] = Counter()
+        """Buffered writes dropped because the outage outlasted the buffer, by kind (audit, pin, inflight, done)."""
         self.forged = 0
         """Records whose ``x-redrive`` named no redrive (keyed as plain jobs)."""
         self.errors = 0
@@ -265,26 +265,30 @@ class Marks:
         over = p.size() - self.buffer_max
         if over <= 0:
             return
-        first = self.dropped == 0
+        first = not self.dropped_by
         while over > 0 and p.audit:
             p.audit.popleft()
             over -= 1
-            self.dropped += 1
+            self.dropped_by["audit"] += 1
         while over > 0 and p.pins:
             del p.pins[next(iter(p.pins))]
             over -= 1
-            self.dropped += 1
+            self.dropped_by["pin"] += 1
         if over > 0 and p.inflight:
             n = min(over, len(p.inflight))
             del p.inflight[:n]
             over -= n
-            self.dropped += n
+            self.dropped_by["inflight"] += n
         if over > 0:
             del p.done[:over]
-            self.dropped += over
+            self.dropped_by["done"] += over
         if first:
             log.warning("Redis outage outlasted the write buffer (%d entries): dropping the oldest writes",
                         self.buffer_max)  # fmt: skip
+
+    @property
+    def dropped(self) -> int:
+        return sum(self.dropped_by.values())
 
     @property
     def buffered(self) -> int:

@@ -248,6 +248,8 @@ class Router:
         """Claim keys of records settled in a batch whose publishing raised (a bug): that batch is never closed,
         so their done marks are never written; remembered until the size bound pushes them out."""
         self._last_inflight: dict[str, int] = {}
+        self._dropped_counted: Tally[str] = Tally()
+        """Outage-buffer drops already on the metric, by kind."""
         self._outage_paused = False
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
@@ -301,6 +303,9 @@ class Router:
             with contextlib.suppress(Exception):  # what Redis did not take during an outage, if it is back
                 async with self._mark_lock:
                     await asyncio.wait_for(self.marks.mark([], self._pin_ms()), 2.0)
+            if self.marks.buffered:  # the audit file has the records; Redis never will
+                log.error("stopping with %d writes Redis never took (audit records, marks, pins): dropped",
+                          self.marks.buffered)  # fmt: skip
             await self.state.stop()
             with contextlib.suppress(Exception):
                 await self.audit.emit("router_stopped", self.router_id, routed=self.stats.routed)
@@ -852,11 +857,19 @@ class Router:
         if len(bad) > _LOG_BAD_PER_BATCH:
             log.warning("... and %d more bad jobs in this batch", len(bad) - _LOG_BAD_PER_BATCH)
 
+    def _count_dropped(self) -> None:
+        """The writes the outage buffer dropped since the last count, on ``router_outage_dropped_total``."""
+        for kind, n in self.marks.dropped_by.items():
+            if n > self._dropped_counted[kind]:
+                self.metrics.outage_dropped.labels(kind).inc(n - self._dropped_counted[kind])
+                self._dropped_counted[kind] = n
+
     async def _mark(self, settled: list[Outcome]) -> None:
         async with self._mark_lock:  # one at a time: a batch closed in the background and an idle flush
             inflight = await self.marks.mark(settled, self._pin_ms())
         now = now_ms()
         self.metrics.outage_buffered.set(self.marks.buffered)
+        self._count_dropped()
         if inflight is None:
             self.health.failed(now)
             self.metrics.external_calls.labels("redis", "error").inc()

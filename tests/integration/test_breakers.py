@@ -167,9 +167,7 @@ async def test_a_head_failing_every_job_is_cut_off_by_both_routers_and_every_job
     # planned, and one whose claim round trip was already on its way. After that, only half-open probes. A batch's
     # decision records share its timestamp. (Seen in CI: a router two batches 13 ms apart, both just after t_open.)
     t_open = min(r["ts"] for r in opened)
-    routes = [
-        r for r in records if r.get("event") in ("route", "route_fallback") and r.get("head_id") == "bad"
-    ]
+    routes = [r for r in records if r.get("event") in ("route", "fallback") and r.get("head_id") == "bad"]
     assert routes, "the failing head got jobs before its breaker opened"
     late = [r for r in routes if r["ts"] > t_open and "half-open breaker probe" not in r["reason"]]
     by_router: dict[str, set[int]] = {}

@@ -82,9 +82,7 @@ async def test_jobs_whose_head_refuses_publishes_go_to_the_next_candidate_and_sa
     assert router.stats.dead_lettered == 0
     records, _ = read_audit(s.audit_file)
     fallbacks = [
-        r
-        for r in records
-        if r.get("event") == "route_fallback" and r.get("fallback_reason") == "publish_error"
+        r for r in records if r.get("event") == "fallback" and r.get("fallback_reason") == "publish_error"
     ]
     assert {r["job_id"] for r in fallbacks} == {r[0] for r in moved}
     assert all("publish to head bad failed" in r["reason"] for r in fallbacks)

@@ -123,7 +123,7 @@ async def test_redis_outage_of_10_s_loses_nothing_dead_letters_nothing_and_keeps
                 procs.assert_alive(*routers, *heads)
     print(f"[redis] {rep.summary()}")
     audit, torn = read_audit(s.audit_file)
-    routes = [r for r in audit if r.get("event") in ("route", "route_fallback")]
+    routes = [r for r in audit if r.get("event") in ("route", "fallback")]
     in_window = [r for r in routes if down_ms <= int(r.get("ts", 0)) <= up_ms]
     audited = {r.get("job_id") for r in routes}
     routed_in_window = [j for j, ds in ledger.deliveries.items() if any(down_ms <= int(d.get("routed_at") or 0)
@@ -190,7 +190,7 @@ async def test_a_head_killed_with_jobs_in_flight_loses_none_of_them(
             rep = ledger.report(ids)
             procs.assert_alive(router, h2)
     audit, _ = read_audit(settings.audit_file)
-    to_h1 = {r.get("job_id") for r in audit if r.get("event") in ("route", "route_fallback")
+    to_h1 = {r.get("job_id") for r in audit if r.get("event") in ("route", "fallback")
              and r.get("head_id") == "h1"}  # fmt: skip
     held = [j for j in to_h1 if not any(d.get("head_id") == "h1" for d in ledger.deliveries.get(j, ()))]
     print(f"[head-kill] h1 completed {done_by_h1} (seen) when killed; {len(to_h1)} routed to h1, {len(held)} of them "

@@ -45,8 +45,6 @@ def _tail_json(s: Settings, *args: str) -> list[dict[str, Any]]:
 # --- audit tail and records published by someone else -------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="audit tail crashes (ValueError/OverflowError in format_record) on a "
-                   "foreign record whose ts is out of datetime's range, and stops showing records")  # fmt: skip
 async def test_audit_tail_survives_a_foreign_record_with_an_absurd_ts(
     settings: Settings, redis: Redis
 ) -> None:
@@ -82,8 +80,6 @@ async def test_audit_tail_skips_non_objects_and_torn_lines_on_the_stream(
     assert "h-after" in proc.stdout
 
 
-@pytest.mark.xfail(strict=True, reason="audit tail --event/--model/--head/--job/--tenant crashes with TypeError "
-                   "(TailFilter.matches: `in frozenset`) on a foreign record whose field is a map or list")  # fmt: skip
 async def test_filtered_audit_tail_survives_a_foreign_record_with_a_map_field(
     settings: Settings, redis: Redis
 ) -> None:
@@ -100,8 +96,6 @@ async def test_filtered_audit_tail_survives_a_foreign_record_with_a_map_field(
     assert heads == ["h-before", "h-after"]
 
 
-@pytest.mark.xfail(strict=True, reason="a stream entry holding bytes that are not UTF-8 crashes audit tail with "
-                   "UnicodeDecodeError (decode_responses client): the records around it are never shown")  # fmt: skip
 async def test_audit_tail_survives_a_foreign_entry_that_is_not_utf8(settings: Settings, redis: Redis) -> None:
     s = _own(settings)
     key = audit_stream_key(s.redis_prefix)
@@ -119,8 +113,6 @@ async def test_audit_tail_survives_a_foreign_entry_that_is_not_utf8(settings: Se
     assert [h for h in heads if h] == ["h-before", "h-after"]
 
 
-@pytest.mark.xfail(strict=True, reason="GET /audit's reader (audit_recent.recent_stream_records) raises "
-                   "UnicodeDecodeError on a stream entry that is not UTF-8: the admin API answers 500")  # fmt: skip
 async def test_recent_audit_survives_a_foreign_entry_that_is_not_utf8(
     settings: Settings, redis: Redis
 ) -> None:
@@ -137,8 +129,6 @@ async def test_recent_audit_survives_a_foreign_entry_that_is_not_utf8(
 # --- event names --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="a fallback decision is audited as event 'route_fallback'; the contract "
-                   "names the event 'fallback', so `audit tail --event fallback` shows none")  # fmt: skip
 async def test_a_region_fallback_is_audited_under_the_contract_event_name(
     settings: Settings, redis: Redis
 ) -> None:
@@ -164,8 +154,6 @@ async def test_a_region_fallback_is_audited_under_the_contract_event_name(
 # --- heads' retries -----------------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="a head's nack (consumers/worker.py _nack_many) publishes the job to a "
-                   "retry tier without any audit record: ops see attempt 2 routed with no retry recorded")  # fmt: skip
 async def test_a_job_a_head_nacks_has_a_retry_record(settings: Settings, redis: Redis) -> None:
     s = _own(settings)
     calls: Counter[str] = Counter()
@@ -194,8 +182,6 @@ async def test_a_job_a_head_nacks_has_a_retry_record(settings: Settings, redis: 
 # --- Redis outage -------------------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="audit records dropped from the outage buffer (Marks._bound, marks.py) "
-                   "are only counted in Marks.dropped: no metric shows the loss")  # fmt: skip
 async def test_audit_records_dropped_past_the_outage_buffer_show_in_a_metric(
     settings: Settings, tmp_path: Path
 ) -> None:
@@ -241,8 +227,6 @@ async def test_audit_records_dropped_past_the_outage_buffer_show_in_a_metric(
 # --- the audit file -----------------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="AuditSink uses RotatingFileHandler, which keeps writing to the renamed "
-                   "file after a logrotate-style rename: ROUTER_AUDIT_FILE is never recreated")  # fmt: skip
 async def test_the_audit_file_is_reopened_after_an_external_rotation(
     settings: Settings, redis: Redis
 ) -> None:

@@ -67,7 +67,7 @@ def test_sampling_is_deterministic_and_monotonic(job_id: str, rate: float) -> No
 def test_sampling_keeps_about_the_share_asked_and_never_other_events(tmp_path: Any) -> None:
     sink = AuditSink(None, "ch", str(tmp_path / "a.log"), sample=0.25)
     routes = [{"event": "route", "job_id": f"job-{i}"} for i in range(4000)]
-    always = ("route_fallback", "retry", "dead_letter", "head_drained", "policy_changed", "breaker_opened")
+    always = ("fallback", "retry", "dead_letter", "head_drained", "policy_changed", "breaker_opened")
     others = [{"event": e, "job_id": f"job-{i}"} for i, e in enumerate(always * 50)]
     lines = sink.write_file(routes + others)
     kept = [orjson.loads(x) for x in lines]

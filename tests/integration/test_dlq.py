@@ -143,7 +143,7 @@ async def test_a_truncated_dead_letter_is_redriven_from_its_original_byte_for_by
     topics = Topics.from_settings(small)
     big_value = {"job_id": "big-1", "model_type": "m", "payload": "x" * 3000}
     async with running(make_router(small, redis)):
-        async with JobProducer(small) as p:
+        async with JobProducer(settings) as p:  # the SDK refuses it under the small limit: another client's
             await p.submit("m", big_value["payload"], job_id="big-1")
         dead = await _records(small, topics.dlq, 1)
     assert len(dead) == 1

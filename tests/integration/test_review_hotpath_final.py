@@ -148,9 +148,10 @@ async def test_a_rebalance_and_a_stop_during_a_not_due_hold_neither_skip_nor_sta
                 await producer.submit("m", 1, job_id="fresh")
             await wait_until(lambda: "fresh" in served.job_ids(), timeout=20)
             assert requests not in consumer.paused(), "the request partition is not left paused"
+            # Held again once the member's leave has been rebalanced too (mid-rebalance, the old assignment's
+            # pause outlives the revoked hold for a moment, and the next assignment starts unpaused).
+            await wait_until(lambda: tier in consumer.paused() and tier in router.paused_until, timeout=5)
             assert now_ms() < due_at - 500, "checked while the job is held (else the machine was too slow)"
-            assert tier in consumer.paused(), "the tier is still held"
-            assert tier in router.paused_until
             assert "late" not in served.job_ids(), "not routed before its time"
             committed = await wait_committed(s, {tier: 1, requests: 1})
             assert now_ms() < due_at, "checked while the job was held"

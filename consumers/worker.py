@@ -41,6 +41,7 @@ import logging
 import os
 import time
 import uuid
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -207,6 +208,10 @@ class WorkerStats:
     """Handlers that ran past ``job_timeout_s``."""
 
 
+AUDIT_WAITING_MAX = 10_000
+"""Heads' audit records waiting for Redis at most (each is in the audit file already)."""
+
+
 class ModelWorker:
     def __init__(self, settings: Settings, redis: Redis, config: WorkerConfig, handler: Handler,
                  audit: AuditSink | None = None) -> None:  # fmt: skip
@@ -229,6 +234,8 @@ class ModelWorker:
         self._released_early: set[int] = set()
         """Offsets whose in-flight count was released when their handler finished (before settling)."""
         """Jobs whose handler finished, waiting for their completion record's acknowledgement."""
+        self._audit_waiting: deque[bytes] = deque(maxlen=AUDIT_WAITING_MAX)
+        self._audit_publishing: asyncio.Task[None] | None = None
         self._tracker = OffsetTracker()
         self._open: dict[int, Any] = {}
         """Records fetched and not finished, by offset: what shutdown nacks."""
@@ -336,6 +343,9 @@ class ModelWorker:
                 with contextlib.suppress(Exception):
                     await self.registry.remove(self.head_id, actor="worker", instance=self.instance,
                                                own_slot=(self.topic, self.partition))  # fmt: skip
+                if self._audit_publishing is not None:  # the last nacks' records, unless Redis hangs
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(self._audit_publishing, 2.0)
                 if self.audit:
                     with contextlib.suppress(Exception):
                         await self.audit.emit(
@@ -683,7 +693,7 @@ class ModelWorker:
         report = await publish(self._producer, sends, budget)
         settled = {by_send[id(x)].offset for x in report.acked}
         self.stats.nacked += len(report.acked)
-        await self._audit("retry", [(by_send[id(x)], audit[id(x)]) for x in report.acked])
+        self._audit("retry", [(by_send[id(x)], audit[id(x)]) for x in report.acked])
         if report.fatal:
             for x in report.fatal:
                 rec = by_send[id(x)]
@@ -703,9 +713,11 @@ class ModelWorker:
             self._finish(off)
         return settled
 
-    async def _audit(self, event: str, settled: Sequence[tuple[Any, dict[str, Any]]]) -> None:
+    def _audit(self, event: str, settled: Sequence[tuple[Any, dict[str, Any]]]) -> None:
         """One audit record per job this head gave back (``retry``) or dead-lettered, once acknowledged: the
-        routers record their own decisions, not what a head does with a job. Best effort, one round trip."""
+        routers record their own decisions, not what a head does with a job. Written to the file now and
+        published by one background task, so a Redis that hangs never holds a serving slot; while it hangs,
+        the oldest of at most ``AUDIT_WAITING_MAX`` records waiting are dropped (the file keeps them)."""
         if self.audit is None or not settled:
             return
         out = []
@@ -717,8 +729,20 @@ class ModelWorker:
                 job_id, model_type = None, None
             out.append(audit_record(event, self.head_id, job_id=job_id, model_type=model_type, head_id=self.head_id,
                                     topic=rec.topic, partition=rec.partition, offset=rec.offset, **fields))  # fmt: skip
-        with contextlib.suppress(Exception):
-            await self.audit.emit_many(out)
+        try:
+            self._audit_waiting.extend(self.audit.write_file(out))
+        except Exception:  # the file is the audit's, not the job's: a full disk must not fail a nack
+            log.exception("head %s: writing audit records failed", self.head_id)
+            return
+        if self._audit_publishing is None or self._audit_publishing.done():
+            self._audit_publishing = asyncio.create_task(self._publish_audit())
+
+    async def _publish_audit(self) -> None:
+        assert self.audit is not None
+        while self._audit_waiting:
+            lines = list(self._audit_waiting)
+            self._audit_waiting.clear()
+            await self.audit.publish_lines(lines)
 
     async def _dead_letter(self, rec: Any, reason: str, detail: str, attempt: int) -> bool:
         """Dead-letter one record (original bytes, truncated past the producer's limit); True (and the record
@@ -729,7 +753,7 @@ class ModelWorker:
                                      budget=self._budget):  # fmt: skip
             self.stats.dead_lettered += 1
             self._finish(rec.offset)
-            await self._audit(
+            self._audit(
                 "dead_letter", [(rec, {"reason": reason, "detail": detail[:200], "attempt": attempt})]
             )
             return True

@@ -18,6 +18,7 @@ from aiokafka import AIOKafkaProducer
 
 from router_worker.clock import now_ms
 from router_worker.pipeline.kafka import make_producer
+from router_worker.pipeline.messages import headers_size
 from router_worker.settings import Settings
 from router_worker.topics import Topics
 from schemas.envelope import MSGPACK, DeadLetterReason, EnvelopeError, encode_job, validate
@@ -76,10 +77,10 @@ class JobProducer:
             hdrs += [(k, v.encode()) for k, v in headers.items()]
         key = (doc.get("session_id") or doc["job_id"]).encode()
         value = encode_job(doc, self.content_type)
-        limit = self.settings.kafka_max_message_bytes
-        if len(value) > limit:  # the router would dead-letter it as too_large: say so to the caller instead
-            raise EnvelopeError(DeadLetterReason.TOO_LARGE, f"the job encodes to {len(value)} bytes, over "
-                                f"ROUTER_KAFKA_MAX_MESSAGE_BYTES={limit}")  # fmt: skip
+        size, limit = len(value) + len(key) + headers_size(hdrs), self.settings.kafka_max_message_bytes
+        if size > limit:  # counted as the routers count it, who would dead-letter it as too_large
+            raise EnvelopeError(DeadLetterReason.TOO_LARGE, f"the job is {size} bytes (value, key and headers), "
+                                f"over ROUTER_KAFKA_MAX_MESSAGE_BYTES={limit}")  # fmt: skip
         fut = await self._producer.send(self.topic, value, key=key, headers=hdrs)
         self._pending.append(fut)
         if len(self._pending) >= self._max_pending:  # bound what we hold in memory

@@ -15,6 +15,7 @@ always written.
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import logging
 import logging.handlers
@@ -159,9 +160,11 @@ class AuditFileHandler(logging.handlers.RotatingFileHandler):
                 moved = (st.st_dev, st.st_ino) != self._ident
             except OSError:
                 moved = True
-            if moved:  # the base opens the path again before it writes
+            if moved:  # the base opens the path again before it writes (its folder too, if that went)
                 self.stream.close()
                 self.stream = None
+                with contextlib.suppress(OSError):
+                    Path(self.baseFilename).parent.mkdir(parents=True, exist_ok=True)
         super().emit(record)
 
 
@@ -237,7 +240,10 @@ class AuditSink:
             log.warning("audit publish to Redis failed (%d so far): %s", self.failures, exc)
 
     async def emit_many(self, records: Iterable[Mapping[str, Any]]) -> None:
-        lines = self.write_file(records)
+        await self.publish_lines(self.write_file(records))
+
+    async def publish_lines(self, lines: list[bytes]) -> None:
+        """Publish records :meth:`write_file` encoded (one round trip); a Redis failure is counted, not raised."""
         if not lines or self.redis is None:
             return
         try:

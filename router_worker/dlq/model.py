@@ -26,6 +26,7 @@ from router_worker.pipeline.messages import (
     H_DLQ_REASON,
     H_DLQ_SHA256,
     H_DLQ_TRUNCATED,
+    H_JOB_ID,
     H_ORIG_OFFSET,
     H_ORIG_PARTITION,
     H_ORIG_TOPIC,
@@ -148,7 +149,8 @@ def parse_dead_letter(topic: str, partition: int, offset: int, timestamp_ms: int
     return DeadLetter(
         topic=topic, partition=partition, offset=offset, timestamp_ms=timestamp_ms,
         reason=_text(header(hs, H_DLQ_REASON)) or "unknown", error=_text(header(hs, H_DLQ_ERROR)) or "",
-        job_id=_str_field(env, "job_id"), model=_str_field(env, "model_type"),
+        job_id=_str_field(env, "job_id") if truncated is None else _text(header(hs, H_JOB_ID)),
+        model=_str_field(env, "model_type"),
         orig_topic=_text(header(hs, H_ORIG_TOPIC)), orig_partition=_int(header(hs, H_ORIG_PARTITION)),
         orig_offset=_int(header(hs, H_ORIG_OFFSET)), attempt=_int(header(hs, H_ATTEMPT)),
         truncated_from=truncated, sha256=_text(header(hs, H_DLQ_SHA256)),

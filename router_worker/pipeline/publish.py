@@ -48,11 +48,13 @@ from router_worker.pipeline.messages import (
     H_DLQ_KEY_TRUNCATED,
     H_DLQ_SHA256,
     H_DLQ_TRUNCATED,
+    H_JOB_ID,
     Headers,
     dead_letter_headers,
     headers_size,
     origin_only,
 )
+from schemas.envelope import content_type_of, decode_raw
 
 log = logging.getLogger(__name__)
 
@@ -325,9 +327,22 @@ def dead_letter_record(value: bytes | None, key: bytes | None, headers: Headers 
         if key is not None and len(key) > KEY_KEEP_BYTES:
             out_key = key[:KEY_KEEP_BYTES]
             out.append((H_DLQ_KEY_TRUNCATED, str(len(key)).encode()))
+    if cut:
+        out += _job_id_header(value, headers)
     if out_key is None and out_value is None:
         out_key = b""  # Kafka needs a key or a value
     return out_value, out_key, out
+
+
+def _job_id_header(value: bytes | None, headers: Headers | None) -> Headers:
+    """``x-job-id`` of a dead letter whose value was cut (empty when the original holds no job id): a redrive
+    must know the job of every dead letter, and the cut value no longer says."""
+    try:
+        env = decode_raw(value or b"", content_type_of(headers))
+    except Exception:  # not a job at all: nothing to name
+        return []
+    job_id = env.get("job_id") if isinstance(env, dict) else None
+    return [(H_JOB_ID, job_id.encode())] if isinstance(job_id, str) and 0 < len(job_id) <= 128 else []
 
 
 async def publish_dead_letter(producer: AIOKafkaProducer, dlq_topic: str, rec: Any, reason: str, error: str,

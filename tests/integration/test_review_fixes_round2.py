@@ -38,12 +38,6 @@ pytestmark = pytest.mark.integration
 # ---------------------------------------------------------------- the producer SDK's size check
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="JobProducer.submit compares only the encoded value with ROUTER_KAFKA_MAX_MESSAGE_BYTES; the "
-    "router's intake (decode_one) counts value + key + headers, so a job just under the limit is "
-    "acknowledged by submit and then dead-lettered as too_large",
-)
 async def test_a_job_the_router_refuses_as_too_large_is_refused_by_submit(
     settings: Settings, redis: Redis
 ) -> None:
@@ -89,13 +83,6 @@ async def _squeezed_dead_letters(s: Settings, job_id: str, reasons: list[str]) -
         await producer.stop()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="kin_of (and sent_as) read job ids from the dead letters as listed, where a cut dead letter has "
-    "none (its value does not decode): a squeezed dead letter marked p| by an interrupted redrive is not "
-    "seen as kin, so another dead letter of the same job goes out under a new redrive id and the job is "
-    "routed twice (jr|R1|1|J and jr|R2|1|J are different claims)",
-)
 async def test_a_cut_dead_letter_of_a_job_an_interrupted_redrive_began_goes_under_that_redrives_id(
     settings: Settings, redis: Redis
 ) -> None:
@@ -124,12 +111,6 @@ async def test_a_cut_dead_letter_of_a_job_an_interrupted_redrive_began_goes_unde
 # ---------------------------------------------------------------- a head's audit records and a hung Redis
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ModelWorker._nack_many and _dead_letter await the retry/dead_letter audit publish (a Redis round "
-    "trip) inline in the serving slot: a Redis that stops answering holds the slot for the whole socket "
-    "timeout per failed job, where the nack path touched no Redis before",
-)
 async def test_a_hung_audit_redis_does_not_hold_a_heads_slot_per_failed_job(
     settings: Settings, redis: Redis, tmp_path: Path
 ) -> None:

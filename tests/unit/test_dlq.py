@@ -122,7 +122,8 @@ def test_parse_a_truncated_dead_letter() -> None:
     assert dl.size == 16
     assert dl.squeezed
     assert dl.sha256 == hashlib.sha256(big).hexdigest()
-    assert dl.job_id is None, "a cut value says nothing"
+    assert dl.job_id == "big", "the cut value says nothing, its x-job-id header does"
+    assert dl.model is None, "nor of its model: a filter by model reads the original"
     orig = Original(b"k", big, [("traceparent", b"00-abc")])
     assert check_original(dl, orig) is None
     assert with_original(dl, orig).job_id == "big"

@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgpack
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import (
     KafkaConnectionError,
@@ -54,7 +55,7 @@ from router_worker.pipeline.messages import (
     headers_size,
     origin_only,
 )
-from schemas.envelope import content_type_of, decode_raw
+from schemas.envelope import MSGPACK, content_type_of, decode_raw
 
 log = logging.getLogger(__name__)
 
@@ -337,12 +338,35 @@ def dead_letter_record(value: bytes | None, key: bytes | None, headers: Headers 
 def _job_id_header(value: bytes | None, headers: Headers | None) -> Headers:
     """``x-job-id`` of a dead letter whose value was cut (empty when the original holds no job id): a redrive
     must know the job of every dead letter, and the cut value no longer says."""
-    try:
-        env = decode_raw(value or b"", content_type_of(headers))
-    except Exception:  # not a job at all: nothing to name
-        return []
-    job_id = env.get("job_id") if isinstance(env, dict) else None
+    job_id = _job_id_of(value or b"", content_type_of(headers))
     return [(H_JOB_ID, job_id.encode())] if isinstance(job_id, str) and 0 < len(job_id) <= 128 else []
+
+
+_KEYS_READ = 64
+"""Top-level keys read for a job id: an envelope has a few dozen at most."""
+_JSON_PEEK_MAX = 256 << 10
+"""Largest JSON value decoded for its job id (there is no streaming decoder; msgpack is read key by key)."""
+
+
+def _job_id_of(value: bytes, content_type: str) -> object:
+    """The top-level ``job_id`` of a value too large to route, found without decoding the whole of it: a
+    hostile value of a few megabytes of empty maps would take seconds of the event loop and far more memory.
+    msgpack is read key by key, other values skipped unbuilt."""
+    try:
+        if content_type == MSGPACK:
+            reader = msgpack.Unpacker(raw=False, strict_map_key=False, max_buffer_size=max(1, len(value)),
+                                      max_str_len=1024, max_bin_len=1024, max_array_len=16, max_map_len=16)  # fmt: skip
+            reader.feed(value)
+            for _ in range(min(reader.read_map_header(), _KEYS_READ)):
+                if reader.unpack() == "job_id":
+                    return reader.unpack()
+                reader.skip()
+        elif len(value) <= _JSON_PEEK_MAX:
+            env = decode_raw(value, content_type)
+            return env.get("job_id") if isinstance(env, dict) else None
+    except Exception:  # not a map, cut short, a key too large to be one of ours: nothing to name
+        return None
+    return None
 
 
 async def publish_dead_letter(producer: AIOKafkaProducer, dlq_topic: str, rec: Any, reason: str, error: str,

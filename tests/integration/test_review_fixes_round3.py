@@ -24,14 +24,6 @@ def _hostile() -> bytes:
     return raw
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="publish._job_id_header decodes the whole original value (decode_raw, no size bound) to find the "
-    "job id of a dead letter whose value is cut: the value is a too_large record's, which intake never "
-    "decodes, so its size is bounded only by the broker; a record of empty maps costs a Python object per "
-    "few bytes (about 110 MB of memory and over a second of the router's event loop for 1.5 MB, 24 s for "
-    "10 MB), synchronously in plan.dead_letter (and again on the squeezed retry)",
-)
 def test_the_job_id_of_a_cut_dead_letter_is_found_without_decoding_the_whole_value() -> None:
     value = _hostile()
     limit = 64 * 1024  # the record is ten times over it: dead-lettered as too_large, its value cut

@@ -513,7 +513,7 @@ class ModelWorker:
             raise
         except (
             BaseException
-        ) as exc:  # an Exception, or pytest's Failed, gevent's GreenletExit, an abort: failed
+        ) as exc:  # an Exception, or pytest's Failed, gevent's GreenletExit: the job failed
             result, status, error = None, "error", f"{type(exc).__name__}: {exc}"
         finally:
             st.inflight -= 1

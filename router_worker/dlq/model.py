@@ -394,30 +394,20 @@ def sent_as(dls: Iterable[DeadLetter], marks: Mapping[str, str | None]) -> dict[
     return out
 
 
-def kin_of(dls: Iterable[DeadLetter], items: Iterable[Item]) -> dict[tuple[str | None, str], list[str]]:
-    """(generation, job id) -> the coordinates of every dead letter of that job and generation, for each job
-    ``items`` send: the marks a redrive reads again before it sends (see :func:`under_current_marks`)."""
+def kin_of(dls: Iterable[DeadLetter], items: Iterable[Item]) -> list[DeadLetter]:
+    """Every dead letter of each job (and generation) ``items`` send: the marks a redrive reads again before it
+    sends (see :func:`under_current_marks`)."""
     wanted = {(i.dl.redrive, i.dl.job_id) for i in items if i.dl.job_id is not None}
-    out: dict[tuple[str | None, str], list[str]] = {}
-    for dl in dls:
-        if dl.job_id is not None and (dl.redrive, dl.job_id) in wanted:
-            out.setdefault((dl.redrive, dl.job_id), []).append(dl.coord)
-    return out
+    return [dl for dl in dls if dl.job_id is not None and (dl.redrive, dl.job_id) in wanted]
 
 
 def under_current_marks(items: Iterable[Item], marks: Mapping[str, str | None],
-                        kin: Mapping[tuple[str | None, str], Sequence[str]]) -> list[Item]:  # fmt: skip
+                        kin: Iterable[DeadLetter]) -> list[Item]:  # fmt: skip
     """What is still to send of a plan, judged again by the redrive marks read once the lock is held: another
     redrive may have sent (``s``) or begun sending (``p``, interrupted) a dead letter, or one of the same job,
     since the plan was made. Such an item goes under that redrive's id, so that a router which has the copy
     already takes it for a duplicate; a sent one does not go."""
-    taken: dict[tuple[str | None, str], str] = {}
-    for key, coords in kin.items():
-        for coord in coords:
-            state = sent_state(marks.get(coord))
-            if state is not None:
-                taken.setdefault(key, state[1])
-                break
+    taken = sent_as(kin, marks)
     out: list[Item] = []
     for it in items:
         state = sent_state(marks.get(it.dl.coord))
@@ -436,7 +426,9 @@ def under_current_marks(items: Iterable[Item], marks: Mapping[str, str | None],
 
 
 def with_redrive_id(out: Outgoing, redrive_id: str) -> Outgoing:
-    """The same record under another ``x-redrive``."""
+    """The same record under ``redrive_id`` (itself when it is under that id already)."""
+    if redrive_of(out.headers) == redrive_id:
+        return out
     hs = [(k, v) for k, v in out.headers if k != H_REDRIVE]
     hs.append((H_REDRIVE, redrive_id.encode()))
     return Outgoing(out.key, out.value, hs)

@@ -49,7 +49,6 @@ from router_worker.dlq.reader import OriginalGone, Originals, read_dead_letters
 from router_worker.dlq.state import RedriveState
 from router_worker.metrics import Metrics
 from router_worker.pipeline.kafka import make_producer
-from router_worker.pipeline.outcomes import H_REDRIVE
 from router_worker.pipeline.publish import RetryBudget, Send, describe, publish
 from router_worker.settings import Settings
 from router_worker.state.keys import Keys
@@ -103,8 +102,8 @@ class Prepared:
     items: list[Item] = field(default_factory=list)
     outgoing: dict[str, Outgoing] = field(default_factory=dict)
     """coord -> what is sent, for every sendable item."""
-    kin: dict[tuple[str | None, str], list[str]] = field(default_factory=dict)
-    """(generation, job id) -> every dead letter of each job to send: their marks are read again at the send."""
+    kin: list[DeadLetter] = field(default_factory=list)
+    """Every dead letter of each job to send: their marks are read again at the send."""
 
     @property
     def to_send(self) -> list[Item]:
@@ -195,14 +194,17 @@ async def execute(settings: Settings, redis: Redis, prepared: Prepared, *, rate:
     if not locked:
         await lock(settings, redis, rid)
     try:  # what other redrives did since the plan was made, now that none can run beside this one
-        coords = list(dict.fromkeys([*(it.dl.coord for it in prepared.to_send),
-                                     *(c for cs in prepared.kin.values() for c in cs)]))  # fmt: skip
+        coords = list(
+            dict.fromkeys([*(it.dl.coord for it in prepared.to_send), *(dl.coord for dl in prepared.kin)])
+        )
         now_marks = dict(zip(coords, await state.marks(coords), strict=True))
     except BaseException:
         await state.unlock(rid)
         raise
     items = under_current_marks(prepared.to_send, now_marks, prepared.kin)
-    outgoing = {it.dl.coord: _under(prepared.outgoing[it.dl.coord], it.redrive_id or rid) for it in items}
+    outgoing = {
+        it.dl.coord: with_redrive_id(prepared.outgoing[it.dl.coord], it.redrive_id or rid) for it in items
+    }
     res = Result(rid, "failed", len(items))
     started = now_ms()
     base: dict[str, Any] = {"id": rid, "actor": actor, "source": source, "filter": prepared.flt.describe(),
@@ -258,12 +260,6 @@ async def execute(settings: Settings, redis: Redis, prepared: Prepared, *, rate:
         keeper.cancel()
         await asyncio.shield(_finish(state, producer, audit, prepared, res, base, source))
     return res
-
-
-def _under(out: Outgoing, redrive_id: str) -> Outgoing:
-    """The record as planned, or under the id the marks read at the send gave its dead letter."""
-    planned = next((v for k, v in out.headers if k == H_REDRIVE), None)
-    return out if planned == redrive_id.encode() else with_redrive_id(out, redrive_id)
 
 
 def _send(topic: str, out: Outgoing) -> Send:

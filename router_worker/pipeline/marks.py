@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter, deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, cast
 
@@ -100,16 +100,18 @@ _CLAIMS = {0: Claim.MINE, 1: Claim.DONE, 2: Claim.BUSY}
 
 class Marks:
     def __init__(self, redis: Redis, keys: Keys, audit: AuditSink, *, claim_ttl_ms: int, dedupe_ttl_ms: int,
-                 buffer_max: int, writer: str) -> None:  # fmt: skip
+                 buffer_max: int, writer: str, on_drop: Callable[[str, int], None] | None = None) -> None:  # fmt: skip
         self.redis = redis
+        self.on_drop = on_drop
+        """Told of each kind of buffered write dropped (audit, pin, inflight, done) and how many: a metric."""
         self.keys = keys
         self.audit = audit
         self.claim_ttl_ms = claim_ttl_ms
         self.dedupe_ttl_ms = dedupe_ttl_ms
         self.buffer_max = buffer_max
         self.pending = _Pending()
-        self.dropped_by: Counter[str] = Counter()
-        """Buffered writes dropped because the outage outlasted the buffer, by kind (audit, pin, inflight, done)."""
+        self.dropped = 0
+        """Buffered writes dropped because the outage outlasted the buffer."""
         self.forged = 0
         """Records whose ``x-redrive`` named no redrive (keyed as plain jobs)."""
         self.errors = 0
@@ -265,30 +267,31 @@ class Marks:
         over = p.size() - self.buffer_max
         if over <= 0:
             return
-        first = not self.dropped_by
+        first = self.dropped == 0
+        dropped: Counter[str] = Counter()
         while over > 0 and p.audit:
             p.audit.popleft()
             over -= 1
-            self.dropped_by["audit"] += 1
+            dropped["audit"] += 1
         while over > 0 and p.pins:
             del p.pins[next(iter(p.pins))]
             over -= 1
-            self.dropped_by["pin"] += 1
+            dropped["pin"] += 1
         if over > 0 and p.inflight:
             n = min(over, len(p.inflight))
             del p.inflight[:n]
             over -= n
-            self.dropped_by["inflight"] += n
+            dropped["inflight"] += n
         if over > 0:
             del p.done[:over]
-            self.dropped_by["done"] += over
+            dropped["done"] += over
+        self.dropped += dropped.total()
+        if self.on_drop is not None:
+            for kind, n in dropped.items():
+                self.on_drop(kind, n)
         if first:
             log.warning("Redis outage outlasted the write buffer (%d entries): dropping the oldest writes",
                         self.buffer_max)  # fmt: skip
-
-    @property
-    def dropped(self) -> int:
-        return sum(self.dropped_by.values())
 
     @property
     def buffered(self) -> int:

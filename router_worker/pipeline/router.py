@@ -208,7 +208,8 @@ class Router:
         """Heads left out of routing: head id -> why (a partition their model topic lacks)."""
         self.marks = Marks(redis, self.keys, audit, claim_ttl_ms=s.claim_ttl_ms, dedupe_ttl_ms=s.dedupe_ttl_s * 1000,
                            buffer_max=s.outage_buffer_max,
-                           writer=f"router:{s.effective_router_id}@{uuid.uuid4().hex[:12]}")  # fmt: skip
+                           writer=f"router:{s.effective_router_id}@{uuid.uuid4().hex[:12]}",
+                           on_drop=lambda kind, n: metrics.outage_dropped.labels(kind).inc(n))  # fmt: skip
         self.memory = RouterMemory()
         self.router_id = s.effective_router_id
         self.stats = RouterStats()
@@ -248,8 +249,6 @@ class Router:
         """Claim keys of records settled in a batch whose publishing raised (a bug): that batch is never closed,
         so their done marks are never written; remembered until the size bound pushes them out."""
         self._last_inflight: dict[str, int] = {}
-        self._dropped_counted: Tally[str] = Tally()
-        """Outage-buffer drops already on the metric, by kind."""
         self._outage_paused = False
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
@@ -857,19 +856,11 @@ class Router:
         if len(bad) > _LOG_BAD_PER_BATCH:
             log.warning("... and %d more bad jobs in this batch", len(bad) - _LOG_BAD_PER_BATCH)
 
-    def _count_dropped(self) -> None:
-        """The writes the outage buffer dropped since the last count, on ``router_outage_dropped_total``."""
-        for kind, n in self.marks.dropped_by.items():
-            if n > self._dropped_counted[kind]:
-                self.metrics.outage_dropped.labels(kind).inc(n - self._dropped_counted[kind])
-                self._dropped_counted[kind] = n
-
     async def _mark(self, settled: list[Outcome]) -> None:
         async with self._mark_lock:  # one at a time: a batch closed in the background and an idle flush
             inflight = await self.marks.mark(settled, self._pin_ms())
         now = now_ms()
         self.metrics.outage_buffered.set(self.marks.buffered)
-        self._count_dropped()
         if inflight is None:
             self.health.failed(now)
             self.metrics.external_calls.labels("redis", "error").inc()
